@@ -1,0 +1,287 @@
+"""Typed, validated params: the one place that knows what params.yaml may hold.
+
+Every stage calls :func:`load_params` first, before importing torch, so a wrong value fails in
+about a second with the key, the value and what is allowed. The whole file is validated by every
+stage (cheap), even though each stage only *uses* its own sections: a typo in ``model`` should not
+wait for download and prepare to finish before it is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ParamError(ValueError):
+    """A params.yaml value that is missing, unknown, of the wrong type or out of range."""
+
+
+SOURCE_KINDS = ("builtin", "folder", "hf", "urls")
+# Kinds whose reader this version implements; the others are parsed so the message can say so.
+IMPLEMENTED_SOURCE_KINDS = ("builtin", "folder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "builtin"  # builtin | folder:<path> | hf:<name> | urls:<file>
+    min_size: int = 32  # shorter side in pixels below which an image is rejected
+    max_pixels: int = 64_000_000  # decompression-bomb cap (width * height)
+    resolution: int = 64  # side of the square training images, a multiple of 8
+    val_fraction: float = 0.15  # share of source images (not crops) held out for validation
+    crops_per_image: int = 1  # >1: random multi-scale crops per train image (small collections)
+    val_crops_per_image: int = 1
+    min_crop_scale: float = 0.15  # smallest crop side as a fraction of the image's shorter side
+    image_format: str = "png"  # how prepared images are stored in the shards
+    samples_per_shard: int = 1000
+    seed: int = 0
+
+    def check(self) -> None:
+        kind = self.source.split(":", 1)[0]
+        _allowed("data.source", kind, SOURCE_KINDS, shown=self.source)
+        if kind not in IMPLEMENTED_SOURCE_KINDS:
+            raise ParamError(
+                f"data.source: {self.source!r}: source kind {kind!r} is not implemented yet; "
+                f"this version reads {', '.join(IMPLEMENTED_SOURCE_KINDS)} (folder:<path>)"
+            )
+        if kind in ("folder", "hf", "urls") and not self.source.split(":", 1)[1:]:
+            raise ParamError(f"data.source: {self.source!r}: {kind} needs a target, e.g. {kind}:<path>")
+        _at_least("data.min_size", self.min_size, 1)
+        _at_least("data.max_pixels", self.max_pixels, 1)
+        if self.resolution < 8 or self.resolution % 8:
+            raise ParamError(
+                f"data.resolution: {self.resolution}: must be a multiple of 8 (8x downsampling), at least 8"
+            )
+        _in_range("data.val_fraction", self.val_fraction, 0.0, 1.0, open_hi=True, open_lo=True)
+        _at_least("data.crops_per_image", self.crops_per_image, 1)
+        _at_least("data.val_crops_per_image", self.val_crops_per_image, 1)
+        _in_range("data.min_crop_scale", self.min_crop_scale, 0.0, 1.0, open_lo=True)
+        _allowed("data.image_format", self.image_format, ("png", "jpg"))
+        _at_least("data.samples_per_shard", self.samples_per_shard, 1)
+
+    @property
+    def source_kind(self) -> str:
+        return self.source.split(":", 1)[0]
+
+    @property
+    def source_target(self) -> str:
+        return self.source.split(":", 1)[1] if ":" in self.source else ""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+    mid_block_attention: bool = True
+    # Initial bias of the encoder's log-variance outputs. 0 (diffusers' default) starts every
+    # posterior at std 1, which drowns a freshly initialised encoder's mean in noise; a negative
+    # value starts with a usable signal and lets the KL term raise the variance where it can.
+    logvar_init: float = 0.0
+
+    def check(self) -> None:
+        _at_least("model.latent_channels", self.latent_channels, 1)
+        if len(self.block_out_channels) != 4:
+            raise ParamError(
+                f"model.block_out_channels: {list(self.block_out_channels)}: needs exactly 4 entries "
+                "(4 blocks = 3 downsamplings = 8x, the SD kl-f8 layout)"
+            )
+        for c in self.block_out_channels:
+            if c < 1 or c % self.norm_num_groups:
+                raise ParamError(
+                    f"model.block_out_channels: {list(self.block_out_channels)}: each entry must be a "
+                    f"positive multiple of model.norm_num_groups ({self.norm_num_groups})"
+                )
+        _at_least("model.layers_per_block", self.layers_per_block, 1)
+        _at_least("model.norm_num_groups", self.norm_num_groups, 1)
+        _in_range("model.logvar_init", self.logvar_init, -30.0, 20.0)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    rec_loss: str = "l1"  # l1 | l2
+    kl_weight: float = 1e-6
+
+    def check(self) -> None:
+        _allowed("loss.rec_loss", self.rec_loss, ("l1", "l2"))
+        _at_least("loss.kl_weight", self.kl_weight, 0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    lr_min_ratio: float = 0.05  # cosine decays to lr * this
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.99
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 disables EMA
+    checkpoint_every: int = 250
+    log_every: int = 10
+    val_every: int = 250
+    sample_every: int = 250
+    num_workers: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
+    scale_samples: int = 512  # train samples encoded to measure scaling/shift factors
+    seed: int = 0
+
+    def check(self) -> None:
+        _at_least("train.max_steps", self.max_steps, 1)
+        _at_least("train.batch_size", self.batch_size, 1)
+        _in_range("train.lr", self.lr, 0.0, 1.0, open_lo=True)
+        _in_range("train.lr_min_ratio", self.lr_min_ratio, 0.0, 1.0)
+        _at_least("train.warmup_steps", self.warmup_steps, 0)
+        _at_least("train.weight_decay", self.weight_decay, 0.0)
+        _in_range("train.adam_beta2", self.adam_beta2, 0.0, 1.0, open_hi=True)
+        _at_least("train.grad_clip", self.grad_clip, 0.0)
+        _in_range("train.ema_decay", self.ema_decay, 0.0, 1.0, open_hi=True)
+        for key in ("checkpoint_every", "log_every", "val_every", "sample_every", "scale_samples"):
+            _at_least(f"train.{key}", getattr(self, key), 1)
+        _at_least("train.num_workers", self.num_workers, 0)
+        _allowed("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    batch_size: int = 64
+    samples_per_shard: int = 1000
+
+    def check(self) -> None:
+        _at_least("encode.batch_size", self.batch_size, 1)
+        _at_least("encode.samples_per_shard", self.samples_per_shard, 1)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 64
+    grid_images: int = 8
+
+    def check(self) -> None:
+        _at_least("evaluate.batch_size", self.batch_size, 1)
+        _at_least("evaluate.grid_images", self.grid_images, 1)
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read, type-check and validate the whole params file; raise ParamError on the first problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ParamError(f"{path}: cannot read params: {e}") from e
+    return params_from_dict(raw)
+
+
+def params_from_dict(raw: dict) -> Params:
+    if not isinstance(raw, dict):
+        raise ParamError(f"params: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f.type for f in dataclasses.fields(Params)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ParamError(f"{unknown[0]}: unknown params section; allowed: {', '.join(sections)}")
+    built = {}
+    for f in dataclasses.fields(Params):
+        cls = f.default_factory().__class__
+        built[f.name] = _build_section(f.name, cls, raw.get(f.name) or {})
+    return Params(**built)
+
+
+def stage_hash(*configs) -> str:
+    """A short stable hash of config sections (used to tag checkpoints with what shaped them)."""
+    return stage_hash_of([dataclasses.asdict(c) for c in configs])
+
+
+def stage_hash_of(obj) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _build_section(name: str, cls, values):
+    if not isinstance(values, dict):
+        raise ParamError(f"{name}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ParamError(f"{name}.{key}: unknown key; allowed: {', '.join(allowed)}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    obj = cls(**kwargs)
+    obj.check()
+    return obj
+
+
+def _coerce(key: str, value, hint):
+    """Accept exactly the YAML types a careful user would write; nothing is silently converted."""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        # YAML reads 1e-6 (no dot) as a string; accept it when it parses as a number.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if key == "train.mixed_precision" and value is False:
+            return "no"  # YAML 1.1 reads a bare `no` as false
+    elif typing.get_origin(hint) is tuple:
+        if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return tuple(value)
+        raise ParamError(f"{key}: {value!r}: expected a non-empty list of integers")
+    raise ParamError(f"{key}: {value!r}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+
+
+def _allowed(key: str, value, allowed, shown=None) -> None:
+    if value not in allowed:
+        raise ParamError(f"{key}: {shown if shown is not None else value!r}: allowed: {', '.join(allowed)}")
+
+
+def _at_least(key: str, value, lo) -> None:
+    if value < lo:
+        raise ParamError(f"{key}: {value!r}: must be >= {lo}")
+
+
+def _in_range(key, value, lo, hi, open_lo=False, open_hi=False) -> None:
+    bad = value < lo or value > hi or (open_lo and value == lo) or (open_hi and value == hi)
+    if bad:
+        lo_s, hi_s = ("(" if open_lo else "["), (")" if open_hi else "]")
+        raise ParamError(f"{key}: {value!r}: must be in {lo_s}{lo}, {hi}{hi_s}")
+
+
+def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
+    """For stage CLIs: the whole params file validated, or exit 2 with the one-line reason."""
+    import sys
+
+    try:
+        return load_params(path)
+    except ParamError as e:
+        print(f"params.yaml error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,63 @@
+"""Prepared-image streams for training and evaluation (tensors in [-1, 1])."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from .images import decode_uint8
+from .shards import iter_samples
+
+IMAGE_KEYS = ("png", "jpg")
+
+
+def image_bytes(sample: dict) -> bytes:
+    for ext in IMAGE_KEYS:
+        if ext in sample:
+            return sample[ext]
+    raise KeyError(f"sample {sample.get('__key__')!r} holds no image ({', '.join(IMAGE_KEYS)})")
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [3, H, W] in [-1, 1]."""
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def train_stream(paths: list[str], seed: int, shuffle_buffer: int = 1000) -> wds.DataPipeline:
+    """An endless, shuffled stream of random-flipped training images [3, H, W].
+
+    Shards are resampled with a seed that webdataset mixes with the rank and the worker id, so
+    each process and dataloader worker draws its own sequence: no node splitting is needed and
+    no worker ever runs dry, whatever the number of shards.
+    """
+
+    def to_item(sample):
+        x = to_tensor(decode_uint8(image_bytes(sample)))
+        # Horizontal flips double the views of a small collection. Python's `random`, not numpy's:
+        # torch reseeds it in every dataloader worker, numpy's state would be cloned by fork.
+        if random.random() < 0.5:
+            x = x.flip(-1)
+        return x
+
+    return wds.DataPipeline(
+        wds.ResampledShards(paths, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
+        wds.map(to_item),
+    )
+
+
+def load_images(paths: list[str], limit: int | None = None) -> tuple[list[str], torch.Tensor]:
+    """The first ``limit`` images of ``paths`` in shard order: (keys, [N, 3, H, W] in [-1, 1])."""
+    keys, tensors = [], []
+    for sample in iter_samples(paths):
+        if limit is not None and len(keys) >= limit:
+            break
+        keys.append(sample["__key__"])
+        tensors.append(to_tensor(decode_uint8(image_bytes(sample))))
+    if not tensors:
+        raise RuntimeError(f"no images in {paths}")
+    return keys, torch.stack(tensors)

@@ -1,0 +1,47 @@
+"""Export the trained autoencoder in diffusers format with its latent scale measured on data.
+
+``AutoencoderKL.from_pretrained(vae_dir)`` loads the result with no project code. The config's
+``scaling_factor`` and ``shift_factor`` follow SD3: ``z_model = (z - shift_factor) * scaling_factor``
+has zero mean and unit variance over the training images (posterior samples, not means).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from .model import LatentMoments
+
+
+@torch.inference_mode()
+def measure_moments(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> LatentMoments:
+    """Posterior moments of ``vae`` over ``images`` ([N, 3, H, W] in [-1, 1])."""
+    device = next(vae.parameters()).device
+    vae.eval()
+    moments = LatentMoments(vae.config.latent_channels)
+    for i in range(0, len(images), batch_size):
+        post = vae.encode(images[i : i + batch_size].to(device)).latent_dist
+        moments.update(post.mean.float().cpu(), post.std.float().cpu())  # [B, C, h, w] each
+    return moments
+
+
+def export_vae(vae: AutoencoderKL, images: torch.Tensor, out: Path, batch_size: int = 64) -> dict:
+    """Measure the latent scale on ``images``, store it in the config, save_pretrained to ``out``."""
+    stats = measure_moments(vae, images, batch_size).summary()
+    vae.register_to_config(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "latent_stats.json").write_text(json.dumps({**stats, "num_images": len(images)}, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {"scaling_factor": stats["scaling_factor"], "shift_factor": stats["shift_factor"]}
+
+
+def load_vae(vae_dir: Path, device: str | torch.device = "cpu") -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(str(vae_dir)).to(device).eval()

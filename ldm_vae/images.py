@@ -1,0 +1,121 @@
+"""Decoding untrusted image bytes into clean RGB, and the crops that prepare takes from them.
+
+Everything that reads an image goes through :func:`load_rgb`, so the pixel cap, the full decode
+(truncated files fail here, not in a training worker), EXIF orientation and the mode conversion
+are the same for every source and every stage.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Alpha is composited on white: the convention of most photo tools, and what a viewer shows.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+class ImageRejected(Exception):
+    """An input that is not a usable image; ``reason`` is a short, stable tag for counting."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def load_rgb(data: bytes, max_pixels: int, min_size: int = 1) -> Image.Image:
+    """Decode ``data`` fully into an RGB image with EXIF orientation applied.
+
+    Raises ImageRejected with reason ``not_an_image``, ``too_many_pixels``, ``truncated`` or
+    ``too_small``.
+    """
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (not raises) above its own bomb limit; our cap below is the one that counts.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageRejected("too_many_pixels", str(e)) from e
+    except Exception as e:  # PIL raises many types for garbage input
+        raise ImageRejected("not_an_image", f"{type(e).__name__}: {e}") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageRejected("too_many_pixels", f"{w}x{h} > {max_pixels}")
+    try:
+        img.load()  # the full decode: a truncated file raises here
+    except Exception as e:
+        raise ImageRejected("truncated", f"{type(e).__name__}: {e}") from e
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:
+        raise ImageRejected("bad_exif", f"{type(e).__name__}: {e}") from e
+    img = to_rgb(img)
+    if min(img.size) < min_size:
+        raise ImageRejected("too_small", f"{img.size[0]}x{img.size[1]} < {min_size}")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency composited on ALPHA_BACKGROUND."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale the full 16-bit range to 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(arr / 257.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, P, CMYK, YCbCr, LAB, 1, F ...
+
+
+def square_crops(
+    size: tuple[int, int], n: int, min_scale: float, rng: random.Random
+) -> list[tuple[int, int, int, int]]:
+    """Crop boxes (left, top, right, bottom) for an image of ``size``.
+
+    n == 1: the centred square of the shorter side (the usual single-view preparation).
+    n > 1: the centred square first, then n - 1 random squares whose side is log-uniform between
+    ``min_scale`` and 1 times the shorter side, so one photograph yields views at several scales.
+    """
+    w, h = size
+    side = min(w, h)
+    boxes = [((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)]
+    for _ in range(n - 1):
+        c = max(1, round(side * math.exp(rng.uniform(math.log(min_scale), 0.0))))
+        x, y = rng.randint(0, w - c), rng.randint(0, h - c)
+        boxes.append((x, y, x + c, y + c))
+    return boxes
+
+
+def crop_resize(img: Image.Image, box: tuple[int, int, int, int], resolution: int) -> Image.Image:
+    """Crop then resize to resolution x resolution; antialiased when shrinking."""
+    crop = img.crop(box)
+    if crop.size == (resolution, resolution):
+        return crop
+    shrinking = crop.size[0] > resolution
+    return crop.resize((resolution, resolution), Image.LANCZOS if shrinking else Image.BICUBIC)
+
+
+def encode_image(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG", compress_level=1)  # fast; the shards are rewritten rarely
+    else:
+        img.save(buf, format="JPEG", quality=95, subsampling=0)
+    return buf.getvalue()
+
+
+def decode_uint8(data: bytes) -> np.ndarray:
+    """Prepared-shard image bytes -> uint8 array [H, W, 3] (trusted: written by prepare)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.array(img.convert("RGB"))  # a writable copy: torch.from_numpy needs one

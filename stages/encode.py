@@ -1,0 +1,34 @@
+"""Encode stage: every prepared image -> posterior mean/std in latent webdataset shards.
+
+    python stages/encode.py --vae data/vae --prepared data/prepared --out data/latents
+"""
+
+import argparse
+from pathlib import Path
+
+from ldm_vae.config import load_params_or_exit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--vae", type=Path, required=True)
+    ap.add_argument("--prepared", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="latents folder (train/, val/, stats.json)")
+    args = ap.parse_args()
+    params = load_params_or_exit(args.params)
+
+    import torch
+
+    from ldm_vae.export import load_vae
+    from ldm_vae.latents import run_encode
+
+    vae = load_vae(args.vae, "cuda" if torch.cuda.is_available() else "cpu")
+    stats = run_encode(vae, args.prepared, args.out, params.encode)
+    counts = ", ".join(f"{s} {v['count']}" for s, v in stats["splits"].items())
+    print(f"encode: {counts} latents of shape {stats['latent_shape']}; "
+          f"train latent mean {stats['mean']:.4f} std {stats['std']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

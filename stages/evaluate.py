@@ -1,0 +1,37 @@
+"""Evaluate stage: decode the stored validation latents and measure reconstruction fidelity.
+
+    python stages/evaluate.py --vae data/vae --latents data/latents --prepared data/prepared \
+        --out data/eval
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from ldm_vae.config import load_params_or_exit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--vae", type=Path, required=True)
+    ap.add_argument("--latents", type=Path, required=True)
+    ap.add_argument("--prepared", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="metrics.json, per_image.csv, recon_grid.png")
+    args = ap.parse_args()
+    params = load_params_or_exit(args.params)
+
+    import torch
+
+    from ldm_vae.evaluation import run_evaluate
+    from ldm_vae.export import load_vae
+
+    vae = load_vae(args.vae, "cuda" if torch.cuda.is_available() else "cpu")
+    stats = json.loads((args.latents / "stats.json").read_text())
+    m = run_evaluate(vae, args.latents / "val", args.prepared / "val", args.out, params.evaluate, stats)
+    print(f"evaluate: {m['num_images']} images, PSNR {m['psnr']:.2f} dB (resize baseline {m['psnr_bicubic']:.2f}), "
+          f"SSIM {m['ssim']:.4f} (baseline {m['ssim_bicubic']:.4f})")
+
+
+if __name__ == "__main__":
+    main()

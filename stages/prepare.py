@@ -1,0 +1,30 @@
+"""Prepare stage: raw images -> square RGB crops in train/val webdataset shards.
+
+    python stages/prepare.py --raw data/raw --out data/prepared
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from ldm_vae.config import load_params_or_exit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--raw", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="prepared folder (train/*.tar, val/*.tar)")
+    args = ap.parse_args()
+    params = load_params_or_exit(args.params)
+
+    from ldm_vae.prepare import run_prepare
+
+    counts = run_prepare(params.data, args.raw, args.out)
+    (args.out / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
+    for split, c in counts.items():
+        print(f"prepare {split}: {c['samples']} samples from {c['images']} images in {c['shards']} shards")
+
+
+if __name__ == "__main__":
+    main()
