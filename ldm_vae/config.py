@@ -49,7 +49,7 @@ class DataConfig:
                 f"data.source: {self.source!r}: source kind {kind!r} is not implemented yet; "
                 f"this version reads {', '.join(IMPLEMENTED_SOURCE_KINDS)} (folder:<path>)"
             )
-        if kind in ("folder", "hf", "urls") and not self.source.split(":", 1)[1:]:
+        if kind in ("folder", "hf", "urls") and not self.source_target:
             raise ParamError(f"data.source: {self.source!r}: {kind} needs a target, e.g. {kind}:<path>")
         _at_least("data.min_size", self.min_size, 1)
         _at_least("data.max_pixels", self.max_pixels, 1)

@@ -1,0 +1,102 @@
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Keep unit tests on two threads whatever the machine; CI machines are small.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def photo(w=96, h=80, seed=0, mode="RGB") -> Image.Image:
+    """A smooth random 'photograph': low-frequency colour fields plus a little texture."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    chans = []
+    for c in range(3):
+        a, b, p = rng.uniform(1, 6, 3)
+        chans.append(0.5 + 0.35 * np.sin(a * xx * 6 + p) * np.cos(b * yy * 6) + rng.normal(0, 0.03, (h, w)))
+    arr = (np.clip(np.stack(chans, -1), 0, 1) * 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def image_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+TINY = {
+        "data": {"resolution": 32, "crops_per_image": 3, "val_crops_per_image": 2, "val_fraction": 0.3,
+                 "samples_per_shard": 5},
+        "model": {"latent_channels": 4, "block_out_channels": [8, 8, 16, 16], "norm_num_groups": 2,
+                  "logvar_init": -6.0},
+        "train": {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "log_every": 2, "val_every": 3,
+                  "sample_every": 3, "checkpoint_every": 2, "scale_samples": 8},
+        "encode": {"batch_size": 4, "samples_per_shard": 4},
+        "evaluate": {"batch_size": 4, "grid_images": 3},
+}
+
+
+def make_params(**overrides):
+    """TINY params with section overrides, e.g. make_params(model={"latent_channels": 8})."""
+    from ldm_vae.config import params_from_dict
+
+    raw = {k: dict(v) for k, v in TINY.items()}
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return params_from_dict(raw)
+
+
+@pytest.fixture
+def tiny_params():
+    """Params for a model and run small enough for unit tests (seconds on a CPU)."""
+    return make_params()
+
+
+def make_photo_folder(root: Path) -> Path:
+    """A folder of 8 distinct small photographs (PNG and JPEG), one level of sub-folder."""
+    (root / "sub").mkdir(parents=True)
+    for i in range(8):
+        img = photo(96 + 8 * i, 80, seed=i)
+        target = root / ("sub" if i % 2 else "") / f"img{i}.{'jpg' if i % 3 == 0 else 'png'}"
+        img.save(target, quality=95) if target.suffix == ".jpg" else img.save(target)
+    return root
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    return make_photo_folder(tmp_path / "photos")
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory):
+    """download -> prepare -> train (a few steps) on a photo folder, once per test session.
+
+    Returns the folder holding raw/, prepared/, vae/, train/, checkpoints/; tests that modify
+    anything copy what they need first.
+    """
+    from ldm_vae.download import run_download
+    from ldm_vae.prepare import run_prepare
+    from ldm_vae.shards import shard_paths
+    from ldm_vae.training import train
+
+    base = tmp_path_factory.mktemp("pipeline")
+    folder = make_photo_folder(base / "photos")
+    params = make_params(data={"source": f"folder:{folder}"})
+    run_download(params.data, base / "raw")
+    run_prepare(params.data, base / "raw", base / "prepared")
+    train(params, shard_paths(base / "prepared" / "train"), shard_paths(base / "prepared" / "val"),
+          base / "vae", base / "train", base / "checkpoints")
+    return base
+
+
+def pytest_configure(config):
+    sys.path.insert(0, str(ROOT))

@@ -1,0 +1,62 @@
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from ldm_vae.config import ParamError, load_params, params_from_dict
+
+
+def test_shipped_params_are_valid():
+    p = load_params(ROOT / "params.yaml")
+    assert p.data.source == "builtin"
+    assert p.data.resolution % 8 == 0
+    assert p.model.latent_channels == 4
+
+
+@pytest.mark.parametrize(
+    "raw, names",
+    [
+        ({"data": {"resolution": 60}}, ["data.resolution", "60", "multiple of 8"]),
+        ({"model": {"latent_channels": 0}}, ["model.latent_channels", "0", ">= 1"]),
+        ({"data": {"source": "ftp:/x"}}, ["data.source", "ftp", "builtin, folder, hf, urls"]),
+        ({"data": {"sauce": "builtin"}}, ["data.sauce", "unknown key", "source"]),
+        ({"train": {"batch_size": "8"}}, ["train.batch_size", "'8'", "expected int"]),
+        ({"train": {"max_steps": 1.5}}, ["train.max_steps", "expected int"]),
+        ({"model": {"block_out_channels": [32, 64]}}, ["model.block_out_channels", "4 entries"]),
+        ({"model": {"block_out_channels": [32, 48, 64, 64]}}, ["norm_num_groups"]),
+        ({"loss": {"rec_loss": "l3"}}, ["loss.rec_loss", "l3", "l1, l2"]),
+        ({"optim": {}}, ["optim", "unknown params section"]),
+        ({"data": {"source": "folder:"}}, ["data.source", "needs a target"]),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(raw, names):
+    with pytest.raises(ParamError) as e:
+        params_from_dict(raw)
+    for n in names:
+        assert n in str(e.value)
+
+
+def test_yaml_quirks_are_read_as_meant():
+    p = params_from_dict(yaml.safe_load("loss: {kl_weight: 1e-6}\ntrain: {mixed_precision: no}"))
+    assert p.loss.kl_weight == 1e-6
+    assert p.train.mixed_precision == "no"
+
+
+def test_stage_fails_fast_on_bad_params(tmp_path):
+    """A wrong value stops the stage before torch is imported, with the key in the message."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"]["latent_channels"] = 0
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "stages/download.py"), "--params", str(bad), "--out", str(tmp_path / "raw")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "model.latent_channels" in proc.stderr and ">= 1" in proc.stderr
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "raw").exists()
