@@ -26,8 +26,11 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-def train_stream(paths: list[str], seed: int, shuffle_buffer: int = 1000) -> wds.DataPipeline:
+def train_stream(paths: list[str], seed: int, crop: int = 0, shuffle_buffer: int = 1000) -> wds.DataPipeline:
     """An endless, shuffled stream of random-flipped training images [3, H, W].
+
+    ``crop`` > 0 takes a random ``crop`` x ``crop`` window of each image instead (the autoencoder
+    is convolutional, so it can train on windows and run on full images).
 
     Shards are resampled with a seed that webdataset mixes with the rank and the worker id, so
     each process and dataloader worker draws its own sequence: no node splitting is needed and
@@ -35,7 +38,10 @@ def train_stream(paths: list[str], seed: int, shuffle_buffer: int = 1000) -> wds
     """
 
     def to_item(sample):
-        x = to_tensor(decode_uint8(image_bytes(sample)))
+        x = to_tensor(decode_uint8(image_bytes(sample)))  # [3, H, W]
+        if crop and crop < min(x.shape[-2:]):
+            top, left = random.randint(0, x.shape[-2] - crop), random.randint(0, x.shape[-1] - crop)
+            x = x[:, top : top + crop, left : left + crop]
         # Horizontal flips double the views of a small collection. Python's `random`, not numpy's:
         # torch reseeds it in every dataloader worker, numpy's state would be cloned by fork.
         if random.random() < 0.5:
