@@ -120,6 +120,9 @@ class TrainConfig:
     # Train on random crop_size x crop_size windows of the prepared images (0: whole images).
     # Cheaper steps, so more of them in a fixed budget; validation always uses whole images.
     crop_size: int = 0
+    # Random RGB channel permutation of training images. A small collection otherwise teaches the
+    # autoencoder its own palette and it tints unseen colours; leave off for large datasets.
+    color_augment: bool = False
     lr: float = 1e-3
     lr_min_ratio: float = 0.05  # cosine decays to lr * this
     warmup_steps: int = 50

@@ -26,11 +26,14 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-def train_stream(paths: list[str], seed: int, crop: int = 0, shuffle_buffer: int = 1000) -> wds.DataPipeline:
+def train_stream(paths: list[str], seed: int, crop: int = 0, color_augment: bool = False,
+                 shuffle_buffer: int = 1000) -> wds.DataPipeline:
     """An endless, shuffled stream of random-flipped training images [3, H, W].
 
     ``crop`` > 0 takes a random ``crop`` x ``crop`` window of each image instead (the autoencoder
-    is convolutional, so it can train on windows and run on full images).
+    is convolutional, so it can train on windows and run on full images). ``color_augment``
+    permutes the RGB channels at random (one of the 6 orders), so colours absent from a small
+    collection are still seen.
 
     Shards are resampled with a seed that webdataset mixes with the rank and the worker id, so
     each process and dataloader worker draws its own sequence: no node splitting is needed and
@@ -46,6 +49,8 @@ def train_stream(paths: list[str], seed: int, crop: int = 0, shuffle_buffer: int
         # torch reseeds it in every dataloader worker, numpy's state would be cloned by fork.
         if random.random() < 0.5:
             x = x.flip(-1)
+        if color_augment:
+            x = x[random.sample(range(3), 3)]  # [3, H, W], channels in a random order
         return x
 
     return wds.DataPipeline(

@@ -20,7 +20,7 @@ def photo(w=96, h=80, seed=0, mode="RGB") -> Image.Image:
     yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
     chans = []
     for c in range(3):
-        a, b, p = rng.uniform(1, 6, 3)
+        a, b, p = rng.uniform(0.5, 2, 3)
         chans.append(0.5 + 0.35 * np.sin(a * xx * 6 + p) * np.cos(b * yy * 6) + rng.normal(0, 0.03, (h, w)))
     arr = (np.clip(np.stack(chans, -1), 0, 1) * 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")

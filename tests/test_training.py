@@ -62,15 +62,22 @@ def test_checkpoint_from_other_params_is_never_resumed(pipeline_dir, tmp_path):
     assert [int(r["step"]) for r in rows] == [2, 4, 6]  # trained from step 0
 
 
-def test_training_improves_validation_psnr(pipeline_dir, tmp_path):
-    """Not a toy loop: a few dozen steps on the tiny set must improve held-out reconstructions."""
-    params = make_params(train={"max_steps": 60, "lr": 3e-3, "warmup_steps": 5, "log_every": 5,
-                                "val_every": 5, "sample_every": 60, "checkpoint_every": 100,
-                                "ema_decay": 0.9})
-    tr, va = shard_paths(pipeline_dir / "prepared" / "train"), shard_paths(pipeline_dir / "prepared" / "val")
-    train(params, tr, va, tmp_path / "vae", tmp_path / "logs", tmp_path / "ckpt")
+def test_training_fits_a_small_set(tmp_path):
+    """Not a toy loop: on four fixed images, a few dozen steps must clearly improve reconstructions."""
+    from conftest import photo
+    from ldm_vae.images import encode_image
+    from ldm_vae.shards import ShardWriter
+
+    with ShardWriter(tmp_path / "data", "train", per_shard=100) as w:
+        for i in range(40):
+            w.write({"__key__": f"k{i:02d}", "png": encode_image(photo(32, 32, seed=i % 4), "png")})
+    shards = shard_paths(tmp_path / "data")
+    params = make_params(train={"max_steps": 150, "lr": 1e-3, "lr_min_ratio": 1.0, "warmup_steps": 1,
+                                "log_every": 10, "val_every": 10, "sample_every": 150,
+                                "checkpoint_every": 1000, "ema_decay": 0.0, "batch_size": 4})
+    train(params, shards, shards, tmp_path / "vae", tmp_path / "logs", tmp_path / "ckpt")
     psnrs = [float(r["psnr"]) for r in csv.DictReader(open(tmp_path / "logs" / "val.csv"))]
     print(psnrs)
-    assert max(psnrs[-3:]) > psnrs[0] + 1.0
+    assert max(psnrs[-3:]) > psnrs[0] + 4.0  # measured: about +7 dB
     rows = list(csv.DictReader(open(tmp_path / "logs" / "loss.csv")))
     assert torch.isfinite(torch.tensor([float(r["loss"]) for r in rows])).all()

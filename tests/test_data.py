@@ -1,0 +1,60 @@
+import itertools
+
+import numpy as np
+import torch
+from PIL import Image
+
+from conftest import image_bytes, photo
+from ldm_vae.data import load_images, to_tensor, train_stream
+from ldm_vae.shards import ShardWriter, shard_paths
+
+COLOURS = [(10, 100, 200), (250, 30, 90), (0, 180, 60)]
+
+
+def write_shards(root, images, per_shard=2):
+    with ShardWriter(root, "train", per_shard=per_shard) as w:
+        for i, img in enumerate(images):
+            w.write({"__key__": f"k{i:02d}", "png": image_bytes(img)})
+    return shard_paths(root)
+
+
+def flat(colour, size=16):
+    return Image.new("RGB", (size, size), colour)
+
+
+def test_to_tensor_maps_uint8_to_minus_one_one():
+    x = to_tensor(np.array([[[0, 255, 127]]], dtype=np.uint8))  # [1, 1, 3] -> [3, 1, 1]
+    assert x.shape == (3, 1, 1)
+    assert torch.allclose(x.flatten(), torch.tensor([-1.0, 1.0, 127 / 127.5 - 1]))
+
+
+def test_train_stream_is_endless_and_crops_windows(tmp_path):
+    paths = write_shards(tmp_path, [photo(32, 32, seed=i) for i in range(3)])
+    xs = list(itertools.islice(iter(train_stream(paths, seed=0, crop=16)), 20))  # > 3 images
+    assert all(x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1 for x in xs)
+    # Windows at random places: not all the same crop of an image.
+    assert len({x.sum().item() for x in xs}) > 3
+
+
+def test_color_augment_permutes_channels_only(tmp_path):
+    paths = write_shards(tmp_path, [flat(c) for c in COLOURS])
+    expected = {tuple(sorted(c)) for c in COLOURS}
+
+    def orders(augment):
+        seen = set()
+        for x in itertools.islice(iter(train_stream(paths, seed=0, color_augment=augment)), 60):
+            rgb = tuple(round((v + 1) * 127.5) for v in x[:, 0, 0].tolist())  # a flat image: one colour
+            assert tuple(sorted(rgb)) in expected  # the same values, only reordered
+            seen.add(rgb)
+        return seen
+
+    assert orders(False) == set(COLOURS)
+    assert len(orders(True)) > 6  # permuted orders of the three colours appear
+
+
+def test_load_images_keeps_shard_order_and_limit(tmp_path):
+    paths = write_shards(tmp_path, [flat(c) for c in COLOURS])
+    keys, x = load_images(paths)
+    assert keys == ["k00", "k01", "k02"] and x.shape == (3, 3, 16, 16)
+    keys, x = load_images(paths, limit=2)
+    assert keys == ["k00", "k01"] and x.shape[0] == 2
