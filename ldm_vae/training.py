@@ -29,7 +29,7 @@ from .metrics import psnr, to_unit
 from .model import build_vae
 from .viz import save_grid
 
-VAL_IMAGES = 64  # fixed validation images scored during training (the full set is evaluate's job)
+VAL_IMAGES = 128  # fixed validation images scored during training (the full set is evaluate's job)
 KEEP_CHECKPOINTS = 2
 
 
