@@ -26,14 +26,25 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def fade_to_colour(x: torch.Tensor) -> torch.Tensor:
+    """Blend an image [3, H, W] in [-1, 1] towards a random solid colour by a random amount.
+
+    A convex blend, so the result stays in [-1, 1]: low-contrast images of every tint and
+    brightness, the flat skies and walls a small photo collection rarely shows.
+    """
+    colour = torch.tensor([random.uniform(-1.0, 1.0) for _ in range(3)]).view(3, 1, 1)  # [3, 1, 1]
+    alpha = random.random()
+    return x * (1.0 - alpha) + colour * alpha
+
+
 def train_stream(paths: list[str], seed: int, crop: int = 0, color_augment: bool = False,
-                 shuffle_buffer: int = 1000) -> wds.DataPipeline:
+                 fade_augment: float = 0.0, shuffle_buffer: int = 1000) -> wds.DataPipeline:
     """An endless, shuffled stream of random-flipped training images [3, H, W].
 
     ``crop`` > 0 takes a random ``crop`` x ``crop`` window of each image instead (the autoencoder
     is convolutional, so it can train on windows and run on full images). ``color_augment``
     permutes the RGB channels at random (one of the 6 orders), so colours absent from a small
-    collection are still seen.
+    collection are still seen. ``fade_augment`` is the probability of :func:`fade_to_colour`.
 
     Shards are resampled with a seed that webdataset mixes with the rank and the worker id, so
     each process and dataloader worker draws its own sequence: no node splitting is needed and
@@ -51,6 +62,8 @@ def train_stream(paths: list[str], seed: int, crop: int = 0, color_augment: bool
             x = x.flip(-1)
         if color_augment:
             x = x[random.sample(range(3), 3)]  # [3, H, W], channels in a random order
+        if fade_augment and random.random() < fade_augment:
+            x = fade_to_colour(x)
         return x
 
     return wds.DataPipeline(

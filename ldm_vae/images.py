@@ -60,6 +60,18 @@ def load_rgb(data: bytes, max_pixels: int, min_size: int = 1) -> Image.Image:
     return img
 
 
+FORMAT_EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def image_ext(data: bytes) -> str:
+    """The file extension of an image's actual format (a URL or a cell says nothing reliable)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return FORMAT_EXT.get(img.format, "." + (img.format or "img").lower())
+    except Exception:
+        return ".img"
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparency composited on ALPHA_BACKGROUND."""
     if img.mode == "RGB":

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -51,13 +51,23 @@ class SourceItem:
     label: int | str | None = None
 
 
-def iter_source(spec: str) -> Iterator[SourceItem]:
-    kind, _, target = spec.partition(":")
+def iter_source(cfg, done: Callable[[str], Path | None] = lambda key: None) -> Iterator[SourceItem]:
+    """The items of ``cfg.source`` (a DataConfig). ``done(key)`` is the file an earlier run kept
+    for ``key``, if any: sources that fetch over the network use it to skip finished work."""
+    kind, target = cfg.source_kind, cfg.source_target
     if kind == "builtin":
         return iter_builtin()
     if kind == "folder":
         return iter_folder(Path(target))
-    raise ValueError(f"data.source: {spec!r}: no reader for source kind {kind!r}")
+    if kind == "hf":
+        from .hf_source import iter_hf
+
+        return iter_hf(cfg)
+    if kind == "urls":
+        from .urls import iter_urls
+
+        return iter_urls(cfg, done)
+    raise ValueError(f"data.source: {cfg.source!r}: no reader for source kind {kind!r}")
 
 
 def iter_builtin() -> Iterator[SourceItem]:

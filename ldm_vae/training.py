@@ -84,7 +84,8 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
     resumed = _resume(accelerator, ckpt_dir, run_hash)
 
     loader = torch.utils.data.DataLoader(
-        train_stream(train_shards, seed=tcfg.seed, crop=tcfg.crop_size, color_augment=tcfg.color_augment),
+        train_stream(train_shards, seed=tcfg.seed, crop=tcfg.crop_size, color_augment=tcfg.color_augment,
+                     fade_augment=tcfg.fade_augment),
         batch_size=tcfg.batch_size,
         num_workers=tcfg.num_workers,
         persistent_workers=tcfg.num_workers > 0,

@@ -22,8 +22,8 @@ def main() -> None:
 
     try:
         summary = run_download(params.data, args.out)
-    except FileNotFoundError as e:
-        sys.exit(str(e))
+    except (FileNotFoundError, ValueError) as e:  # a missing list/folder, an unknown column or split
+        sys.exit(f"download: {e}")
     print(f"download: kept {summary['kept']}, rejected {summary['rejected']} {json.dumps(summary['reasons'])}")
     if summary["kept"] == 0:
         sys.exit(f"download: no usable image in {params.data.source!r}; see {args.out}/rejected.jsonl")

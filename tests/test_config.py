@@ -27,7 +27,7 @@ def test_shipped_params_are_valid():
         ({"train": {"max_steps": 1.5}}, ["train.max_steps", "expected int"]),
         ({"model": {"block_out_channels": [32, 64]}}, ["model.block_out_channels", "4 entries"]),
         ({"model": {"block_out_channels": [32, 48, 64, 64]}}, ["norm_num_groups"]),
-        ({"loss": {"rec_loss": "l3"}}, ["loss.rec_loss", "l3", "l1, l2"]),
+        ({"loss": {"rec_loss": "l3"}}, ["loss.rec_loss", "l3", "l1, l2, log_l2"]),
         ({"optim": {}}, ["optim", "unknown params section"]),
         ({"data": {"source": "folder:"}}, ["data.source", "needs a target"]),
     ],

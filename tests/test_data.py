@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from conftest import image_bytes, photo
-from ldm_vae.data import load_images, to_tensor, train_stream
+from ldm_vae.data import fade_to_colour, load_images, to_tensor, train_stream
 from ldm_vae.shards import ShardWriter, shard_paths
 
 COLOURS = [(10, 100, 200), (250, 30, 90), (0, 180, 60)]
@@ -50,6 +50,32 @@ def test_color_augment_permutes_channels_only(tmp_path):
 
     assert orders(False) == set(COLOURS)
     assert len(orders(True)) > 6  # permuted orders of the three colours appear
+
+
+def test_fade_lowers_contrast_towards_one_colour_and_stays_in_range():
+    x = to_tensor(np.array(photo(32, 32, seed=1)))  # [3, 32, 32]
+    faded = [fade_to_colour(x) for _ in range(50)]
+    assert all(f.min() >= -1 and f.max() <= 1 for f in faded)
+    # Contrast only ever shrinks (a blend with a constant), and by different amounts.
+    stds = [f.std(dim=(1, 2)) for f in faded]
+    assert all((s <= x.std(dim=(1, 2)) + 1e-6).all() for s in stds)
+    assert len({round(s.mean().item(), 4) for s in stds}) > 40
+    # The image's mean colour moves to many different tints.
+    assert torch.stack([f.mean(dim=(1, 2)) for f in faded]).std(0).min() > 0.1
+
+
+def test_fade_augment_probability(tmp_path):
+    paths = write_shards(tmp_path, [photo(16, 16, seed=i) for i in range(3)])
+    originals = {round(x.std().item(), 5) for x in load_images(paths)[1]} | {
+        round(x.flip(-1).std().item(), 5) for x in load_images(paths)[1]}
+
+    def faded_share(p):
+        xs = itertools.islice(iter(train_stream(paths, seed=0, fade_augment=p)), 200)
+        return sum(round(x.std().item(), 5) not in originals for x in xs) / 200
+
+    assert faded_share(0.0) == 0.0
+    assert 0.3 < faded_share(0.5) < 0.7
+    assert faded_share(1.0) > 0.95
 
 
 def test_load_images_keeps_shard_order_and_limit(tmp_path):

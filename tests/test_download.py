@@ -55,3 +55,60 @@ def test_folder_source_good_bad_duplicate_and_escaping_link(tmp_path, photo_fold
 def test_folder_keys_are_safe_and_unique():
     assert folder_key("cats/Tabby 01.v2.jpg") == "cats_Tabby_01_v2"
     assert folder_key("../..//x.png") == "x"
+
+
+def test_folder_with_every_odd_mode_and_bad_case(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "odd"
+    (root / "deep" / "er").mkdir(parents=True)
+    rgba = photo(64, 64, seed=1).convert("RGBA")
+    rgba.putalpha(0)  # fully transparent: must come out as the documented white background
+    rgba.save(root / "rgba.png")
+    photo(64, 64, seed=2).convert("L").save(root / "grey.png")
+    photo(64, 64, seed=3).convert("LA").save(root / "grey_alpha.png")
+    pal = photo(64, 64, seed=4).convert("P")
+    pal.info["transparency"] = 0
+    pal.save(root / "palette.png", transparency=0)
+    photo(64, 64, seed=5).convert("CMYK").save(root / "deep" / "cmyk.jpg")
+    Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(root / "deep" / "er" / "grey16.png")
+    rotated = photo(96, 48, seed=6)
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(root / "rotated.jpg", exif=exif)
+    (root / "upper.JPEG").write_bytes(image_bytes(photo(64, 64, seed=7), "JPEG"))
+    # Rejections: a bomb above the pixel cap, a truncated file, text, a tiny image, a duplicate,
+    # an empty file, and a link to a photo outside the folder.
+    Image.new("RGB", (4000, 4000)).save(root / "bomb.png")
+    whole = image_bytes(photo(120, 100, seed=8), "PNG")
+    (root / "cut.png").write_bytes(whole[:-300])
+    (root / "text.jpg").write_text("hello")
+    photo(20, 20).save(root / "tiny.png")
+    (root / "deep" / "again.png").write_bytes((root / "grey.png").read_bytes())
+    (root / "empty.webp").write_bytes(b"")
+    photo(seed=9).save(tmp_path / "secret.png")
+    os.symlink(tmp_path / "secret.png", root / "deep" / "link.png")
+
+    out = tmp_path / "raw"
+    summary = run_download(DataConfig(source=f"folder:{root}", min_size=32, max_pixels=4_000_000), out)
+    rows = {r["key"]: r for r in read_manifest(out)}
+    assert set(rows) == {"rgba", "grey", "grey_alpha", "palette", "deep_cmyk", "deep_er_grey16", "rotated", "upper"}
+    assert (rows["rotated"]["width"], rows["rotated"]["height"]) == (48, 96)  # EXIF applied
+    assert rejections(out) == {
+        "bomb": "too_many_pixels", "cut": "truncated", "text": "not_an_image", "tiny": "too_small",
+        "deep_again": "duplicate", "empty": "not_an_image", "deep_link": "link_outside_folder",
+    }
+    assert summary["kept"] == 8 and summary["reasons"]["duplicate"] == 1
+    # Every kept file is the source's bytes; prepare's decoder turns each into RGB.
+    from ldm_vae.images import load_rgb
+
+    assert (out / rows["deep_cmyk"]["file"]).read_bytes() == (root / "deep" / "cmyk.jpg").read_bytes()
+    white = np.asarray(load_rgb((out / rows["rgba"]["file"]).read_bytes(), 10**7))
+    assert white.shape == (64, 64, 3) and (white == 255).all()
+    grey16 = np.asarray(load_rgb((out / rows["deep_er_grey16"]["file"]).read_bytes(), 10**7))
+    assert grey16.shape == (64, 64, 3) and abs(int(grey16[0, 0, 0]) - 40000 // 257) <= 1
+
+
+def rejections(out):
+    return {r["key"]: r["reason"] for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}

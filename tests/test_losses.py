@@ -31,3 +31,19 @@ def test_loss_gradients_reach_both_reconstruction_and_posterior():
     loss, _ = VAELoss(LossConfig(kl_weight=1e-2))(rec, torch.ones(1, 3, 8, 8), mean, logvar)
     loss.backward()
     assert rec.grad.abs().sum() > 0 and mean.grad.abs().sum() > 0
+
+
+def test_log_l2_is_mean_log_mse_per_image_and_favours_smooth_images():
+    x = torch.zeros(2, 3, 4, 4)
+    rec = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        rec[0] += 0.1  # MSE 0.01
+        rec[1] += 0.5  # MSE 0.25
+    loss, logs = VAELoss(LossConfig(rec_loss="log_l2", kl_weight=0.0))(rec, x, torch.zeros(2, 4, 1, 1),
+                                                                      torch.zeros(2, 4, 1, 1))
+    expected = (torch.log(torch.tensor(0.01 + 1e-4)) + torch.log(torch.tensor(0.25 + 1e-4))) / 2
+    assert torch.isclose(loss, expected, atol=1e-5) and "train/rec_log_l2" in logs
+    loss.backward()
+    # Per pixel, the image with 25x less error gets a 5x larger gradient (L2 would give it 5x less).
+    ratio = rec.grad[0].abs().mean() / rec.grad[1].abs().mean()
+    assert 4.5 < ratio < 5.5

@@ -1,0 +1,159 @@
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import image_bytes, photo
+from httpserver import ImageServer, Route
+from ldm_vae.config import DataConfig
+from ldm_vae.download import read_manifest, run_download
+from ldm_vae.urls import Fetcher, FetchError, read_url_list, url_key
+
+FAST = dict(connect_timeout=2.0, read_timeout=0.5, retries=2, retry_backoff=0.05)
+
+
+@pytest.fixture
+def server():
+    s = ImageServer()
+    yield s
+    s.close()
+
+
+def rejections(out: Path) -> dict[str, str]:
+    return {r["key"]: r["reason"] for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["key", "url", "caption", "label", "sha256"])
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return path
+
+
+def test_url_list_every_failure_has_its_reason(tmp_path, server):
+    good = {f"good{i}": image_bytes(photo(64, 48, seed=i)) for i in range(3)}
+    for k, body in good.items():
+        server.routes[f"/{k}.png"] = Route(body)
+    jpeg = image_bytes(photo(80, 64, seed=9), "JPEG")
+    server.routes["/flaky.jpg"] = Route(jpeg, fail_first=1)  # 500 once, then fine
+    server.routes["/slow.png"] = Route(image_bytes(photo(seed=5)), delay=2.0)  # > read_timeout
+    server.routes["/page.png"] = Route(b"<html>sorry</html>", content_type="text/html")
+    whole = image_bytes(photo(120, 100, seed=7), "JPEG")
+    server.routes["/cut.jpg"] = Route(whole[: len(whole) // 2])
+    server.routes["/tiny.png"] = Route(image_bytes(photo(8, 8)))
+    server.routes["/same.png"] = Route(good["good0"])
+    server.routes["/forged.png"] = Route(image_bytes(photo(seed=11)))
+    u = server.url
+    rows = [
+        {"key": "good0", "url": f"{u}/good0.png", "caption": "a red thing", "label": "3"},
+        {"key": "good1", "url": f"{u}/good1.png", "caption": "", "label": ""},
+        {"key": "good2", "url": f"{u}/good2.png", "sha256": hashlib.sha256(good["good2"]).hexdigest()},
+        {"key": "flaky", "url": f"{u}/flaky.jpg"},
+        {"key": "gone", "url": f"{u}/gone.png"},
+        {"key": "slow", "url": f"{u}/slow.png"},
+        {"key": "page", "url": f"{u}/page.png"},
+        {"key": "cut", "url": f"{u}/cut.jpg"},
+        {"key": "tiny", "url": f"{u}/tiny.png"},
+        {"key": "same", "url": f"{u}/same.png"},
+        {"key": "forged", "url": f"{u}/forged.png", "sha256": "0" * 64},
+        {"key": "local", "url": "file:///etc/passwd"},
+        {"key": "ftp", "url": "ftp://127.0.0.1/x.png"},
+        {"key": "good1", "url": f"{u}/good1.png"},  # listed twice
+    ]
+    cfg = DataConfig(source=f"urls:{write_csv(tmp_path / 'list.csv', rows)}", download_workers=4, **FAST)
+    out = tmp_path / "raw"
+    summary = run_download(cfg, out)
+
+    manifest = read_manifest(out)
+    assert [r["key"] for r in manifest] == ["good0", "good1", "good2", "flaky"]  # list order
+    assert manifest[0]["caption"] == "a red thing" and manifest[0]["label"] == 3
+    assert "caption" not in manifest[1] and "label" not in manifest[1]
+    assert manifest[3]["source"] == f"{u}/flaky.jpg" and manifest[3]["file"] == "images/flaky.jpg"
+    assert (out / "images/good2.png").read_bytes() == good["good2"]
+    assert rejections(out) == {
+        "gone": "http_404", "slow": "timeout", "page": "not_an_image", "cut": "truncated",
+        "tiny": "too_small", "same": "duplicate", "forged": "sha256_mismatch", "local": "bad_url",
+        "ftp": "bad_url", "good1": "duplicate_url",
+    }
+    assert summary["kept"] == 4 and summary["rejected"] == 10
+    # Retried: the 500 once, the timeout until retries ran out; never the 404.
+    assert server.hits["/flaky.jpg"] == 2 and server.hits["/slow.png"] == 3 and server.hits["/gone.png"] == 1
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["flaky.jpg", "good0.png", "good1.png", "good2.png"]
+
+
+def test_text_list_keys_hash_the_url_and_a_rerun_fetches_nothing_kept(tmp_path, server):
+    for i in range(4):
+        server.routes[f"/{i}.png"] = Route(image_bytes(photo(seed=i)))
+    urls = [f"{server.url}/{i}.png" for i in range(4)] + [f"{server.url}/nope.png"]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("# my images\n\n" + "\n".join(urls) + "\n")
+    assert [r.key for r in read_url_list(listing)] == [url_key(x) for x in urls]
+    cfg = DataConfig(source=f"urls:{listing}", download_workers=2, **FAST)
+    out = tmp_path / "raw"
+    first = run_download(cfg, out)
+    manifest = (out / "manifest.jsonl").read_text()
+    assert first == {"kept": 4, "rejected": 1, "reasons": {"http_404": 1}}
+    again = run_download(cfg, out)
+    assert again == first and (out / "manifest.jsonl").read_text() == manifest
+    assert all(server.hits[f"/{i}.png"] == 1 for i in range(4))  # kept files were not fetched again
+    assert server.hits["/nope.png"] == 2  # a failure is tried again on a re-run
+
+
+def test_max_images_and_size_cap(tmp_path, server):
+    server.routes["/big.png"] = Route(image_bytes(photo(400, 400, seed=1)))
+    server.routes["/ok.png"] = Route(image_bytes(photo(seed=2)))
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"{server.url}/big.png\n{server.url}/ok.png\n{server.url}/ok2.png\n")
+    out = tmp_path / "raw"
+    summary = run_download(DataConfig(source=f"urls:{listing}", max_images=2, max_bytes=50_000, **FAST), out)
+    assert summary == {"kept": 1, "rejected": 1, "reasons": {"too_large": 1}}
+    assert "/ok2.png" not in server.hits
+
+
+def test_fetcher_gives_up_on_connection_errors(tmp_path):
+    cfg = DataConfig(**FAST)
+    with pytest.raises(FetchError) as e:
+        Fetcher(cfg).fetch("http://127.0.0.1:9/x.png")  # the discard port: nothing listens
+    assert e.value.reason == "connection_error" and "3 tries" in e.value.detail
+
+
+KILLED_RUN = """
+import sys
+sys.path.insert(0, {root!r})
+from ldm_vae.config import DataConfig
+from ldm_vae.download import run_download
+run_download(DataConfig(source={source!r}, download_workers=1, read_timeout=30.0), __import__('pathlib').Path({out!r}))
+"""
+
+
+def test_killed_download_leaves_only_whole_files_and_a_rerun_completes(tmp_path, server):
+    bodies = {i: image_bytes(photo(seed=i)) for i in range(12)}
+    for i, body in bodies.items():
+        server.routes[f"/{i}.png"] = Route(body, delay=0.15)
+    listing = tmp_path / "urls.csv"
+    write_csv(listing, [{"key": f"k{i:02d}", "url": f"{server.url}/{i}.png"} for i in bodies])
+    out = tmp_path / "raw"
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN.format(root=root, source=f"urls:{listing}", out=str(out))])
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / "images").glob("*.png"))) < 3:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    written = {p.stem: p.read_bytes() for p in (out / "images").glob("*.png")}
+    assert 3 <= len(written) < 12 and not (out / "manifest.jsonl").exists()
+    assert all(data == bodies[int(k[1:])] for k, data in written.items())  # whole files only
+
+    before = sum(server.hits.values())
+    summary = run_download(DataConfig(source=f"urls:{listing}", download_workers=4, **FAST), out)
+    assert summary["kept"] == 12
+    assert [r["key"] for r in read_manifest(out)] == [f"k{i:02d}" for i in range(12)]
+    assert sum(server.hits.values()) - before == 12 - len(written)  # only the missing ones fetched
+    assert not list(out.glob("**/*.tmp"))
