@@ -190,7 +190,10 @@ class EncodeConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = 64
-    grid_images: int = 8
+    grid_images: int = 8  # rows of recon_grid.png (the first images) and recon_worst.png (lowest PSNR)
+    # Optional perceptual metrics (the `metrics` extra: pretrained VGG / Inception weights).
+    lpips: bool = False
+    rfid: bool = False
 
     def check(self) -> None:
         _at_least("evaluate.batch_size", self.batch_size, 1)

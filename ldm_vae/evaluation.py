@@ -1,7 +1,7 @@
 """The evaluate stage's work: decode the *stored* validation latents and score them.
 
 What users get is the float16 latent shards, so those are decoded (posterior mean), not a fresh
-fp32 encode. The reference is the prepared validation image with the same key; the baseline is
+fp32 encode (that one is scored too, to show what float16 storage costs). The reference is the prepared validation image with the same key; the baseline is
 the same image area-downsampled 8x and bicubic-upsampled (:func:`metrics.resize_baseline`).
 """
 
@@ -20,7 +20,9 @@ from .config import EvaluateConfig
 from .data import image_bytes
 from .images import decode_uint8
 from .latents import npy_load
-from .metrics import psnr, resize_baseline, ssim
+from .health import ChannelStats, health_metrics, write_health
+from .metrics import psnr, resize_baseline, ssim, to_unit
+from .perceptual import Lpips, RFid
 from .shards import iter_samples, shard_paths
 from .viz import save_grid
 
@@ -30,27 +32,43 @@ ERROR_GAIN = 4  # |error| is shown 4x brighter in the grid so small errors are v
 @torch.inference_mode()
 def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out: Path, cfg: EvaluateConfig,
                  stats: dict) -> dict:
+    """Score every validation latent; write metrics.json, per_image.csv, grids and latent health."""
     device = next(vae.parameters()).device
     # Reference images by key (uint8). Validation splits are small; a very large one would want an
     # index of (shard, offset) instead.
     refs = {s["__key__"]: decode_uint8(image_bytes(s)) for s in iter_samples(shard_paths(prepared_val))}
+    lpips_net = Lpips(device) if cfg.lpips else None
+    rfid = RFid() if cfg.rfid else None
+    health = ChannelStats()
     rows: list[dict] = []
-    grid: list[tuple[torch.Tensor, torch.Tensor]] = []
+    first: list[tuple[torch.Tensor, torch.Tensor]] = []  # the grid: the first images, as a sample
+    worst: list[tuple[float, str, torch.Tensor, torch.Tensor]] = []  # the lowest-PSNR images
     seen: set[str] = set()
     batch: list[dict] = []
 
     def flush():
         keys = [s["__key__"] for s in batch]
-        z = torch.stack([torch.from_numpy(npy_load(s["mean.npy"]).astype(np.float32)) for s in batch])
-        rec = vae.decode(z.to(device)).sample.float().clamp(-1, 1).cpu()  # [B, 3, H, W]
-        rec = (rec + 1) / 2
+        z = torch.stack([torch.from_numpy(npy_load(s["mean.npy"]).astype(np.float32)) for s in batch])  # [B, C, h, w]
+        std = torch.stack([torch.from_numpy(npy_load(s["std.npy"]).astype(np.float32)) for s in batch])
+        health.update(z, std)
+        rec = to_unit(vae.decode(z.to(device)).sample).cpu()  # [B, 3, H, W] in [0, 1]
         ref = torch.stack([torch.from_numpy(refs[k]).permute(2, 0, 1) for k in keys]).float() / 255
+        # What float16 storage costs: the same images through a fresh fp32 encode -> decode.
+        z32 = vae.encode((ref * 2 - 1).to(device)).latent_dist.mean
+        rec32 = to_unit(vae.decode(z32).sample).cpu()
         base = resize_baseline(ref)
-        for k, p, s_, pb, sb in zip(keys, psnr(rec, ref), ssim(rec, ref), psnr(base, ref), ssim(base, ref)):
-            rows.append({"key": k, "psnr": float(p), "ssim": float(s_), "psnr_bicubic": float(pb),
-                         "ssim_bicubic": float(sb)})
-        if len(grid) < cfg.grid_images:
-            grid.extend(zip(ref, rec))
+        scores = {"psnr": psnr(rec, ref), "ssim": ssim(rec, ref), "psnr_fp32": psnr(rec32, ref),
+                  "ssim_fp32": ssim(rec32, ref), "psnr_bicubic": psnr(base, ref), "ssim_bicubic": ssim(base, ref)}
+        if lpips_net is not None:
+            scores["lpips"] = lpips_net(rec, ref)
+        if rfid is not None:
+            rfid.add(ref, rec)
+        for i, k in enumerate(keys):
+            rows.append({"key": k, **{name: float(v[i]) for name, v in scores.items()}})
+            worst.append((float(scores["psnr"][i]), k, ref[i], rec[i]))
+        worst.sort(key=lambda t: t[0])
+        del worst[cfg.grid_images:]
+        first.extend(list(zip(ref, rec))[: max(0, cfg.grid_images - len(first))])
         batch.clear()
 
     for sample in tqdm(iter_samples(shard_paths(latents_val)), total=len(refs), desc="evaluate",
@@ -75,14 +93,16 @@ def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
-    originals = torch.stack([g[0] for g in grid[: cfg.grid_images]])
-    recs = torch.stack([g[1] for g in grid[: cfg.grid_images]])
-    error = ((recs - originals).abs() * ERROR_GAIN).clamp(0, 1)
-    save_grid([originals, recs, error], out / "recon_grid.png", unit=True)
+    save_recon_grid(first, out / "recon_grid.png")
+    save_recon_grid([(ref, rec) for _, _, ref, rec in worst], out / "recon_worst.png")
+    channel_rows = health.result()
+    write_health(channel_rows, out)
 
-    metrics = {name: float(np.mean([r[name] for r in rows]))
-               for name in ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic")}
-    h, w = originals.shape[-2:]
+    metrics = {name: float(np.mean([r[name] for r in rows])) for name in rows[0] if name != "key"}
+    metrics["psnr_fp16_cost"] = metrics["psnr_fp32"] - metrics["psnr"]
+    if rfid is not None:
+        metrics["rfid"] = rfid.compute()
+    h, w = first[0][0].shape[-2:]
     c = stats["channels"]
     metrics.update({
         "num_images": len(rows),
@@ -93,5 +113,14 @@ def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out:
         "scaling_factor": stats["scaling_factor"],
         "shift_factor": stats["shift_factor"],
     })
+    metrics.update(health_metrics(channel_rows))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def save_recon_grid(pairs: list[tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+    """original | reconstruction | amplified error, one row per (ref, rec) pair in [0, 1]."""
+    originals = torch.stack([p[0] for p in pairs])
+    recs = torch.stack([p[1] for p in pairs])
+    error = ((recs - originals).abs() * ERROR_GAIN).clamp(0, 1)
+    save_grid([originals, recs, error], path, unit=True)

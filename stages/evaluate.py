@@ -6,6 +6,7 @@
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ldm_vae.config import load_params_or_exit
@@ -20,6 +21,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="metrics.json, per_image.csv, recon_grid.png")
     args = ap.parse_args()
     params = load_params_or_exit(args.params)
+    from ldm_vae.perceptual import MetricUnavailable, check_available
+
+    try:
+        check_available(params.evaluate)  # before any heavy work: asked-for metrics must exist
+    except MetricUnavailable as e:
+        sys.exit(f"evaluate: {e}")
 
     import torch
 
@@ -30,7 +37,8 @@ def main() -> None:
     stats = json.loads((args.latents / "stats.json").read_text())
     m = run_evaluate(vae, args.latents / "val", args.prepared / "val", args.out, params.evaluate, stats)
     print(f"evaluate: {m['num_images']} images, PSNR {m['psnr']:.2f} dB (resize baseline {m['psnr_bicubic']:.2f}), "
-          f"SSIM {m['ssim']:.4f} (baseline {m['ssim_bicubic']:.4f})")
+          f"SSIM {m['ssim']:.4f} (baseline {m['ssim_bicubic']:.4f}); fp16 storage costs "
+          f"{m['psnr_fp16_cost']:.3f} dB; {m['collapsed_channels']} of {m['latent_channels']} channels collapsed")
 
 
 if __name__ == "__main__":

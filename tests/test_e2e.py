@@ -105,3 +105,24 @@ def test_channel_change_reruns_only_model_stages(repo):
     assert npy_load(sample["mean.npy"]).shape == (8, 4, 4)
     assert json.loads((dst / "data/eval/metrics.json").read_text())["latent_channels"] == 8
     assert np.isfinite(json.loads((dst / "data/eval/metrics.json").read_text())["psnr"])
+
+
+def test_channel_comparison_over_dvc_experiments(repo):
+    """Workspace at 8 channels (previous test), one experiment at 16: the report has both."""
+    dst, env = repo
+    env = dict(env, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    run(["git", "add", "-A"], dst, env)
+    run(["git", "commit", "-qm", "tiny run at 8 channels"], dst, env)
+    out = run(["dvc", "exp", "run", "-S", "model.latent_channels=16"], dst, env)
+    assert stages_run(out) == {"train", "encode", "evaluate"}
+    printed = run([sys.executable, "stages/compare.py", "--out", "data/eval"], dst, env)
+
+    import csv
+
+    rows = list(csv.DictReader(open(dst / "data/eval/channels.csv")))
+    assert sorted(int(r["latent_channels"]) for r in rows) == [8, 16]
+    by_c = {int(r["latent_channels"]): r for r in rows}
+    assert float(by_c[8]["compression_ratio"]) == 24.0 and float(by_c[16]["compression_ratio"]) == 12.0
+    assert all(np.isfinite(float(r["psnr"])) and 0 < float(r["ssim"]) <= 1 for r in rows)
+    assert printed.startswith("| run | latent_channels | compression_ratio | psnr | ssim |")
+    assert (dst / "data/eval/channels.png").stat().st_size > 1000

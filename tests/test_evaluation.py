@@ -50,3 +50,66 @@ def test_missing_latent_fails_loudly(evaluated, pipeline_dir, tmp_path):
     with pytest.raises(RuntimeError, match="have no latent"):
         run_evaluate(load_vae(pipeline_dir / "vae"), tmp_path / "val", pipeline_dir / "prepared" / "val",
                      tmp_path / "eval", make_params().evaluate, stats)
+
+
+def test_fp32_reencode_and_what_fp16_storage_costs(evaluated):
+    _, metrics, _ = evaluated
+    assert {"psnr_fp32", "ssim_fp32", "psnr_fp16_cost"} <= set(metrics)
+    assert metrics["psnr_fp16_cost"] == pytest.approx(metrics["psnr_fp32"] - metrics["psnr"])
+    assert abs(metrics["psnr_fp16_cost"]) < 0.1  # float16 latents lose almost nothing
+
+
+def test_worst_grid_shows_the_lowest_psnr_images_first(evaluated, pipeline_dir):
+    import numpy as np
+
+    from ldm_vae.data import image_bytes
+    from ldm_vae.images import decode_uint8
+    from ldm_vae.shards import iter_samples, shard_paths
+
+    base, metrics, _ = evaluated
+    rows = sorted(csv.DictReader(open(base / "eval" / "per_image.csv")), key=lambda r: float(r["psnr"]))
+    refs = {s["__key__"]: decode_uint8(image_bytes(s)) for s in iter_samples(shard_paths(pipeline_dir / "prepared/val"))}
+    grid = np.asarray(Image.open(base / "eval" / "recon_worst.png"))
+    n = min(3, metrics["num_images"])
+    assert grid.shape[:2] == (n * 34 + 2, 3 * 34 + 2)
+    for i in range(n):
+        tile = grid[2 + i * 34 : 2 + i * 34 + 32, 2:34]  # row i, column 0: the original
+        assert np.array_equal(tile, refs[rows[i]["key"]])
+
+
+def test_latent_health_flags_a_channel_forced_to_the_prior(pipeline_dir, tmp_path):
+    import torch
+
+    vae = load_vae(pipeline_dir / "vae")
+    c = vae.config.latent_channels
+    with torch.no_grad():  # quant_conv's outputs are [means (C), log-variances (C)]: zero channel 1's
+        for row in (1, c + 1):
+            vae.quant_conv.weight[row].zero_()
+            vae.quant_conv.bias[row].zero_()
+    stats = run_encode(vae, pipeline_dir / "prepared", tmp_path / "latents", make_params().encode)
+    metrics = run_evaluate(vae, tmp_path / "latents" / "val", pipeline_dir / "prepared" / "val", tmp_path / "eval",
+                           make_params().evaluate, stats)
+    health = list(csv.DictReader(open(tmp_path / "eval" / "latent_health.csv")))
+    assert [r["collapsed"] for r in health] == ["False", "True"] + ["False"] * (c - 2)
+    assert metrics["collapsed_channels"] == 1 and metrics["latent_c01_kl"] < 1e-3
+    assert metrics["latent_c00_kl"] > 1.0 and (tmp_path / "eval" / "latent_health.png").stat().st_size > 1000
+
+
+def test_asking_for_unavailable_lpips_fails_at_once_saying_how(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from conftest import ROOT, TINY
+
+    params = {k: dict(v) for k, v in TINY.items()}
+    params["evaluate"]["lpips"] = True
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    t = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/evaluate.py"), "--params", str(tmp_path / "params.yaml"),
+                           "--vae", "x", "--latents", "x", "--prepared", "x", "--out", str(tmp_path / "eval")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and time.time() - t < 20
+    assert "evaluate.lpips" in proc.stderr and "pip install -e '.[metrics]'" in proc.stderr

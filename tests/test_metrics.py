@@ -39,3 +39,24 @@ def test_resize_baseline_keeps_smooth_images_and_blurs_detail():
     assert psnr(resize_baseline(smooth), smooth).item() > 35
     checker = ((torch.arange(64)[:, None] + torch.arange(64)[None]) % 2).float().repeat(3, 1, 1)[None]
     assert psnr(resize_baseline(checker), checker).item() < 8
+
+
+def test_channel_stats_kl_and_collapse_math():
+    import torch
+
+    from ldm_vae.health import ChannelStats, health_metrics
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.stack([torch.randn(50, 4, 4, generator=g) * 2 + 1, torch.zeros(50, 4, 4)], 1)  # [50, 2, 4, 4]
+    std = torch.stack([torch.full((50, 4, 4), 0.1), torch.ones(50, 4, 4)], 1)
+    stats = ChannelStats()
+    stats.update(mean[:20], std[:20])
+    stats.update(mean[20:], std[20:])  # streaming over batches == one pass
+    rows = stats.result()
+    m0 = mean[:, 0].double()
+    kl0 = 0.5 * (m0**2 + 0.01 - 1 - 2 * torch.log(torch.tensor(0.1, dtype=torch.float64)))
+    assert abs(rows[0]["kl"] - kl0.mean().item()) < 1e-6 and rows[1]["kl"] < 1e-9
+    assert abs(rows[0]["mean"] - m0.mean().item()) < 1e-9 and abs(rows[0]["std"] - m0.std(unbiased=False).item()) < 1e-9
+    assert [r["collapsed"] for r in rows] == [False, True]
+    flat = health_metrics(rows)
+    assert flat["collapsed_channels"] == 1 and flat["latent_c00_kl"] == rows[0]["kl"]

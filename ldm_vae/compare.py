@@ -1,0 +1,108 @@
+"""Channel comparison: PSNR / SSIM (and LPIPS / rFID when on) against latent channel count.
+
+The runs are DVC experiments (``dvc exp run -S model.latent_channels=8``) and the workspace;
+their params and metrics come from ``dvc exp show --json``, so the report shows exactly what
+``dvc exp show`` does, as a table and a plot a person can read at a glance.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+from pathlib import Path
+
+COLUMNS = ["run", "latent_channels", "compression_ratio", "psnr", "ssim", "psnr_fp32", "psnr_bicubic",
+           "lpips", "rfid", "collapsed_channels", "num_images"]
+METRICS_FILE = "data/eval/metrics.json"
+
+
+def experiment_runs(repo: Path) -> list[dict]:
+    """One row per run that has evaluation metrics (workspace, commits, experiments)."""
+    proc = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc exp show failed: {proc.stderr.strip()[-500:]}")
+    return runs_from_exp_show(json.loads(proc.stdout or "[]"))
+
+
+def runs_from_exp_show(shown) -> list[dict]:
+    """Rows from ``dvc exp show --json`` output (walked generically: the nesting differs by version)."""
+    rows, seen = [], set()
+    for entry in _records(shown):
+        data = entry.get("data") or {}
+        metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
+        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+        if not metrics or "psnr" not in metrics:
+            continue
+        channels = metrics.get("latent_channels") or (params.get("model") or {}).get("latent_channels")
+        row = {"run": entry.get("name") or str(entry.get("rev", "?"))[:7], "latent_channels": channels}
+        row.update({k: metrics[k] for k in COLUMNS[2:] if k in metrics})
+        ident = (channels, round(float(metrics["psnr"]), 6), round(float(metrics.get("ssim", 0)), 6))
+        if ident in seen:  # the workspace is usually also a commit or an experiment
+            continue
+        seen.add(ident)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["latent_channels"], r["run"]))
+
+
+def _records(node):
+    if isinstance(node, dict):
+        if "rev" in node and isinstance(node.get("data"), dict):
+            yield node
+        for value in node.values():
+            yield from _records(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _records(value)
+
+
+def write_report(rows: list[dict], out: Path) -> None:
+    """channels.csv (a DVC plot), channels.md (a table) and channels.png under ``out``."""
+    if not rows:
+        raise RuntimeError(f"no run has {METRICS_FILE}: run `dvc repro` or `dvc exp run` first")
+    out.mkdir(parents=True, exist_ok=True)
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    with open(out / "channels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows({c: _fmt(r.get(c)) for c in cols} for r in rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(_fmt(r.get(c))) for c in cols) + " |" for r in rows]
+    (out / "channels.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, out / "channels.png")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [m for m in ("psnr", "ssim", "lpips", "rfid") if any(m in r for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    channels = sorted({r["latent_channels"] for r in rows})
+    ratio = {r["latent_channels"]: r.get("compression_ratio") for r in rows}
+    labels = [f"{c}\n({ratio[c]:.0f}:1)" if ratio[c] else str(c) for c in channels]
+    for ax, m in zip(axes[0], panels):
+        xs = [r["latent_channels"] for r in rows if m in r]
+        ax.plot(xs, [r[m] for r in rows if m in r], "o", label="run")
+        best = {c: [r[m] for r in rows if m in r and r["latent_channels"] == c] for c in channels}
+        pick = min if m in ("lpips", "rfid") else max
+        ax.plot([c for c in channels if best[c]], [pick(best[c]) for c in channels if best[c]], "-", alpha=0.6,
+                label="best per channel count")
+        if m == "psnr" and any("psnr_bicubic" in r for r in rows):
+            ax.axhline(rows[0]["psnr_bicubic"], color="grey", ls="--", lw=1, label="8x resize baseline")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(channels, labels)
+        ax.set(xlabel="latent channels (compression)", title=m.upper() + (" (lower is better)" if pick is min else ""))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _fmt(v):
+    return round(v, 4) if isinstance(v, float) else ("" if v is None else v)

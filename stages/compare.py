@@ -1,0 +1,32 @@
+"""Channel comparison report over DVC experiments (not a pipeline stage: it reads the runs).
+
+    for c in 4 8 16; do dvc exp run -S model.latent_channels=$c; done
+    python stages/compare.py --out data/eval
+
+Writes channels.csv (declared as a DVC plot), channels.md and channels.png: PSNR / SSIM (and
+LPIPS / rFID when evaluated) of every run against its latent channel count and compression ratio.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository (default: here)")
+    ap.add_argument("--out", type=Path, required=True, help="folder for channels.csv, channels.md, channels.png")
+    args = ap.parse_args()
+
+    from ldm_vae.compare import experiment_runs, write_report
+
+    try:
+        rows = experiment_runs(args.repo)
+        write_report(rows, args.out)
+    except RuntimeError as e:
+        sys.exit(f"compare: {e}")
+    print((args.out / "channels.md").read_text(), end="")
+
+
+if __name__ == "__main__":
+    main()
