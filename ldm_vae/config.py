@@ -141,6 +141,7 @@ class TrainConfig:
     color_augment: bool = False
     # Probability of blending a training image towards a random solid colour (data.fade_to_colour):
     # teaches flat, low-contrast regions of any tint, which a per-image GroupNorm otherwise greys.
+    # Measured on the embedded demo over the full 7,000 steps: 0.4 gives +1.2 to 1.45 dB (two runs; 0.2: +0.9 dB).
     fade_augment: float = 0.0
     lr: float = 1e-3
     lr_min_ratio: float = 0.05  # cosine decays to lr * this
