@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,11 @@ def photo(w=96, h=80, seed=0, mode="RGB") -> Image.Image:
     arr = (np.clip(np.stack(chans, -1), 0, 1) * 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
     return img.convert(mode) if mode != "RGB" else img
+
+
+def rejections(out) -> dict:
+    """{key: reason} of a download output's rejected.jsonl."""
+    return {r["key"]: r["reason"] for r in map(json.loads, (Path(out) / "rejected.jsonl").read_text().splitlines())}
 
 
 def image_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:

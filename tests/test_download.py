@@ -1,7 +1,6 @@
-import json
 import os
 
-from conftest import image_bytes, photo
+from conftest import image_bytes, photo, rejections
 from ldm_vae.config import DataConfig
 from ldm_vae.download import read_manifest, run_download
 from ldm_vae.sources import BUILTIN_PHOTOS, folder_key, iter_builtin
@@ -40,7 +39,7 @@ def test_folder_source_good_bad_duplicate_and_escaping_link(tmp_path, photo_fold
 
     kept = {r["key"] for r in read_manifest(out)}
     assert kept == {"img0", "img2", "img4", "img6", "sub_img1", "sub_img3", "sub_img5", "sub_img7"}
-    rejected = {r["key"]: r["reason"] for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    rejected = rejections(out)
     assert rejected == {
         "broken": "not_an_image",
         "cut": "truncated",
@@ -108,7 +107,3 @@ def test_folder_with_every_odd_mode_and_bad_case(tmp_path):
     assert white.shape == (64, 64, 3) and (white == 255).all()
     grey16 = np.asarray(load_rgb((out / rows["deep_er_grey16"]["file"]).read_bytes(), 10**7))
     assert grey16.shape == (64, 64, 3) and abs(int(grey16[0, 0, 0]) - 40000 // 257) <= 1
-
-
-def rejections(out):
-    return {r["key"]: r["reason"] for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}

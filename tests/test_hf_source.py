@@ -1,8 +1,6 @@
-import json
-
 import pytest
 
-from conftest import image_bytes, photo
+from conftest import image_bytes, photo, rejections
 from ldm_vae.config import DataConfig
 from ldm_vae.download import read_manifest, run_download
 from ldm_vae.prepare import run_prepare
@@ -32,10 +30,6 @@ def make_dataset():
          "label": [i % 3 for i in range(len(cells))]},
         features=features,
     )
-
-
-def rejections(out):
-    return {r["key"]: r["reason"] for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
 
 
 EXPECTED_KEPT = [f"train-{i:08d}" for i in range(5)]

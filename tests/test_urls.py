@@ -1,6 +1,5 @@
 import csv
 import hashlib
-import json
 import subprocess
 import sys
 import time
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import image_bytes, photo
+from conftest import image_bytes, photo, rejections
 from httpserver import ImageServer, Route
 from ldm_vae.config import DataConfig
 from ldm_vae.download import read_manifest, run_download
@@ -22,10 +21,6 @@ def server():
     s = ImageServer()
     yield s
     s.close()
-
-
-def rejections(out: Path) -> dict[str, str]:
-    return {r["key"]: r["reason"] for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
