@@ -182,10 +182,16 @@ class TrainConfig:
 class EncodeConfig:
     batch_size: int = 64
     samples_per_shard: int = 1000
+    num_processes: str = "auto"  # auto (one per visible GPU, one on CPU) or a number
+    flip: bool = False  # also store the horizontally flipped image's mean_flip.npy / std_flip.npy
+    dtype: str = "fp32"  # compute dtype: fp32, or bf16 (GPU only); storage is always float16
 
     def check(self) -> None:
         _at_least("encode.batch_size", self.batch_size, 1)
         _at_least("encode.samples_per_shard", self.samples_per_shard, 1)
+        if self.num_processes != "auto" and not (self.num_processes.isdigit() and int(self.num_processes) >= 1):
+            raise ParamError(f"encode.num_processes: {self.num_processes!r}: must be auto or a number >= 1")
+        _allowed("encode.dtype", self.dtype, ("fp32", "bf16"))
 
 
 @dataclass(frozen=True)
@@ -282,6 +288,8 @@ def _coerce(key: str, value, hint):
             return value
         if key == "train.mixed_precision" and value is False:
             return "no"  # YAML 1.1 reads a bare `no` as false
+        if key.endswith(".num_processes") and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # `auto` or a count
     elif typing.get_origin(hint) is tuple:
         if isinstance(value, (list, tuple)) and value and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value

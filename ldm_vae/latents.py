@@ -8,6 +8,7 @@ source has them. Output shards are named ``<split>-r<rank>-<n>.tar`` so that par
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -15,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from tqdm import tqdm
 
 from .config import EncodeConfig
 from .data import image_bytes, to_tensor
 from .images import decode_uint8
 from .model import LatentMoments
-from .shards import ShardWriter, iter_samples, shard_paths
+from .shards import ShardWriter, iter_samples
 
 SPLITS = ("train", "val")
+DONE = ".done"  # per input shard: a record written after its output shards are complete
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -47,55 +48,50 @@ def _batches(samples, batch_size: int):
         yield batch
 
 
+def vae_fingerprint(vae: AutoencoderKL) -> str:
+    """A hash of the VAE's config and weights: latents written by another VAE are never reused."""
+    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 @torch.inference_mode()
-def encode_split(vae: AutoencoderKL, in_paths: list[str], out_dir: Path, split: str, cfg: EncodeConfig,
-                 rank: int = 0, total: int | None = None) -> tuple[list[str], LatentMoments, list[int], int]:
-    """Encode every sample of ``in_paths`` once; return (shard names, moments, latent shape, count)."""
+def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, index: int, cfg: EncodeConfig,
+                 rank: int, fingerprint: str, bar=None) -> dict:
+    """Encode one prepared shard into ``<split>-r<rank>-s<index>-<n>.tar``; return its done-record
+    (output shards, count, exact moments), which :mod:`ldm_vae.encoding` writes once they are complete.
+    """
     device = next(vae.parameters()).device
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     moments = LatentMoments(vae.config.latent_channels)
     shape: list[int] = []
-    bar = tqdm(total=total, desc=f"encode {split}", unit="img", dynamic_ncols=True)
-    with ShardWriter(out_dir, f"{split}-r{rank:03d}", cfg.samples_per_shard) as writer:
-        for batch in _batches(iter_samples(in_paths), cfg.batch_size):
-            x = torch.stack([to_tensor(decode_uint8(image_bytes(s))) for s in batch]).to(device)
-            post = vae.encode(x).latent_dist  # mean, std: [B, C, H/8, W/8]
-            mean16 = post.mean.to(torch.float16).cpu()
-            std16 = post.std.to(torch.float16).cpu()
+    with ShardWriter(out_dir, f"{split}-r{rank:03d}-s{index:05d}", cfg.samples_per_shard) as writer:
+        for batch in _batches(iter_samples([in_path]), cfg.batch_size):
+            x = torch.stack([to_tensor(decode_uint8(image_bytes(s))) for s in batch]).to(device)  # [B, 3, H, W]
+            views = {"": x, "_flip": x.flip(-1)} if cfg.flip else {"": x}
+            stored = {}
+            for suffix, v in views.items():
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    post = vae.encode(v).latent_dist  # mean, std: [B, C, H/8, W/8]
+                stored[suffix] = (post.mean.to(torch.float16).cpu(), post.std.to(torch.float16).cpu())
+            mean16, std16 = stored[""]
             # Statistics of what is stored (float16), i.e. of what a loader will read.
             moments.update(mean16.float(), std16.float())
             shape = list(mean16.shape[1:])
-            for s, m, sd in zip(batch, mean16.numpy(), std16.numpy()):
+            for i, s in enumerate(batch):
                 meta = json.loads(s["json"]) if "json" in s else {"key": s["__key__"]}
                 meta["latent_shape"] = shape
-                out = {"__key__": s["__key__"], "mean.npy": npy_bytes(m), "std.npy": npy_bytes(sd),
-                       "json": json.dumps(meta, sort_keys=True).encode()}
+                out = {"__key__": s["__key__"], "json": json.dumps(meta, sort_keys=True).encode()}
+                for suffix, (m, sd) in stored.items():
+                    out[f"mean{suffix}.npy"] = npy_bytes(m[i].numpy())
+                    out[f"std{suffix}.npy"] = npy_bytes(sd[i].numpy())
                 for ext in ("txt", "cls"):
                     if ext in s:
                         out[ext] = s[ext]
                 writer.write(out)
-            bar.update(len(batch))
-    bar.close()
-    return writer.written, moments, shape, writer.total
-
-
-def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig) -> dict:
-    counts = _prepared_counts(prepared)
-    stats: dict = {"channels": vae.config.latent_channels, "splits": {}}
-    for split in SPLITS:
-        names, moments, shape, count = encode_split(vae, shard_paths(prepared / split), out / split, split, cfg,
-                                             total=counts.get(split, {}).get("samples"))
-        stats["latent_shape"] = shape or stats.get("latent_shape")
-        stats["splits"][split] = {"count": count, "shards": [f"{split}/{n}" for n in names]}
-        if split == "train":
-            summary = moments.summary()
-            stats.update({k: summary[k] for k in ("channel_mean", "channel_std", "mean", "std",
-                                                   "shift_factor", "scaling_factor")})
-    stats["vae_scaling_factor"] = vae.config.scaling_factor
-    stats["vae_shift_factor"] = vae.config.shift_factor
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
-
-
-def _prepared_counts(prepared: Path) -> dict:
-    path = prepared / "counts.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+            if bar is not None:
+                bar.update(len(batch))
+    return {"input": Path(in_path).name, "vae": fingerprint, "flip": cfg.flip, "outputs": writer.written,
+            "count": writer.total, "shape": shape, "moments": moments.state()}

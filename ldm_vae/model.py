@@ -56,6 +56,19 @@ class LatentMoments:
         self.sum_mean_sq += (m * m).sum(1)
         self.sum_var += (s * s).sum(1)
 
+    def state(self) -> dict:
+        """JSON-safe sums (float64 round-trips exactly through JSON's repr)."""
+        return {"n": self.n, "sum_mean": self.sum_mean.tolist(), "sum_mean_sq": self.sum_mean_sq.tolist(),
+                "sum_var": self.sum_var.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "LatentMoments":
+        m = cls(len(state["sum_mean"]))
+        m.n = state["n"]
+        for k in ("sum_mean", "sum_mean_sq", "sum_var"):
+            setattr(m, k, torch.tensor(state[k], dtype=torch.float64))
+        return m
+
     def merge(self, other: "LatentMoments") -> None:
         self.n += other.n
         self.sum_mean += other.sum_mean

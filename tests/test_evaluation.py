@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import make_params
 from ldm_vae.evaluation import run_evaluate
 from ldm_vae.export import load_vae
-from ldm_vae.latents import run_encode
+from ldm_vae.encoding import run_encode
 
 
 @pytest.fixture(scope="module")

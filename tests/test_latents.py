@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from conftest import make_params
+from ldm_vae.config import EncodeConfig
 from ldm_vae.data import image_bytes, to_tensor
 from ldm_vae.export import load_vae
 from ldm_vae.images import decode_uint8
-from ldm_vae.latents import npy_load, run_encode
+from ldm_vae.encoding import run_encode
+from ldm_vae.latents import npy_load
 from ldm_vae.shards import iter_samples, shard_paths
 
 
@@ -60,3 +62,110 @@ def test_stats_are_exact_over_train_split(encoded):
     assert abs(stats["std"] - np.sqrt(global_var)) < 1e-9
     assert abs(stats["scaling_factor"] - 1 / np.sqrt(global_var)) < 1e-6
     assert stats["channels"] == 4 and stats["latent_shape"] == [4, 4, 4]
+
+
+def latents_by_key(folder):
+    return {s["__key__"]: s for s in iter_samples(shard_paths(folder))}
+
+
+def test_two_process_encode_matches_one_process(pipeline_dir, encoded, tmp_path):
+    vae, one, stats1 = encoded
+    stats2 = run_encode(vae, pipeline_dir / "prepared", tmp_path, make_params().encode,
+                        vae_dir=pipeline_dir / "vae", num_processes=2)
+    for split in ("train", "val"):
+        a, b = latents_by_key(one / split), latents_by_key(tmp_path / split)
+        assert set(a) == set(b) and stats2["splits"][split]["count"] == len(a)
+        for k in a:
+            assert np.allclose(npy_load(a[k]["mean.npy"]).astype(np.float32),
+                               npy_load(b[k]["mean.npy"]).astype(np.float32), atol=2e-3, rtol=2e-3)
+    # Both ranks wrote their own shards (names carry the rank), merged into exact stats.
+    names = stats2["splits"]["train"]["shards"]
+    assert any("-r000-" in n for n in names) and any("-r001-" in n for n in names)
+    assert np.allclose(stats2["channel_std"], stats1["channel_std"], rtol=1e-3)
+
+
+KILLED = """
+import sys, os, time
+sys.path.insert(0, {root!r})
+import ldm_vae.latents as L
+from ldm_vae.config import EncodeConfig
+from ldm_vae.encoding import run_encode
+from ldm_vae.export import load_vae
+real = L.encode_shard
+def slow(*a, **k):
+    r = real(*a, **k)
+    time.sleep(3)  # the parent kills us during a pause after at least one finished input
+    return r
+import ldm_vae.encoding as E
+E.encode_shard = slow
+run_encode(load_vae({vae!r}), __import__('pathlib').Path({prepared!r}), __import__('pathlib').Path({out!r}),
+           EncodeConfig(batch_size=2, samples_per_shard=2))
+"""
+
+
+def test_killed_encode_resumes_with_every_key_once(pipeline_dir, encoded, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    vae, one, _ = encoded
+    out = tmp_path / "latents"
+    code = KILLED.format(root=str(ROOT), vae=str(pipeline_dir / "vae"), prepared=str(pipeline_dir / "prepared"),
+                         out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "train" / ".done").glob("*.json")):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in (out / "train" / ".done").glob("*.json")}
+    assert done_before, "the killed run finished no input shard"
+    (out / "train" / "train-r000-s99999-00000.tar").write_bytes(b"half a shard")  # junk a kill could leave
+
+    stats = run_encode(vae, pipeline_dir / "prepared", out, EncodeConfig(batch_size=2, samples_per_shard=2))
+    for split in ("train", "val"):
+        assert sorted(latents_by_key(out / split)) == sorted(latents_by_key(one / split))
+        assert stats["splits"][split]["count"] == len(latents_by_key(one / split))
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "train" / ".done").glob("*.json")}
+    assert all(kept[n] == t for n, t in done_before.items())  # finished inputs were not redone
+    assert not (out / "train" / "train-r000-s99999-00000.tar").exists()
+
+
+def test_new_vae_invalidates_old_shards_and_flip_is_stored(pipeline_dir, encoded, tmp_path):
+    vae, _, _ = encoded
+    cfg = EncodeConfig(flip=True)
+    run_encode(vae, pipeline_dir / "prepared", tmp_path, cfg)
+    sample = next(iter(latents_by_key(tmp_path / "val").values()))
+    mean, mean_flip = npy_load(sample["mean.npy"]), npy_load(sample["mean_flip.npy"])
+    assert mean_flip.shape == mean.shape and mean_flip.dtype == np.float16 and "std_flip.npy" in sample
+    ref = latents_by_key(pipeline_dir / "prepared" / "val")[sample["__key__"]]
+    with torch.inference_mode():
+        fresh = vae.encode(to_tensor(decode_uint8(image_bytes(ref))).flip(-1)[None]).latent_dist.mean[0]
+    assert np.allclose(mean_flip.astype(np.float32), fresh.numpy(), atol=2e-3, rtol=2e-3)
+
+    other = load_vae(pipeline_dir / "vae")
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(0.1)  # a different VAE (even if only its decoder differs)
+    before = set(p.name for p in (tmp_path / "val").glob("*.tar"))
+    run_encode(other, pipeline_dir / "prepared", tmp_path, cfg)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "val" / ".done").glob("*.json")]
+    from ldm_vae.latents import vae_fingerprint
+
+    assert records and all(r["vae"] == vae_fingerprint(other) for r in records)
+    assert set(p.name for p in (tmp_path / "val").glob("*.tar")) == before  # same names, rewritten
+
+
+def test_coverage_check_names_gaps_and_duplicates(pipeline_dir, encoded):
+    from ldm_vae.encoding import CoverageError, check_coverage
+
+    _, one, _ = encoded
+    inputs = shard_paths(pipeline_dir / "prepared" / "train")
+    outputs = shard_paths(one / "train")
+    check_coverage(inputs, outputs, "train")
+    with pytest.raises(CoverageError, match="prepared samples without a latent"):
+        check_coverage(inputs, outputs[1:], "train")
+    with pytest.raises(CoverageError, match="1 encoded more than once|encoded more than once"):
+        check_coverage(inputs, outputs + outputs[:1], "train")

@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_params
 from ldm_vae.export import load_vae
-from ldm_vae.latents import run_encode
+from ldm_vae.encoding import run_encode
 from ldm_vae.loader import latent_dataset, latent_loader
 
 

@@ -1,0 +1,175 @@
+"""The encode stage: every prepared sample encoded exactly once, by one or many processes.
+
+Work is planned per input shard. Rank r of W processes takes the split's input shards r, r+W,
+r+2W, ... and writes ``<split>-r<rank>-s<input>-<n>.tar`` (its own names: no two processes ever
+write one file). Each finished input shard leaves a done-record (``.done/s<input>.json``: output
+shards, count, exact moments, the VAE's fingerprint, the input's identity), written after its
+outputs are renamed into place. The outputs persist between runs, so a killed encode run again
+keeps every recorded input and redoes only the rest; anything unrecorded (a half-written shard,
+a shard of another VAE or of other prepared data) is deleted first. At the end a coverage check
+compares the keys of the latent shards with the prepared shards and fails on any gap or
+duplicate, and stats.json is merged exactly from the records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from tqdm import tqdm
+
+from .config import EncodeConfig
+from .latents import DONE, SPLITS, encode_shard, vae_fingerprint
+from .model import LatentMoments
+from .shards import shard_paths
+
+
+class CoverageError(RuntimeError):
+    pass
+
+
+def resolve_processes(setting: str) -> int:
+    """``auto``: one process per visible GPU, one on a CPU-only machine; else the number given."""
+    if setting == "auto":
+        return max(1, torch.cuda.device_count())
+    return int(setting)
+
+
+def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig, vae_dir: Path | None = None,
+               num_processes: int = 1) -> dict:
+    """Encode what is not yet encoded, check coverage, write and return stats.json."""
+    if cfg.dtype == "bf16" and next(vae.parameters()).device.type != "cuda":
+        raise ValueError("encode.dtype: 'bf16': needs a GPU (bf16 autocast); use fp32 on a CPU")
+    fingerprint = vae_fingerprint(vae)
+    todo: dict[str, list[tuple[int, str]]] = {}
+    for split in SPLITS:
+        inputs = shard_paths(prepared / split)
+        done = _valid_records(out / split, inputs, fingerprint, cfg.flip)
+        _remove_unrecorded(out / split, done)
+        todo[split] = [(i, p) for i, p in enumerate(inputs) if i not in done]
+    if any(todo.values()):
+        if num_processes <= 1:
+            _work(vae, out, cfg, todo, 0, 1, fingerprint)
+        else:
+            if vae_dir is None:
+                raise ValueError("several encode processes load the VAE from disk: pass vae_dir")
+            torch.multiprocessing.spawn(_spawned, args=(num_processes, str(vae_dir), str(out),
+                                                        dataclasses.asdict(cfg), todo, fingerprint),
+                                        nprocs=num_processes, join=True)
+    stats = {"channels": vae.config.latent_channels, "splits": {}, "vae_fingerprint": fingerprint}
+    for split in SPLITS:
+        inputs = shard_paths(prepared / split)
+        records = _valid_records(out / split, inputs, fingerprint, cfg.flip)
+        check_coverage(inputs, [str(out / split / n) for r in records.values() for n in r["outputs"]], split)
+        stats["splits"][split] = {
+            "count": sum(r["count"] for r in records.values()),
+            "shards": sorted(f"{split}/{n}" for r in records.values() for n in r["outputs"]),
+        }
+        shapes = [r["shape"] for r in records.values() if r["shape"]]
+        stats["latent_shape"] = shapes[0] if shapes else stats.get("latent_shape")
+        if split == "train":
+            moments = LatentMoments(vae.config.latent_channels)
+            for r in records.values():
+                moments.merge(LatentMoments.from_state(r["moments"]))
+            summary = moments.summary()
+            stats.update({k: summary[k] for k in ("channel_mean", "channel_std", "mean", "std",
+                                                   "shift_factor", "scaling_factor")})
+    stats["vae_scaling_factor"] = vae.config.scaling_factor
+    stats["vae_shift_factor"] = vae.config.shift_factor
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def _spawned(rank: int, world: int, vae_dir: str, out: str, cfg: dict, todo: dict, fingerprint: str) -> None:
+    from .export import load_vae
+
+    if torch.cuda.is_available():
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+    else:
+        device = "cpu"
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # share the cores, not oversubscribe
+    vae = load_vae(Path(vae_dir), device)
+    if vae_fingerprint(vae) != fingerprint:
+        raise RuntimeError(f"rank {rank}: {vae_dir} changed while encoding")
+    _work(vae, Path(out), EncodeConfig(**cfg), todo, rank, world, fingerprint)
+
+
+def _work(vae, out: Path, cfg: EncodeConfig, todo: dict, rank: int, world: int, fingerprint: str) -> None:
+    mine = [(split, i, p) for split in SPLITS for i, p in todo[split] if i % world == rank]
+    bar = tqdm(total=None, desc=f"encode r{rank}", unit="img", position=rank, dynamic_ncols=True, mininterval=1.0)
+    for split, i, path in mine:
+        record = encode_shard(vae, path, out / split, split, i, cfg, rank, fingerprint, bar)
+        _stamp(out / split / DONE / f"s{i:05d}.json", record, path)
+    bar.close()
+
+
+def _stamp(record_path: Path, record: dict, input_path: str) -> None:
+    # The input's identity (size, mtime): a re-prepared shard with the same name is re-encoded.
+    st = os.stat(input_path)
+    record["input_id"] = [st.st_size, st.st_mtime_ns]
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record_path.with_name(record_path.name + ".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, record_path)
+
+
+def _valid_records(out_dir: Path, inputs: list[str], fingerprint: str, flip: bool) -> dict[int, dict]:
+    """Done-records that still describe this VAE, these inputs and complete output files."""
+    valid = {}
+    for i, path in enumerate(inputs):
+        rec_path = out_dir / DONE / f"s{i:05d}.json"
+        try:
+            rec = json.loads(rec_path.read_text())
+        except (OSError, ValueError):
+            continue
+        st = os.stat(path)
+        if (rec.get("vae") == fingerprint and rec.get("flip") == flip and rec.get("input") == Path(path).name
+                and rec.get("input_id") == [st.st_size, st.st_mtime_ns]
+                and all((out_dir / n).is_file() for n in rec["outputs"])):
+            valid[i] = rec
+    return valid
+
+
+def _remove_unrecorded(out_dir: Path, done: dict[int, dict]) -> None:
+    keep = {n for r in done.values() for n in r["outputs"]}
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            if p.is_file() and p.name not in keep:
+                p.unlink()  # a partial or stale shard, a .tmp
+    if (out_dir / DONE).is_dir():
+        for p in (out_dir / DONE).iterdir():
+            if p.name not in {f"s{i:05d}.json" for i in done}:
+                p.unlink()
+
+
+def shard_keys(path: str) -> list[str]:
+    """The sample keys of a webdataset tar, from member names only (nothing is decoded)."""
+    with tarfile.open(path) as tar:
+        names = [m.name for m in tar.getmembers() if m.isfile()]
+    keys, last = [], None
+    for name in names:  # members of one sample are consecutive: key.ext1, key.ext2, ...
+        key = name.split("/")[-1].split(".", 1)[0]
+        if key != last:
+            keys.append(key)
+            last = key
+    return keys
+
+
+def check_coverage(inputs: list[str], outputs: list[str], split: str) -> None:
+    """Fail loudly unless the latent keys are exactly the prepared keys, each once."""
+    want = Counter(k for p in inputs for k in shard_keys(p))
+    got = Counter(k for p in outputs for k in shard_keys(p))
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    twice = sorted(k for k, n in got.items() if n > 1)
+    if missing or extra or twice:
+        raise CoverageError(
+            f"encode coverage check failed for {split}: {len(missing)} prepared samples without a latent "
+            f"{missing[:5]}, {len(twice)} encoded more than once {twice[:5]}, {len(extra)} unknown {extra[:5]}"
+        )
