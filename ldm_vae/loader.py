@@ -7,7 +7,10 @@
         z = batch["latent"]          # [B, C, h, w], normalised to ~N(0, 1)
         captions, labels = batch["caption"], batch["label"]
 
-Shards are split across nodes (torch.distributed ranks) and dataloader workers. Each sample is
+Shards are split across nodes (torch.distributed ranks, or the RANK / WORLD_SIZE environment)
+and dataloader workers; a worker or node left without a shard simply yields nothing (no error),
+so an epoch is every sample exactly once whatever the counts. ``resampled=True`` instead draws
+shards at random forever (each rank and worker with its own seed): for step-based training. Each sample is
 drawn from the stored posterior (mean + std * eps) or taken at its mean, and normalised with the
 per-channel statistics of stats.json, the VAE config's scaling/shift factors, or not at all.
 """
@@ -42,7 +45,8 @@ def _expand(shards) -> list[str]:
     return out
 
 
-def _normalizer(normalize: str, stats, vae_config):
+def _normalizer(normalize: str, stats, vae_config, inverse: bool = False):
+    """z -> normalised z (or, with ``inverse``, back to the raw latent the VAE decodes)."""
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize={normalize!r}: allowed: {', '.join(NORMALIZE)}")
     if normalize == "none":
@@ -53,6 +57,8 @@ def _normalizer(normalize: str, stats, vae_config):
         st = json.loads(Path(stats).read_text()) if isinstance(stats, (str, Path)) else stats
         mean = torch.tensor(st["channel_mean"], dtype=torch.float32)[:, None, None]  # [C, 1, 1]
         std = torch.tensor(st["channel_std"], dtype=torch.float32)[:, None, None]
+        if inverse:
+            return lambda z: z * std.to(z.device) + mean.to(z.device)
         return lambda z: (z - mean) / std
     if vae_config is None:
         raise ValueError("normalize='vae' needs vae_config= (the VAE's config dict or folder)")
@@ -60,6 +66,8 @@ def _normalizer(normalize: str, stats, vae_config):
     if isinstance(cfg, (str, Path)):
         cfg = json.loads((Path(cfg) / "config.json").read_text())
     shift, scale = cfg.get("shift_factor") or 0.0, cfg["scaling_factor"]
+    if inverse:
+        return lambda z: z / scale + shift
     return lambda z: (z - shift) * scale
 
 
@@ -104,3 +112,16 @@ def latent_loader(shards, batch_size: int, num_workers: int = 2, **kwargs) -> to
         latent_dataset(shards, **kwargs), batch_size=batch_size, num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
+
+
+@torch.no_grad()
+def decode_latents(vae, z: torch.Tensor, normalize: str = "channel", stats=None) -> torch.Tensor:
+    """Normalised latents [B, C, h, w] (as the loader gave them) -> images [B, 3, 8h, 8w] in [0, 1].
+
+    ``normalize`` and ``stats`` must be what the loader used; ``vae`` is the exported
+    ``AutoencoderKL`` (its config provides the factors for ``normalize="vae"``).
+    """
+    raw = _normalizer(normalize, stats, dict(vae.config), inverse=True)(z)
+    param = next(vae.parameters())
+    images = vae.decode(raw.to(param.device, param.dtype)).sample
+    return ((images.float().clamp(-1, 1) + 1) / 2).cpu()

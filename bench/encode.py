@@ -1,0 +1,75 @@
+"""Encode throughput: the encode stage against a naive loop, in one run, on the same images.
+
+    python bench/encode.py [--vae data/vae] [--prepared data/prepared] [--images 1000]
+
+Naive loop (what a first script does): decode one image with PIL, ``vae.encode`` it alone,
+``np.save`` its mean and std to two .npy files. The stage: batched decode of the prepared
+shards, one ``vae.encode`` per batch under ``torch.inference_mode()``, float16 tar shards, done
+records and the coverage check. Both read the same prepared images and use the same threads.
+"""
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ldm_vae.config import EncodeConfig  # noqa: E402
+from ldm_vae.data import image_bytes  # noqa: E402
+from ldm_vae.encoding import run_encode  # noqa: E402
+from ldm_vae.export import load_vae  # noqa: E402
+from ldm_vae.shards import ShardWriter, iter_samples, shard_paths  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vae", type=Path, default=ROOT / "data/vae")
+    ap.add_argument("--prepared", type=Path, default=ROOT / "data/prepared")
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vae = load_vae(args.vae, device)
+    samples = [s for _, s in zip(range(args.images), iter_samples(shard_paths(args.prepared / "train")))]
+    n = len(samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # The same images as a one-split prepared folder for the stage, and as PNG files for the loop.
+        with ShardWriter(tmp / "prepared" / "train", "train", 1000) as w:
+            for s in samples:
+                w.write(s)
+        (tmp / "prepared" / "val").mkdir()
+        (tmp / "files").mkdir()
+        for s in samples:
+            (tmp / "files" / f"{s['__key__']}.png").write_bytes(image_bytes(s))
+
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for path in sorted((tmp / "files").iterdir()):
+                x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+                post = vae.encode(x[None].to(device)).latent_dist
+                np.save(tmp / "files" / f"{path.stem}.mean.npy", post.mean[0].cpu().numpy())
+                np.save(tmp / "files" / f"{path.stem}.std.npy", post.std[0].cpu().numpy())
+        naive = n / (time.perf_counter() - t)
+
+        t = time.perf_counter()
+        stats = run_encode(vae, tmp / "prepared", tmp / "latents", EncodeConfig(batch_size=args.batch_size))
+        stage = n / (time.perf_counter() - t)
+        assert stats["splits"]["train"]["count"] == n
+    shape = "x".join(map(str, samples and np.array(Image.open(io.BytesIO(image_bytes(samples[0])))).shape[:2]))
+    print(f"{n} images {shape} px, VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M params, {device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"naive loop : {naive:8.1f} images/s")
+    print(f"encode stage: {stage:8.1f} images/s  ({stage / naive:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
