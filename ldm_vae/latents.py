@@ -70,6 +70,7 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
     with ShardWriter(out_dir, f"{split}-r{rank:03d}-s{index:05d}", cfg.samples_per_shard) as writer:
         for batch in _batches(iter_samples([in_path]), cfg.batch_size):
             x = torch.stack([to_tensor(decode_uint8(image_bytes(s))) for s in batch]).to(device)  # [B, 3, H, W]
+            x = x.contiguous(memory_format=torch.channels_last)
             views = {"": x, "_flip": x.flip(-1)} if cfg.flip else {"": x}
             stored = {}
             for suffix, v in views.items():

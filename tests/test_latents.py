@@ -169,3 +169,22 @@ def test_coverage_check_names_gaps_and_duplicates(pipeline_dir, encoded):
         check_coverage(inputs, outputs[1:], "train")
     with pytest.raises(CoverageError, match="1 encoded more than once|encoded more than once"):
         check_coverage(inputs, outputs + outputs[:1], "train")
+
+
+def test_shard_keys_reads_ustar_pax_and_long_names(tmp_path):
+    import io
+    import tarfile
+
+    from ldm_vae.encoding import shard_keys
+
+    long_key = "k" * 150  # longer than ustar's 100-byte name field
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        keys = ["a", "b"] if fmt == tarfile.USTAR_FORMAT else ["a", long_key, "b"]
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for k in keys:
+                for ext in ("npy", "json"):
+                    info = tarfile.TarInfo(f"{k}.{ext}")
+                    info.size = 700  # data longer than one block: the reader must skip it right
+                    tar.addfile(info, io.BytesIO(b"x" * 700))
+        assert shard_keys(str(path)) == keys
