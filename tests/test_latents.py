@@ -188,3 +188,14 @@ def test_shard_keys_reads_ustar_pax_and_long_names(tmp_path):
                     info.size = 700  # data longer than one block: the reader must skip it right
                     tar.addfile(info, io.BytesIO(b"x" * 700))
         assert shard_keys(str(path)) == keys
+
+
+@pytest.mark.parametrize("arr", [np.random.default_rng(0).random((4, 8, 8)).astype(np.float16),
+                                 np.asfortranarray(np.random.default_rng(1).random((3, 5))),
+                                 np.arange(7), np.zeros((0, 3), np.float16)])
+def test_npy_load_round_trips_with_its_header_cache(arr):
+    from ldm_vae.latents import npy_bytes
+
+    for _ in range(2):  # the second read takes the cached-header path
+        back = npy_load(npy_bytes(arr))
+        assert back.dtype == arr.dtype and back.shape == arr.shape and np.array_equal(back, arr)
