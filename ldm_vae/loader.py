@@ -86,7 +86,7 @@ def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, 
         z = mean
         if sample_posterior:
             std = torch.from_numpy(npy_load(sample[f"std{suffix}.npy"]).astype(np.float32))
-            z = mean + std * torch.randn_like(std)
+            z = torch.addcmul(mean, std, torch.randn_like(std))  # mean + std * eps, one pass
         return {
             "latent": norm(z),
             "key": sample["__key__"],
