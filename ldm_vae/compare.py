@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 from pathlib import Path
+
+from .viz import pyplot, save_figure
 
 COLUMNS = ["run", "latent_channels", "compression_ratio", "psnr", "ssim", "psnr_fp32", "psnr_bicubic",
            "lpips", "rfid", "collapsed_channels", "num_images"]
@@ -74,10 +75,7 @@ def write_report(rows: list[dict], out: Path) -> None:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [m for m in ("psnr", "ssim", "lpips", "rfid") if any(m in r for r in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
@@ -98,10 +96,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.set(xlabel="latent channels (compression)", title=m.upper() + (" (lower is better)" if pick is min else ""))
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _fmt(v):

@@ -73,7 +73,10 @@ def _keep(cfg: DataConfig, item, images: Path, existing: dict[str, Path], by_sha
     by_sha[sha] = item.key
     path = images / f"{item.key}{image_ext(item.data)}"
     old = existing.get(item.key)
-    if old != path or path.stat().st_size != len(item.data) or path.read_bytes() != item.data:
+    # Rewrite unless the file under this name already holds these bytes (bytes read back from it
+    # by a resumed source are not compared with themselves).
+    if old != path or (item.kept_file != path and (path.stat().st_size != len(item.data)
+                                                   or path.read_bytes() != item.data)):
         _write_atomic(path, item.data)
     row = {"key": item.key, "sha256": sha, "width": img.width, "height": img.height,
            "source": item.source, "file": f"images/{path.name}"}

@@ -9,11 +9,12 @@ collapsed one about zero.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .viz import pyplot, save_figure
 
 # A channel whose mean KL per latent element is below this (nats) carries essentially nothing:
 # its posterior is within ~0.3 std of N(0, 1) on average. Used channels of a trained VAE cost
@@ -73,10 +74,7 @@ def write_health(rows: list[dict], out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ch = [r["channel"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -92,7 +90,4 @@ def write_health(rows: list[dict], out: Path) -> None:
     for ax in (ax1, ax2):
         ax.set_xticks(ch)
     fig.tight_layout()
-    tmp = out / "latent_health.png.tmp"
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, out / "latent_health.png")
+    save_figure(fig, out / "latent_health.png")

@@ -49,6 +49,7 @@ class SourceItem:
     error: str | None = None  # set when the item was found but could not be read
     caption: str | None = None
     label: int | str | None = None
+    kept_file: Path | None = None  # set when ``data`` was read back from download's own earlier output
 
 
 def iter_source(cfg, done: Callable[[str], Path | None] = lambda key: None) -> Iterator[SourceItem]:

@@ -13,6 +13,7 @@ interrupted run) is read from disk instead of fetched again.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import csv
 import hashlib
@@ -90,18 +91,18 @@ def iter_urls(cfg, done: Callable[[str], Path | None]) -> Iterator[SourceItem]:
     seen: set[str] = set()
     window = cfg.download_workers * 4  # fetches in flight or finished but not yet taken
     with cf.ThreadPoolExecutor(cfg.download_workers, thread_name_prefix="fetch") as pool:
-        pending: list[tuple[UrlRow, cf.Future | None, str | None]] = []
+        pending: collections.deque[tuple[UrlRow, cf.Future | None, str | None, Path | None]] = collections.deque()
 
         def submit(row: UrlRow) -> None:
             if row.key in seen:
-                pending.append((row, None, f"duplicate_url: key {row.key} appears earlier in the list"))
+                pending.append((row, None, f"duplicate_url: key {row.key} appears earlier in the list", None))
                 return
             seen.add(row.key)
             kept = done(row.key)
             if kept is not None:
-                pending.append((row, pool.submit(kept.read_bytes), None))
+                pending.append((row, pool.submit(kept.read_bytes), None, kept))
             else:
-                pending.append((row, pool.submit(fetcher.fetch, row.url), None))
+                pending.append((row, pool.submit(fetcher.fetch, row.url), None, None))
 
         it = iter(rows)
         for row in it:
@@ -109,8 +110,10 @@ def iter_urls(cfg, done: Callable[[str], Path | None]) -> Iterator[SourceItem]:
             if len(pending) >= window:
                 break
         while pending:
-            row, future, error = pending.pop(0)
-            yield _item(row, future, error)
+            row, future, error, kept = pending.popleft()
+            item = _item(row, future, error)
+            item.kept_file = kept
+            yield item
             nxt = next(it, None)
             if nxt is not None:
                 submit(nxt)
@@ -165,8 +168,7 @@ class Fetcher:
                 return self._get(url)
             except FetchError as e:
                 last = e
-                if e.reason not in ("timeout", "connection_error") and not e.reason.startswith("http_5") \
-                        and e.reason != "http_429":
+                if not _retryable(e.reason):
                     raise
             except requests.exceptions.Timeout as e:
                 last = FetchError("timeout", f"{type(e).__name__} after {attempt + 1} tries")
@@ -195,6 +197,14 @@ class Fetcher:
             if declared and len(body) < declared:
                 raise FetchError("connection_error", f"body cut short: {len(body)} of {declared} bytes")
             return bytes(body)
+
+
+def _retryable(reason: str) -> bool:
+    """Timeouts, dropped connections, 429 and 5xx are worth another try; 404 and other 4xx are not."""
+    if reason in ("timeout", "connection_error"):
+        return True
+    code = reason.removeprefix("http_")
+    return code.isdigit() and (int(code) in RETRY_STATUS or int(code) >= 500)
 
 
 def _opt(value) -> str | None:

@@ -29,3 +29,22 @@ def save_grid(rows: list[torch.Tensor], path: Path, unit: bool = False, pad: int
     tmp = path.with_name(path.name + ".tmp")
     Image.fromarray(grid).save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (stages run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure as PNG under a temporary name, then rename; close it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    pyplot().close(fig)
+    os.replace(tmp, path)
