@@ -100,6 +100,13 @@ class ModelConfig:
     # posterior at std 1, which drowns a freshly initialised encoder's mean in noise; a negative
     # value starts with a usable signal and lets the KL term raise the variance where it can.
     logvar_init: float = 0.0
+    # Start from an existing diffusers AutoencoderKL: a local folder (or its `vae` sub-folder) or,
+    # online, a hub id, optionally with a sub-folder: "stabilityai/stable-diffusion-2-1/vae".
+    # The architecture keys above must match its config (checked before any work).
+    init_from: str = ""
+    # With init_from and another latent_channels than the checkpoint's: re-initialise the layers
+    # that touch the latent (encoder.conv_out, quant_conv, post_quant_conv, decoder.conv_in).
+    reinit_latent_layers: bool = False
 
     def check(self) -> None:
         _at_least("model.latent_channels", self.latent_channels, 1)
@@ -122,11 +129,33 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LossConfig:
     rec_loss: str = "l1"  # l1 | l2 | log_l2 (mean per-image log MSE: what mean PSNR measures)
+    # Relative to the per-image SUM of the reconstruction loss, as in LDM's configs (SD: 1e-6);
+    # see losses.py for how the two are scaled.
     kl_weight: float = 1e-6
+    kl_anneal_steps: int = 0  # ramp the KL weight linearly from 0 over this many steps (0: off)
+    perceptual_weight: float = 0.0  # LPIPS-VGG weight (LDM: 1.0); needs the LPIPS weights (lpips.py)
+    learn_logvar: bool = False  # learn the output log-variance s of nll = rec / exp(s) + s
+    logvar_init: float = 0.0
+    # PatchGAN discriminator: its weight times the adaptive weight; 0 = no discriminator at all.
+    disc_weight: float = 0.0
+    disc_start: int = 50001  # optimizer step at which the discriminator starts (LDM's kl-f8 config)
+    disc_loss: str = "hinge"  # hinge | vanilla
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_lr: float = 0.0  # 0: the same as train.lr
 
     def check(self) -> None:
         _allowed("loss.rec_loss", self.rec_loss, ("l1", "l2", "log_l2"))
         _at_least("loss.kl_weight", self.kl_weight, 0.0)
+        _at_least("loss.kl_anneal_steps", self.kl_anneal_steps, 0)
+        _at_least("loss.perceptual_weight", self.perceptual_weight, 0.0)
+        _in_range("loss.logvar_init", self.logvar_init, -20.0, 20.0)
+        _at_least("loss.disc_weight", self.disc_weight, 0.0)
+        _at_least("loss.disc_start", self.disc_start, 0)
+        _allowed("loss.disc_loss", self.disc_loss, ("hinge", "vanilla"))
+        _in_range("loss.disc_layers", self.disc_layers, 1, 6)
+        _at_least("loss.disc_channels", self.disc_channels, 1)
+        _in_range("loss.disc_lr", self.disc_lr, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -155,7 +184,12 @@ class TrainConfig:
     val_every: int = 250
     sample_every: int = 250
     num_workers: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
+    # Processes (accelerate, one per GPU) the stage launches: auto = every visible GPU, or the CPU
+    # when there is none; a number (on a CPU, >1 runs gloo DDP: for tests). batch_size is per process.
+    num_processes: str = "auto"
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    max_bad_steps: int = 5  # non-finite steps in a row (each skipped) before training stops
+    mixed_precision: str = "no"  # no | bf16 | fp16: autocast; the trained weights stay float32
     scale_samples: int = 512  # train samples encoded to measure scaling/shift factors
     seed: int = 0
 
@@ -175,6 +209,9 @@ class TrainConfig:
         for key in ("checkpoint_every", "log_every", "val_every", "sample_every", "scale_samples"):
             _at_least(f"train.{key}", getattr(self, key), 1)
         _at_least("train.num_workers", self.num_workers, 0)
+        _check_processes("train.num_processes", self.num_processes)
+        _at_least("train.grad_accum_steps", self.grad_accum_steps, 1)
+        _at_least("train.max_bad_steps", self.max_bad_steps, 1)
         _allowed("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
 
 
@@ -189,8 +226,7 @@ class EncodeConfig:
     def check(self) -> None:
         _at_least("encode.batch_size", self.batch_size, 1)
         _at_least("encode.samples_per_shard", self.samples_per_shard, 1)
-        if self.num_processes != "auto" and not (self.num_processes.isdigit() and int(self.num_processes) >= 1):
-            raise ParamError(f"encode.num_processes: {self.num_processes!r}: must be auto or a number >= 1")
+        _check_processes("encode.num_processes", self.num_processes)
         _allowed("encode.dtype", self.dtype, ("fp32", "bf16"))
 
 
@@ -297,6 +333,11 @@ def _coerce(key: str, value, hint):
             return tuple(value)
         raise ParamError(f"{key}: {value!r}: expected a non-empty list of integers")
     raise ParamError(f"{key}: {value!r}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+
+
+def _check_processes(key: str, value: str) -> None:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise ParamError(f"{key}: {value!r}: must be auto or a number >= 1")
 
 
 def _allowed(key: str, value, allowed, shown=None) -> None:

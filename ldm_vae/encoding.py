@@ -33,13 +33,6 @@ class CoverageError(RuntimeError):
     pass
 
 
-def resolve_processes(setting: str) -> int:
-    """``auto``: one process per visible GPU, one on a CPU-only machine; else the number given."""
-    if setting == "auto":
-        return max(1, torch.cuda.device_count())
-    return int(setting)
-
-
 def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig, vae_dir: Path | None = None,
                num_processes: int = 1) -> dict:
     """Encode what is not yet encoded, check coverage, write and return stats.json."""

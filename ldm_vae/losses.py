@@ -1,19 +1,35 @@
-"""Training objective. Following LDM, losses return ``(loss, logs)`` with ``train/...`` keys.
+"""The LDM autoencoder objective. Following LDM, losses return ``(loss, logs)`` with ``train/...`` keys.
 
-This is the reconstruction + KL part of the LDM autoencoder loss. The perceptual and adversarial
-terms are a separate piece (a later issue) so that this one stays usable without pretrained nets.
+Generator (autoencoder) loss, per LDM's ``LPIPSWithDiscriminator``::
+
+    nll  = (|x - x̂| or (x - x̂)² + perceptual_weight * LPIPS(x, x̂)) / exp(s) + s    per pixel
+    loss = nll + kl_weight * w_kl(step) * KL(q(z|x) || N(0, I)) + d_weight * adv(step) * (-D(x̂))
+
+Scale: LDM sums the nll over the pixels of an image and the KL over its latent elements. Here the
+nll is a per-pixel mean and the KL sum is divided by the same pixel count (3 H W), which is LDM's
+loss divided by a constant: ``loss.kl_weight`` means exactly what it means in LDM's configs (SD:
+1e-6) while the loss keeps a resolution-free size for gradient clipping and the learning rate.
+
+- ``s`` is the learned output log-variance (``loss.learn_logvar``). LDM declares it but leaves it
+  out of the optimizer, so it never moves; here it is a parameter of the trained module
+  (model.TrainedAutoencoder), so it is in the autoencoder's optimizer, synced by DDP and checkpointed.
+- ``d_weight`` is the adaptive weight: ||∇ nll|| / ||∇ adv|| at the decoder's last layer, clamped
+  to [0, 1e4], detached, times ``loss.disc_weight``; ``adv(step)`` is 0 before ``loss.disc_start``.
+- The perceptual net is frozen but not under ``no_grad``: its gradient reaches the decoder.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .config import LossConfig
-
+from .discriminator import PatchDiscriminator, discriminator_loss, generator_adv_loss
 
 # Floor of the per-image MSE in the log_l2 loss (in [-1, 1] units: 46 dB PSNR on [0, 1]), so a
 # near-perfect image cannot take an unbounded share of the gradient.
 LOG_L2_EPS = 1e-4
+MAX_ADAPTIVE_WEIGHT = 1e4  # LDM's clamp: a vanishing adversarial gradient must not explode the weight
 
 
 def reconstruction_loss(kind: str, rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -39,24 +55,82 @@ def kl_to_prior(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1).mean()
 
 
-class VAELoss:
-    """L1 or L2 reconstruction + kl_weight * KL, both as in the LDM config.
+def adaptive_weight(nll: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """||∇_w nll|| / (||∇_w adv|| + 1e-4) at the decoder's last weight ``w``, clamped and detached.
 
-    The KL is summed over latent elements per image (as LDM does), the reconstruction is a
-    per-pixel mean: with SD's kl_weight of 1e-6 this keeps the KL a gentle regulariser.
+    Balances the adversarial term against the reconstruction at the one place both act on the
+    image directly. ``retain_graph``: the graph is needed again for the real backward.
+    """
+    g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv, last_layer, retain_graph=True)[0]
+    return (g_nll.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, MAX_ADAPTIVE_WEIGHT).detach()
+
+
+class VAELoss(nn.Module):
+    """The generator loss and the discriminator loss of one training step.
+
+    Holds the frozen perceptual net (never trained, never checkpointed: it is published weights).
     """
 
-    def __init__(self, cfg: LossConfig):
+    def __init__(self, cfg: LossConfig, perceptual: nn.Module | None = None):
+        super().__init__()
         self.cfg = cfg
+        if cfg.perceptual_weight > 0 and perceptual is None:
+            raise ValueError("loss.perceptual_weight > 0 needs the LPIPS net (ldm_vae.lpips.load_lpips)")
+        self.perceptual = perceptual.requires_grad_(False).eval() if perceptual is not None else None
 
-    def __call__(self, rec, target, mean, logvar) -> tuple[torch.Tensor, dict[str, float]]:
+    def kl_scale(self, step: int) -> float:
+        """kl_weight, ramped linearly from 0 over loss.kl_anneal_steps (KL annealing)."""
+        ramp = min(1.0, step / self.cfg.kl_anneal_steps) if self.cfg.kl_anneal_steps else 1.0
+        return self.cfg.kl_weight * ramp
+
+    def adversarial_on(self, step: int) -> bool:
+        return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
+
+    def forward(self, rec, target, mean, logvar, output_logvar: torch.Tensor | None = None, step: int = 0,
+                disc: nn.Module | None = None, last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Generator loss. ``output_logvar`` is s (a 0-d tensor; None: 0); ``disc`` the discriminator
+        to fool (its parameters frozen by the caller for this pass); ``last_layer`` the decoder's
+        last weight, for the adaptive weight."""
+        # rec, target: [B, 3, H, W] in [-1, 1]; mean, logvar: [B, C, h, w]
+        s = output_logvar if output_logvar is not None else rec.new_zeros((), dtype=torch.float32)
         rec_loss = reconstruction_loss(self.cfg.rec_loss, rec, target)
+        logs = {f"train/rec_{self.cfg.rec_loss}": rec_loss.detach()}
+        if self.perceptual is not None:
+            p_loss = self.perceptual(rec, target).mean()  # LPIPS per image [B] -> scalar
+            rec_loss = rec_loss + self.cfg.perceptual_weight * p_loss
+            logs["train/lpips"] = p_loss.detach()
+        nll = rec_loss / s.exp() + s
         kl = kl_to_prior(mean, logvar)
-        loss = rec_loss + self.cfg.kl_weight * kl
-        logs = {
+        pixels = target[0].numel()  # 3 H W: LDM's per-image sums, divided through (module docstring)
+        loss = nll + self.kl_scale(step) * kl / pixels
+        if disc is not None and self.adversarial_on(step):
+            adv = generator_adv_loss(disc(rec))
+            d_weight = adaptive_weight(nll, adv, last_layer) * self.cfg.disc_weight
+            loss = loss + d_weight * adv
+            logs.update({"train/g_adv": adv.detach(), "train/d_weight": d_weight})
+        logs.update({
             "train/loss": loss.detach(),
-            f"train/rec_{self.cfg.rec_loss}": rec_loss.detach(),
+            "train/nll": nll.detach(),
             "train/kl": kl.detach(),
+            "train/output_logvar": s.detach().float(),
             "train/posterior_std": logvar.detach().float().mul(0.5).exp().mean(),
-        }
+        })
         return loss, logs
+
+    def discriminator_loss(self, disc: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The discriminator's loss on real images and DETACHED reconstructions."""
+        # real, fake: [B, 3, H, W]. Two passes, as LDM and taming do: each BatchNorm batch is all
+        # real or all fake (the usual GAN advice).
+        logits_real = disc(real.detach()).float()  # [B, 1, h, w]
+        logits_fake = disc(fake.detach()).float()
+        d_loss = discriminator_loss(self.cfg.disc_loss, logits_real, logits_fake)
+        return d_loss, {"train/d_loss": d_loss.detach(), "train/logits_real": logits_real.detach().mean(),
+                        "train/logits_fake": logits_fake.detach().mean()}
+
+
+def build_discriminator(cfg: LossConfig) -> PatchDiscriminator | None:
+    """The PatchGAN when the adversarial term is on (loss.disc_weight > 0), else None."""
+    if cfg.disc_weight <= 0:
+        return None
+    return PatchDiscriminator(channels=cfg.disc_channels, layers=cfg.disc_layers)

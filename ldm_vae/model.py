@@ -3,15 +3,83 @@ latent scale measured on data that makes it usable by a diffusion model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
+from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, ParamError
 
 DOWNSAMPLING = 8  # 4 blocks, 3 stride-2 downsamplings: the SD "kl-f8" family
+# The layers whose shape depends on latent_channels: what reinit_latent_layers starts afresh.
+LATENT_LAYERS = ("encoder.conv_out.", "quant_conv.", "post_quant_conv.", "decoder.conv_in.")
 
 
 def build_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
+    """A fresh autoencoder from params or, with ``model.init_from``, one holding those weights."""
+    vae = _fresh_vae(cfg, sample_size)
+    if cfg.init_from:
+        where = pretrained_location(cfg.init_from)
+        check_pretrained(cfg, AutoencoderKL.load_config(where[0], subfolder=where[1]))
+        state = AutoencoderKL.from_pretrained(where[0], subfolder=where[1]).state_dict()
+        if cfg.reinit_latent_layers:
+            state = {k: v for k, v in state.items() if not k.startswith(LATENT_LAYERS)}
+        missing, unexpected = vae.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith(LATENT_LAYERS) for k in missing), (missing, unexpected)
+    return vae
+
+
+def pretrained_location(init_from: str) -> tuple[str, str | None]:
+    """(folder or hub repo, sub-folder) of a diffusers VAE: a local folder holding config.json or
+    vae/config.json, else a hub id whose path past ``org/name`` is the sub-folder."""
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return str(path), None
+        if (path / "vae" / "config.json").exists():
+            return str(path), "vae"
+        raise ParamError(f"model.init_from: {init_from!r}: a folder without config.json or vae/config.json "
+                         "(expected a diffusers AutoencoderKL saved with save_pretrained)")
+    parts = init_from.strip("/").split("/")
+    if len(parts) < 2 or path.is_absolute() or init_from.startswith("."):
+        raise ParamError(f"model.init_from: {init_from!r}: no such folder, and not a hub id (org/name[/subfolder])")
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None
+
+
+def check_pretrained(cfg: ModelConfig, config: dict) -> None:
+    """ParamError naming every model.* key that disagrees with the checkpoint's architecture."""
+    theirs = {
+        "block_out_channels": list(config.get("block_out_channels", [])),
+        "layers_per_block": config.get("layers_per_block"),
+        "norm_num_groups": config.get("norm_num_groups"),
+        "mid_block_attention": config.get("mid_block_add_attention", True),
+    }
+    ours = {"block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.layers_per_block,
+            "norm_num_groups": cfg.norm_num_groups, "mid_block_attention": cfg.mid_block_attention}
+    bad = [f"model.{k}: {ours[k]!r} but the checkpoint has {theirs[k]!r}" for k in ours if ours[k] != theirs[k]]
+    if bad:
+        raise ParamError(f"model.init_from: {cfg.init_from!r}: architecture differs; set " + "; ".join(bad))
+    if config.get("latent_channels") != cfg.latent_channels and not cfg.reinit_latent_layers:
+        raise ParamError(
+            f"model.latent_channels: {cfg.latent_channels} but model.init_from {cfg.init_from!r} has "
+            f"{config.get('latent_channels')}; set model.reinit_latent_layers: true to start the layers "
+            f"that touch the latent ({', '.join(n.rstrip('.') for n in LATENT_LAYERS)}) afresh")
+
+
+def check_init_from(cfg: ModelConfig) -> None:
+    """The stage's up-front check: the checkpoint exists and fits the params (config only, no weights)."""
+    if cfg.init_from:
+        where = pretrained_location(cfg.init_from)
+        try:
+            config = AutoencoderKL.load_config(where[0], subfolder=where[1])
+        except (OSError, ValueError) as e:
+            raise ParamError(f"model.init_from: {cfg.init_from!r}: cannot read its config "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        check_pretrained(cfg, config)
+
+
+def _fresh_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -31,6 +99,32 @@ def build_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
         # quant_conv maps the encoder output [B, 2C, h, w] to (mean, logvar) = channels [:C], [C:].
         vae.quant_conv.bias[cfg.latent_channels :].fill_(cfg.logvar_init)
     return vae
+
+
+class TrainedAutoencoder(nn.Module):
+    """What the training loop hands to accelerate: the VAE and the loss's output log-variance.
+
+    Every training forward is this module's ``forward``, so under DDP it runs through the
+    wrapper's hooks (gradients all-reduced); ``vae.encode``/``vae.decode`` on the wrapped module
+    would bypass them. The log-variance sits here (not in the loss) so that it is in the
+    autoencoder's optimizer, synced across ranks and checkpointed with the weights.
+    """
+
+    def __init__(self, vae: AutoencoderKL, logvar_init: float = 0.0, learn_logvar: bool = False):
+        super().__init__()
+        self.vae = vae
+        self.output_logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True):
+        # x: [B, 3, H, W] in [-1, 1] -> reconstruction [B, 3, H, W], posterior mean/logvar [B, C, H/8, W/8]
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample() if sample_posterior else posterior.mean
+        return self.vae.decode(z).sample, posterior.mean, posterior.logvar
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last weight, where the adaptive GAN weight compares gradient norms."""
+        return self.vae.decoder.conv_out.weight
 
 
 class LatentMoments:

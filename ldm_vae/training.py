@@ -1,17 +1,22 @@
-"""The train stage's loop: accelerate, EMA, warm-up + cosine LR, clipping, checkpoints, logs.
+"""The train stage's loop: the LDM objective under accelerate, on one process or many (DDP).
+
+Per optimizer step, for each of ``train.grad_accum_steps`` micro-batches (gradients synced on the
+last only): the autoencoder's loss (reconstruction, LPIPS, KL, adversarial with the adaptive
+weight) through the prepared module, the discriminator frozen; then, once ``loss.disc_start`` is
+reached, the discriminator's hinge loss on detached reconstructions. Then clipping, a NaN/inf
+guard (a non-finite gradient skips the step; ``train.max_bad_steps`` in a row stop the run), both
+optimizers, LR warm-up + cosine, EMA. Checkpoints every ``train.checkpoint_every`` steps.
 
 Outputs (paths come from the stage command):
-  vae_dir/          diffusers save_pretrained of the (EMA) autoencoder, with measured latent scale
-  log_dir/          loss.csv and val.csv (dvc plots), metrics.json, samples/step-*.png
-  ckpt_dir/         accelerate save_state folders tagged with the hash of the training params
+  vae_dir/    diffusers save_pretrained of the (EMA) autoencoder, with measured latent scale
+  log_dir/    dvclive curves, metrics.json, samples/step-*.png (trainlog.py)
+  ckpt_dir/   accelerate save_state folders tagged with the hash of the training params
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import contextlib
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -21,29 +26,20 @@ from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
+from .checkpoints import Progress, resume_latest, save_checkpoint
 from .config import Params, stage_hash, stage_hash_of
 from .data import load_images, train_stream
 from .export import export_vae
-from .losses import VAELoss
+from .losses import VAELoss, build_discriminator, reconstruction_loss
 from .metrics import psnr, to_unit
-from .model import build_vae
-from .viz import save_grid
+from .model import TrainedAutoencoder, build_vae
+from .trainlog import TrainLog
 
 VAL_IMAGES = 128  # fixed validation images scored during training (the full set is evaluate's job)
-KEEP_CHECKPOINTS = 2
 
 
-class _Progress:
-    """The step counter, checkpointed with the models so a resumed run knows where it is."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = int(state["step"])
+class TrainingDiverged(RuntimeError):
+    pass
 
 
 def lr_lambda(cfg):
@@ -56,85 +52,139 @@ def lr_lambda(cfg):
     return f
 
 
-def train(params: Params, train_shards: list[str], val_shards: list[str], vae_dir: Path, log_dir: Path,
-          ckpt_dir: Path) -> dict:
-    tcfg = params.train
-    accelerator = Accelerator(
-        mixed_precision=tcfg.mixed_precision, cpu=not torch.cuda.is_available()
-    )
-    set_seed(tcfg.seed, device_specific=True)
-    # What shapes the run: its params and the exact training data (shard names and sizes).
+def run_hash(params: Params, train_shards: list[str]) -> str:
+    """What shapes a run: its model/loss/train params and the exact training data (names, sizes)."""
     data_id = [(Path(p).name, Path(p).stat().st_size) for p in train_shards]
-    run_hash = stage_hash(params.model, params.loss, tcfg) + "-" + stage_hash_of(data_id)
+    return stage_hash(params.model, params.loss, params.train) + "-" + stage_hash_of(data_id)
+
+
+def train(params: Params, train_shards: list[str], val_shards: list[str], vae_dir: Path, log_dir: Path,
+          ckpt_dir: Path, perceptual: torch.nn.Module | None = None, on_step=None) -> dict:
+    """Train, export the (EMA) VAE; the summary dict on the main process, {} on the others.
+
+    ``perceptual``: the LPIPS net when loss.perceptual_weight > 0 (the stage loads it, see lpips.py).
+    ``on_step(step, batch, accelerator, model)``: called after every optimizer step (tests, benches).
+    """
+    tcfg, lcfg = params.train, params.loss
+    accelerator = Accelerator(
+        mixed_precision=tcfg.mixed_precision, cpu=not torch.cuda.is_available(),
+        # The schedule is written in optimizer steps; by default accelerate would step it once per
+        # process per call, so 8 GPUs would run the warm-up and the cosine 8x too fast.
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(tcfg.seed, device_specific=True)  # per-rank posterior noise; weights come from rank 0
+    tag = run_hash(params, train_shards)
     _, val_images = load_images(val_shards, limit=VAL_IMAGES)  # [N, 3, H, W]
 
-    vae = build_vae(params.model, sample_size=val_images.shape[-1])
-    optimizer = torch.optim.AdamW(
-        vae.parameters(), lr=tcfg.lr, betas=(0.9, tcfg.adam_beta2), weight_decay=tcfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
-    vae, optimizer, scheduler = accelerator.prepare(vae, optimizer, scheduler)
+    model = TrainedAutoencoder(build_vae(params.model, sample_size=val_images.shape[-1]),
+                               lcfg.logvar_init, lcfg.learn_logvar)
+    opt_ae = _adamw(model.parameters(), tcfg.lr, tcfg)
+    sched_ae = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(tcfg))
+    disc = build_discriminator(lcfg)
+    if disc is not None:
+        opt_d = _adamw(disc.parameters(), lcfg.disc_lr or tcfg.lr, tcfg)
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(tcfg))
+        model, disc, opt_ae, opt_d, sched_ae, sched_d = accelerator.prepare(model, disc, opt_ae, opt_d, sched_ae, sched_d)
+    else:
+        opt_d = sched_d = None
+        model, opt_ae, sched_ae = accelerator.prepare(model, opt_ae, sched_ae)
+    inner = accelerator.unwrap_model(model)
     ema = None
     if tcfg.ema_decay > 0:
-        ema = EMAModel(accelerator.unwrap_model(vae).parameters(), decay=tcfg.ema_decay)
+        ema = EMAModel(inner.vae.parameters(), decay=tcfg.ema_decay)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    progress = _Progress()
+    progress = Progress()
     accelerator.register_for_checkpointing(progress)
-    resumed = _resume(accelerator, ckpt_dir, run_hash)
+    resumed = resume_latest(accelerator, ckpt_dir, tag)
 
     loader = torch.utils.data.DataLoader(
         train_stream(train_shards, seed=tcfg.seed, crop=tcfg.crop_size, color_augment=tcfg.color_augment,
                      fade_augment=tcfg.fade_augment),
-        batch_size=tcfg.batch_size,
-        num_workers=tcfg.num_workers,
-        persistent_workers=tcfg.num_workers > 0,
+        batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, persistent_workers=tcfg.num_workers > 0,
     )
-    loss_fn = VAELoss(params.loss)
-    logger = _CsvLogs(log_dir, accelerator.is_main_process, append=resumed)
+    loss_fn = VAELoss(lcfg, perceptual.to(accelerator.device) if perceptual is not None else None)
+    log = TrainLog(log_dir, accelerator.is_main_process, resume_step=progress.step if resumed else None)
+    ae_params = [p for p in model.parameters() if p.requires_grad]
 
     batches = iter(loader)
     bar = tqdm(total=tcfg.max_steps, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
-    t_start = time.perf_counter()
-    t_window, images_window = time.perf_counter(), 0
-    val_psnr = float("nan")
+    t_start = t_window = time.perf_counter()
+    images_window, bad_in_row, val_psnr = 0, 0, float("nan")
     while progress.step < tcfg.max_steps:
-        x = next(batches).to(accelerator.device)  # [B, 3, H, W] in [-1, 1]
-        vae.train()
-        with accelerator.autocast():
-            posterior = vae.encode(x).latent_dist  # through the prepared module: DDP hooks run
-            rec = vae.decode(posterior.sample()).sample
-            loss, logs = loss_fn(rec, x, posterior.mean, posterior.logvar)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(vae.parameters(), tcfg.grad_clip or float("inf"))
-        optimizer.step()
-        scheduler.step()
+        step = progress.step  # optimizer steps done so far
+        model.train()
+        logs = {}
+        for micro in range(tcfg.grad_accum_steps):
+            x = next(batches).to(accelerator.device)  # [B, 3, H, W] in [-1, 1]
+            last = micro == tcfg.grad_accum_steps - 1
+            with _no_sync(accelerator, [model, disc], not last):
+                logs_g, rec = _generator_pass(accelerator, model, disc, loss_fn, x, step, tcfg.grad_accum_steps)
+                logs_d = {}
+                if disc is not None and loss_fn.adversarial_on(step):
+                    with accelerator.autocast():
+                        d_loss, logs_d = loss_fn.discriminator_loss(disc, x, rec)
+                    accelerator.backward(d_loss / tcfg.grad_accum_steps)
+            for k, v in {**logs_g, **logs_d}.items():
+                logs[k] = logs.get(k, 0.0) + v.float() / tcfg.grad_accum_steps
+            images_window += x.shape[0] * accelerator.num_processes
+
+        # Clipping returns the norm of the (already all-reduced) gradients: the same on every
+        # rank, so every rank takes the same skip decision and DDP never falls out of step.
+        grad_norm = accelerator.clip_grad_norm_(ae_params, tcfg.grad_clip or float("inf"))
+        d_norm = torch.zeros(())
+        if disc is not None and loss_fn.adversarial_on(step):
+            d_norm = accelerator.clip_grad_norm_(disc.parameters(), tcfg.grad_clip or float("inf"))
+        if not (torch.isfinite(grad_norm) and torch.isfinite(d_norm)):
+            bad_in_row += 1
+            progress.skipped += 1
+            _zero_grads(opt_ae, opt_d)
+            accelerator.print(f"step {step + 1}: non-finite gradient (autoencoder {float(grad_norm):.3g}, "
+                              f"discriminator {float(d_norm):.3g}); step skipped ({bad_in_row} in a row)")
+            if bad_in_row >= tcfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"train: {bad_in_row} non-finite steps in a row at step {step + 1} (train.max_bad_steps: "
+                    f"{tcfg.max_bad_steps}); loss {float(logs['train/loss']):.4g}. Try a lower train.lr, "
+                    "train.mixed_precision: no, or a smaller loss.disc_weight; the last checkpoint is kept.")
+            continue
+        bad_in_row = 0
+        opt_ae.step()
+        sched_ae.step()
+        if opt_d is not None:
+            if loss_fn.adversarial_on(step):
+                opt_d.step()
+            sched_d.step()
+        _zero_grads(opt_ae, opt_d)
         if ema is not None:
-            ema.step(accelerator.unwrap_model(vae).parameters())
+            ema.step(inner.vae.parameters())
         progress.step += 1
-        images_window += x.shape[0] * accelerator.num_processes
         step = progress.step
+        if on_step is not None:
+            on_step(step, x, accelerator, model)
 
         if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            logs = {k: accelerator.reduce(v, "mean").item() for k, v in logs.items()}
+            values = {k: accelerator.reduce(v.to(accelerator.device), "mean").item() for k, v in logs.items()}
             now = time.perf_counter()
-            logs.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-                         "train/images_per_s": images_window / max(now - t_window, 1e-9)})
+            values.update({"train/lr": sched_ae.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                           "train/images_per_s": images_window / max(now - t_window, 1e-9),
+                           "train/skipped_steps": progress.skipped})
+            if opt_d is not None:
+                values["train/d_grad_norm"] = float(d_norm)
             t_window, images_window = now, 0
-            logger.train(step, logs)
-            bar.set_postfix(loss=f"{logs['train/loss']:.4f}", val_psnr=f"{val_psnr:.2f}")
-        if step % tcfg.val_every == 0 or step == tcfg.max_steps:
-            with _ema_weights(accelerator, vae, ema):
-                rec_val = _reconstruct(accelerator, vae, val_images)
+            log.log(step, values)
+            bar.set_postfix(loss=f"{values['train/loss']:.4f}", val_psnr=f"{val_psnr:.2f}")
+        if (step % tcfg.val_every == 0 or step == tcfg.max_steps) and accelerator.is_main_process:
+            with _ema_weights(inner.vae, ema):
+                rec_val = _reconstruct(accelerator, inner.vae, val_images)
             val_psnr = float(psnr(to_unit(rec_val), to_unit(val_images)).mean())
-            logger.val(step, {"val/psnr": val_psnr})
+            log.log(step, {"val/psnr": val_psnr,
+                           f"val/rec_{lcfg.rec_loss}": float(reconstruction_loss(lcfg.rec_loss, rec_val, val_images))})
             if step % tcfg.sample_every == 0 or step == tcfg.max_steps:
                 n = min(8, len(val_images))
-                logger.grid(step, val_images[:n], rec_val[:n])
+                log.grid(step, val_images[:n], rec_val[:n])
         if step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
-            _checkpoint(accelerator, ckpt_dir, run_hash, step)
+            save_checkpoint(accelerator, ckpt_dir, tag, step)
         bar.update(1)
     bar.close()
 
@@ -142,36 +192,78 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
     train_seconds = time.perf_counter() - t_start
     result = {}
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(vae)
+        vae = inner.vae
         if ema is not None:
-            ema.copy_to(model.parameters())  # the exported weights are the EMA weights
+            ema.store(vae.parameters())
+            ema.copy_to(vae.parameters())  # the exported weights are the EMA weights
         _, scale_images = load_images(train_shards, limit=tcfg.scale_samples)
-        factors = export_vae(model, scale_images, vae_dir)
+        factors = export_vae(vae, scale_images, vae_dir)
+        if ema is not None:
+            ema.restore(vae.parameters())  # the final checkpoint keeps the training weights
         result = {"steps": progress.step, "train_seconds": round(train_seconds, 1),
-                  "val_psnr": round(val_psnr, 3), "resumed": resumed, **factors}
-        (log_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        _checkpoint(accelerator, ckpt_dir, run_hash, progress.step)
-    accelerator.wait_for_everyone()
+                  "val_psnr": round(val_psnr, 3), "resumed": resumed, "processes": accelerator.num_processes,
+                  "skipped_steps": progress.skipped, **factors}
+        log.finish(result)
+    save_checkpoint(accelerator, ckpt_dir, tag, progress.step)
     return result
+
+
+def _adamw(params, lr: float, tcfg):
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, tcfg.adam_beta2), weight_decay=tcfg.weight_decay)
+
+
+def _generator_pass(accelerator, model, disc, loss_fn, x, step: int, accum: int):
+    """The autoencoder's forward + backward; returns (logs, reconstruction for the discriminator)."""
+    inner = accelerator.unwrap_model(model)
+    # The discriminator judges the reconstruction through its plain module with its weights frozen:
+    # no gradient lands on it (its own step comes next), so nothing of it is touched by DDP here.
+    judge = accelerator.unwrap_model(disc) if disc is not None else None
+    if judge is not None:
+        judge.requires_grad_(False)
+    try:
+        with accelerator.autocast():
+            rec, mean, logvar = model(x)  # through the prepared (DDP) module: gradients get synced
+            loss, logs = loss_fn(rec, x, mean, logvar, inner.output_logvar, step=step, disc=judge,
+                                 last_layer=inner.last_layer)
+        accelerator.backward(loss / accum)
+    finally:
+        if judge is not None:
+            judge.requires_grad_(True)
+    return logs, rec.detach()
+
+
+def _no_sync(accelerator, models, skip_sync: bool):
+    """On all but the last micro-batch, accumulate gradients locally without the all-reduce."""
+    stack = contextlib.ExitStack()
+    if skip_sync:
+        for m in models:
+            if m is not None:
+                stack.enter_context(accelerator.no_sync(m))
+    return stack
+
+
+def _zero_grads(*optimizers) -> None:
+    for opt in optimizers:
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
 
 
 @torch.inference_mode()
 def _reconstruct(accelerator, vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    model = accelerator.unwrap_model(vae)
-    model.eval()
+    vae.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(accelerator.device)
         with accelerator.autocast():
-            out.append(model(x, sample_posterior=False).sample.float().clamp(-1, 1).cpu())
+            out.append(vae(x, sample_posterior=False).sample.float().clamp(-1, 1).cpu())
     return torch.cat(out)
 
 
 class _ema_weights:
     """Swap the EMA weights in for validation, then put the training weights back."""
 
-    def __init__(self, accelerator, vae, ema):
-        self.params = list(accelerator.unwrap_model(vae).parameters())
+    def __init__(self, vae, ema):
+        self.params = list(vae.parameters())
         self.ema = ema
 
     def __enter__(self):
@@ -182,62 +274,3 @@ class _ema_weights:
     def __exit__(self, *_):
         if self.ema is not None:
             self.ema.restore(self.params)
-
-
-def _checkpoint(accelerator, ckpt_dir: Path, run_hash: str, step: int) -> None:
-    target = ckpt_dir / f"step-{step:08d}"
-    accelerator.save_state(str(target))
-    if accelerator.is_main_process:
-        # The tag is written last: a folder without it is an interrupted save and is never resumed.
-        (target / "run.json").write_text(json.dumps({"params_hash": run_hash, "step": step}))
-        for old in sorted(ckpt_dir.glob("step-*"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _resume(accelerator, ckpt_dir: Path, run_hash: str) -> bool:
-    """Load the newest complete checkpoint written under the same params; True if one was."""
-    for folder in sorted(ckpt_dir.glob("step-*"), reverse=True):
-        tag = folder / "run.json"
-        if tag.exists() and json.loads(tag.read_text()).get("params_hash") == run_hash:
-            accelerator.load_state(str(folder))
-            accelerator.print(f"resumed from {folder}")
-            return True
-    if accelerator.is_main_process and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # written under other params: never resumed, so not kept
-    accelerator.wait_for_everyone()
-    return False
-
-
-class _CsvLogs:
-    """loss.csv / val.csv for `dvc plots`, plus sample grids; only the main process writes."""
-
-    def __init__(self, log_dir: Path, enabled: bool, append: bool):
-        self.dir = Path(log_dir)
-        self.enabled = enabled
-        if enabled:
-            if not append:
-                shutil.rmtree(self.dir, ignore_errors=True)
-            (self.dir / "samples").mkdir(parents=True, exist_ok=True)
-
-    def _row(self, name: str, step: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        path = self.dir / name
-        row = {"step": step, **{k.split("/", 1)[-1]: round(float(v), 6) for k, v in values.items()}}
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-
-    def train(self, step, values):
-        self._row("loss.csv", step, values)
-
-    def val(self, step, values):
-        self._row("val.csv", step, values)
-
-    def grid(self, step, originals, recs):
-        if self.enabled:
-            save_grid([originals, recs], self.dir / "samples" / f"step-{step:08d}.png")

@@ -24,8 +24,9 @@ def main() -> None:
 
     import torch
 
-    from ldm_vae.encoding import CoverageError, resolve_processes, run_encode
+    from ldm_vae.encoding import CoverageError, run_encode
     from ldm_vae.export import load_vae
+    from ldm_vae.launch import resolve_processes
 
     vae = load_vae(args.vae, "cuda" if torch.cuda.is_available() else "cpu")
     try:

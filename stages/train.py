@@ -2,13 +2,18 @@
 
     python stages/train.py --prepared data/prepared --vae data/vae --logs data/train \
         --checkpoints data/checkpoints
+
+With train.num_processes above 1 (``auto``: every visible GPU) the command re-runs itself under
+``accelerate launch``, one DDP process each. Multi-node: start it on every node yourself, e.g.
+``accelerate launch --num_machines 2 --machine_rank R --main_process_ip H --num_processes 16
+stages/train.py ...``; under a launcher it trains as the rank it was given.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from ldm_vae.config import load_params_or_exit
+from ldm_vae.config import ParamError, load_params_or_exit
 
 
 def main() -> None:
@@ -21,16 +26,37 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params_or_exit(args.params)
 
+    from ldm_vae.launch import launched, relaunch, resolve_processes
+    from ldm_vae.lpips import WeightsUnavailable, load_lpips, require_weights
+    from ldm_vae.model import check_init_from
     from ldm_vae.shards import shard_paths
-    from ldm_vae.training import train
 
     train_shards, val_shards = shard_paths(args.prepared / "train"), shard_paths(args.prepared / "val")
     if not train_shards or not val_shards:
         sys.exit(f"train: {args.prepared} needs train/*.tar and val/*.tar; run the prepare stage first")
-    result = train(params, train_shards, val_shards, args.vae, args.logs, args.checkpoints)
+    # Everything that can be wrong with the set-up fails here, before any process or model starts.
+    try:
+        check_init_from(params.model)
+        if params.loss.perceptual_weight > 0:
+            require_weights("loss.perceptual_weight")  # downloads them when missing and online
+    except (ParamError, WeightsUnavailable) as e:
+        sys.exit(f"train: {e}")
+    processes = resolve_processes(params.train.num_processes)
+    if processes > 1 and not launched():
+        sys.exit(relaunch(processes, params.train.mixed_precision, sys.argv))
+
+    from ldm_vae.training import TrainingDiverged, train
+
+    perceptual = load_lpips("loss.perceptual_weight", download=False) if params.loss.perceptual_weight > 0 else None
+
+    try:
+        result = train(params, train_shards, val_shards, args.vae, args.logs, args.checkpoints, perceptual=perceptual)
+    except TrainingDiverged as e:
+        sys.exit(str(e))
     if result:
-        print(f"train: {result['steps']} steps in {result['train_seconds']} s, val PSNR {result['val_psnr']:.2f} dB, "
-              f"scaling_factor {result['scaling_factor']:.4f}, shift_factor {result['shift_factor']:.4f}")
+        print(f"train: {result['steps']} steps on {result['processes']} process(es) in {result['train_seconds']} s, "
+              f"val PSNR {result['val_psnr']:.2f} dB, scaling_factor {result['scaling_factor']:.4f}, "
+              f"shift_factor {result['shift_factor']:.4f}")
 
 
 if __name__ == "__main__":

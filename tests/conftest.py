@@ -33,6 +33,12 @@ def rejections(out) -> dict:
     return {r["key"]: r["reason"] for r in map(json.loads, (Path(out) / "rejected.jsonl").read_text().splitlines())}
 
 
+def curve(log_dir, name: str) -> list[tuple[int, float]]:
+    """[(step, value)] of a dvclive curve of the train stage, e.g. curve(logs, "train/loss")."""
+    rows = (Path(log_dir) / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]
+    return [(int(a), float(b)) for a, b in (r.split("\t") for r in rows)]
+
+
 def image_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)

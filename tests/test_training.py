@@ -1,11 +1,10 @@
-import csv
 import json
 import shutil
 
 import torch
 from diffusers import AutoencoderKL
 
-from conftest import make_params
+from conftest import curve, make_params
 from ldm_vae.shards import shard_paths
 from ldm_vae.training import lr_lambda, train
 
@@ -23,13 +22,15 @@ def test_train_exports_a_diffusers_vae_with_measured_scale(pipeline_dir):
 
 
 def test_train_writes_curves_and_sample_grids(pipeline_dir):
-    rows = list(csv.DictReader(open(pipeline_dir / "train" / "loss.csv")))
-    assert [int(r["step"]) for r in rows] == [2, 4, 6]
-    assert {"loss", "rec_l1", "kl", "lr", "grad_norm", "images_per_s"} <= set(rows[0])
-    val = list(csv.DictReader(open(pipeline_dir / "train" / "val.csv")))
-    assert [int(r["step"]) for r in val] == [3, 6] and float(val[-1]["psnr"]) > 0
-    assert sorted(p.name for p in (pipeline_dir / "train" / "samples").iterdir()) == [
-        "step-00000003.png", "step-00000006.png"]
+    logs = pipeline_dir / "train"
+    assert [s for s, _ in curve(logs, "train/loss")] == [2, 4, 6]
+    for name in ("rec_l1", "nll", "kl", "lr", "grad_norm", "images_per_s", "skipped_steps", "posterior_std"):
+        assert len(curve(logs, f"train/{name}")) == 3, name
+    val = curve(logs, "val/psnr")
+    assert [s for s, _ in val] == [3, 6] and val[-1][1] > 0 and len(curve(logs, "val/rec_l1")) == 2
+    assert sorted(p.name for p in (logs / "samples").iterdir()) == ["step-00000003.png", "step-00000006.png"]
+    metrics = json.loads((logs / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["train"]["loss"] == curve(logs, "train/loss")[-1][1]
 
 
 def test_lr_warms_up_then_decays_to_floor():
@@ -46,9 +47,13 @@ def test_killed_run_resumes_from_checkpoint_and_ends_at_same_step(pipeline_dir, 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     shutil.copytree(pipeline_dir / "checkpoints" / "step-00000004", ckpt / "step-00000004")
+    shutil.copytree(pipeline_dir / "train", tmp_path / "logs")  # its curves went on past step 4
     result = train(params, tr, va, tmp_path / "vae", tmp_path / "logs", ckpt)
     assert result["resumed"] is True and result["steps"] == 6
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000004", "step-00000006"]
+    # The curves hold every step once: rows after the checkpoint were dropped, then re-logged.
+    assert [s for s, _ in curve(tmp_path / "logs", "train/loss")] == [2, 4, 6]
+    assert [s for s, _ in curve(tmp_path / "logs", "val/psnr")] == [3, 6]
 
 
 def test_checkpoint_from_other_params_is_never_resumed(pipeline_dir, tmp_path):
@@ -58,8 +63,7 @@ def test_checkpoint_from_other_params_is_never_resumed(pipeline_dir, tmp_path):
     shutil.copytree(pipeline_dir / "checkpoints", ckpt)
     result = train(params, tr, va, tmp_path / "vae", tmp_path / "logs", ckpt)
     assert result["resumed"] is False and result["steps"] == 6
-    rows = list(csv.DictReader(open(tmp_path / "logs" / "loss.csv")))
-    assert [int(r["step"]) for r in rows] == [2, 4, 6]  # trained from step 0
+    assert [s for s, _ in curve(tmp_path / "logs", "train/loss")] == [2, 4, 6]  # trained from step 0
 
 
 def test_training_fits_a_small_set(tmp_path):
@@ -76,8 +80,7 @@ def test_training_fits_a_small_set(tmp_path):
                                 "log_every": 10, "val_every": 10, "sample_every": 150,
                                 "checkpoint_every": 1000, "ema_decay": 0.0, "batch_size": 4})
     train(params, shards, shards, tmp_path / "vae", tmp_path / "logs", tmp_path / "ckpt")
-    psnrs = [float(r["psnr"]) for r in csv.DictReader(open(tmp_path / "logs" / "val.csv"))]
+    psnrs = [v for _, v in curve(tmp_path / "logs", "val/psnr")]
     print(psnrs)
     assert max(psnrs[-3:]) > psnrs[0] + 4.0  # measured: about +7 dB
-    rows = list(csv.DictReader(open(tmp_path / "logs" / "loss.csv")))
-    assert torch.isfinite(torch.tensor([float(r["loss"]) for r in rows])).all()
+    assert torch.isfinite(torch.tensor([v for _, v in curve(tmp_path / "logs", "train/loss")])).all()

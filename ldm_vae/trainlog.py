@@ -1,0 +1,70 @@
+"""What a person watches during training: dvclive curves, sample grids, the run summary.
+
+Only the main process writes. Layout under the log folder (``dvc plots show`` reads the curves):
+
+    plots/metrics/train/<name>.tsv   loss, nll, kl, lpips, g_adv, d_weight, d_loss, logits_real,
+                                     logits_fake, lr, grad_norm, images_per_s, skipped_steps ...
+    plots/metrics/val/<name>.tsv     psnr, and the validation reconstruction loss
+    samples/step-<n>.png             originals | reconstructions of fixed validation images
+    metrics.json                     the last values and the run summary (steps, time, factors)
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+from .viz import save_grid
+
+
+class TrainLog:
+    def __init__(self, log_dir: Path, enabled: bool, resume_step: int | None):
+        """``resume_step``: the step a resumed run restarts from (None: a fresh run)."""
+        self.dir = Path(log_dir)
+        self.live = None
+        if not enabled:
+            return
+        from dvclive import Live
+
+        if resume_step is None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            self._truncate(resume_step)
+        (self.dir / "samples").mkdir(parents=True, exist_ok=True)
+        # No dvc.yaml edits, no experiment commits, no report: the stage's dvc.yaml declares the
+        # plots, and `dvc exp run` already records the experiment.
+        self.live = Live(dir=str(self.dir), resume=resume_step is not None, save_dvc_exp=False, dvcyaml=None,
+                         report=None)
+
+    def _truncate(self, step: int) -> None:
+        """Drop rows logged after the checkpoint being resumed: a curve never holds a step twice."""
+        for tsv in (self.dir / "plots" / "metrics").rglob("*.tsv"):
+            with open(tsv, newline="") as f:
+                rows = list(csv.reader(f, delimiter="\t"))
+            keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step] if rows else []
+            with open(tsv, "w", newline="") as f:
+                csv.writer(f, delimiter="\t").writerows(keep)
+        for png in (self.dir / "samples").glob("step-*.png"):
+            if int(png.stem.split("-")[1]) > step:
+                png.unlink()
+
+    def log(self, step: int, values: dict) -> None:
+        """``values``: {"train/loss": 0.1, "val/psnr": 20.3, ...}: one row per key at ``step``."""
+        if self.live is None:
+            return
+        self.live.step = step
+        for name, value in values.items():
+            self.live.log_metric(name, round(float(value), 6))
+
+    def grid(self, step: int, originals, recs) -> None:
+        if self.live is not None:
+            save_grid([originals, recs], self.dir / "samples" / f"step-{step:08d}.png")
+
+    def finish(self, summary: dict) -> None:
+        """metrics.json: dvclive's last values plus ``summary`` (steps, seconds, latent factors)."""
+        if self.live is None:
+            return
+        self.live.summary.update(summary)
+        self.live.make_summary()
+        self.live.end()
