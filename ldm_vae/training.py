@@ -78,15 +78,14 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
 
     model = TrainedAutoencoder(build_vae(params.model, sample_size=val_images.shape[-1]),
                                lcfg.logvar_init, lcfg.learn_logvar)
-    opt_ae = _adamw(model.parameters(), tcfg.lr, tcfg)
-    sched_ae = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(tcfg))
     disc = build_discriminator(lcfg)
+    opt_ae, opt_d = build_optimizers(model, disc, params)
+    sched_ae = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(tcfg))
     if disc is not None:
-        opt_d = _adamw(disc.parameters(), lcfg.disc_lr or tcfg.lr, tcfg)
         sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(tcfg))
         model, disc, opt_ae, opt_d, sched_ae, sched_d = accelerator.prepare(model, disc, opt_ae, opt_d, sched_ae, sched_d)
     else:
-        opt_d = sched_d = None
+        sched_d = None
         model, opt_ae, sched_ae = accelerator.prepare(model, opt_ae, sched_ae)
     inner = accelerator.unwrap_model(model)
     ema = None
@@ -151,10 +150,9 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
         bad_in_row = 0
         opt_ae.step()
         sched_ae.step()
-        if opt_d is not None:
-            if loss_fn.adversarial_on(step):
-                opt_d.step()
-            sched_d.step()
+        if opt_d is not None and loss_fn.adversarial_on(step):
+            opt_d.step()
+            sched_d.step()  # the discriminator's warm-up + cosine counts from loss.disc_start
         _zero_grads(opt_ae, opt_d)
         if ema is not None:
             ema.step(inner.vae.parameters())
@@ -208,8 +206,16 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
     return result
 
 
-def _adamw(params, lr: float, tcfg):
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, tcfg.adam_beta2), weight_decay=tcfg.weight_decay)
+def build_optimizers(model: TrainedAutoencoder, disc, params: Params):
+    """AdamW for the autoencoder (with the learned output log-variance when it is learned) and,
+    with a discriminator, its own AdamW: every trainable parameter in exactly one optimizer."""
+    tcfg = params.train
+
+    def adamw(module, lr):
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=lr, betas=(0.9, tcfg.adam_beta2), weight_decay=tcfg.weight_decay)
+
+    return adamw(model, tcfg.lr), (adamw(disc, params.loss.disc_lr or tcfg.lr) if disc is not None else None)
 
 
 def _generator_pass(accelerator, model, disc, loss_fn, x, step: int, accum: int):

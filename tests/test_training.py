@@ -84,3 +84,122 @@ def test_training_fits_a_small_set(tmp_path):
     print(psnrs)
     assert max(psnrs[-3:]) > psnrs[0] + 4.0  # measured: about +7 dB
     assert torch.isfinite(torch.tensor([v for _, v in curve(tmp_path / "logs", "train/loss")])).all()
+
+
+def _shards(pipeline_dir):
+    return shard_paths(pipeline_dir / "prepared" / "train"), shard_paths(pipeline_dir / "prepared" / "val")
+
+
+GAN = {"disc_weight": 0.5, "disc_start": 2, "disc_channels": 8, "disc_layers": 2}
+
+
+def test_every_trainable_parameter_is_in_exactly_one_optimizer():
+    from ldm_vae.losses import build_discriminator
+    from ldm_vae.model import TrainedAutoencoder, build_vae
+    from ldm_vae.training import build_optimizers
+
+    for learn_logvar in (False, True):
+        params = make_params(loss={**GAN, "learn_logvar": learn_logvar})
+        model = TrainedAutoencoder(build_vae(params.model, 16), learn_logvar=learn_logvar)
+        disc = build_discriminator(params.loss)
+        opt_ae, opt_d = build_optimizers(model, disc, params)
+        in_opt = [id(p) for opt in (opt_ae, opt_d) for g in opt.param_groups for p in g["params"]]
+        trainable = [id(p) for m in (model, disc) for p in m.parameters() if p.requires_grad]
+        assert sorted(in_opt) == sorted(trainable) and len(set(in_opt)) == len(in_opt)
+        assert (id(model.output_logvar) in in_opt) is learn_logvar
+        assert {id(p) for p in disc.parameters()} == {id(p) for g in opt_d.param_groups for p in g["params"]}
+
+
+def test_discriminator_step_sees_detached_reconstructions_and_never_touches_the_autoencoder():
+    from accelerate import Accelerator
+
+    from ldm_vae.losses import VAELoss, build_discriminator
+    from ldm_vae.model import TrainedAutoencoder, build_vae
+    from ldm_vae.training import _generator_pass
+
+    params = make_params(loss=GAN)
+    accelerator = Accelerator(cpu=True)
+    model = TrainedAutoencoder(build_vae(params.model, 16))
+    disc = build_discriminator(params.loss)
+    loss_fn = VAELoss(params.loss)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    logs, rec = _generator_pass(accelerator, model, disc, loss_fn, x, step=5, accum=1)
+    assert "train/g_adv" in logs and not rec.requires_grad
+    assert all(p.grad is None for p in disc.parameters())  # the generator pass leaves D alone
+    assert all(p.requires_grad for p in disc.parameters())  # and unfreezes it afterwards
+    ae_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    d_loss, d_logs = loss_fn.discriminator_loss(disc, x, model(x)[0])  # a live graph: detached inside
+    d_loss.backward()
+    assert all(p.grad is not None for p in disc.parameters())
+    after = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(after) == len(ae_grads) and all(torch.equal(a, b) for a, b in zip(ae_grads, after))
+    assert {"train/d_loss", "train/logits_real", "train/logits_fake"} <= set(d_logs)
+
+
+def test_bf16_autocast_keeps_trainable_weights_float32(pipeline_dir, tmp_path):
+    weights, activations = [], []
+
+    def check(step, x, accelerator, model):
+        inner = accelerator.unwrap_model(model)
+        weights.append({p.dtype for p in inner.parameters()})
+        if step == 1:  # from now on, record what the decoder's last conv computes in
+            inner.vae.decoder.conv_out.register_forward_hook(lambda m, i, o: activations.append(o.dtype))
+
+    from accelerate.state import AcceleratorState
+
+    params = make_params(loss=GAN, train={"mixed_precision": "bf16", "max_steps": 4})
+    AcceleratorState._reset_state()  # accelerate keeps one precision per process; this test needs another
+    try:
+        result = train(params, *_shards(pipeline_dir), tmp_path / "vae", tmp_path / "logs", tmp_path / "ck",
+                       on_step=check)
+    finally:
+        AcceleratorState._reset_state()
+    assert weights == [{torch.float32}] * 4  # the trained weights, after every step
+    assert len(activations) >= 3 and set(activations) == {torch.bfloat16}  # while the convs ran in bf16
+    assert result["steps"] == 4 and torch.isfinite(torch.tensor(curve(tmp_path / "logs", "train/loss")[-1][1]))
+
+
+def test_adversarial_run_with_accumulation_logs_discriminator_curves(pipeline_dir, tmp_path):
+    params = make_params(loss={**GAN, "learn_logvar": True}, train={"grad_accum_steps": 2})
+    result = train(params, *_shards(pipeline_dir), tmp_path / "vae", tmp_path / "logs", tmp_path / "ck")
+    logs = tmp_path / "logs"
+    assert result["steps"] == 6 and [s for s, _ in curve(logs, "train/d_loss")] == [4, 6]  # from disc_start
+    for name in ("logits_real", "logits_fake", "d_weight", "g_adv", "d_grad_norm"):
+        assert len(curve(logs, f"train/{name}")) >= 2, name
+    assert curve(logs, "train/output_logvar")[-1][1] != 0.0  # learned: it moved
+    assert curve(logs, "train/images_per_s")[0][1] > 0
+
+
+class FlakyPerceptual(torch.nn.Module):
+    """A stand-in perceptual distance that returns NaN on chosen calls (one call per micro-batch)."""
+
+    def __init__(self, bad_calls):
+        super().__init__()
+        self.bad_calls, self.calls = bad_calls, 0
+
+    def forward(self, a, b):
+        self.calls += 1
+        d = (a - b).abs().mean((1, 2, 3))  # [B]
+        return d * float("nan") if self.calls in self.bad_calls else d
+
+
+def test_nan_guard_skips_bad_steps_and_finishes(pipeline_dir, tmp_path):
+    params = make_params(loss={"perceptual_weight": 1.0})
+    result = train(params, *_shards(pipeline_dir), tmp_path / "vae", tmp_path / "logs", tmp_path / "ck",
+                   perceptual=FlakyPerceptual({3, 4}))
+    assert result["steps"] == 6 and result["skipped_steps"] == 2
+    assert curve(tmp_path / "logs", "train/skipped_steps")[-1][1] == 2
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert all(torch.isfinite(p).all() for p in vae.parameters())  # no NaN reached the weights
+
+
+def test_nan_guard_stops_a_diverged_run_with_a_clear_message(pipeline_dir, tmp_path):
+    import pytest
+
+    from ldm_vae.training import TrainingDiverged
+
+    params = make_params(loss={"perceptual_weight": 1.0}, train={"max_bad_steps": 3})
+    with pytest.raises(TrainingDiverged, match=r"3 non-finite steps in a row at step 3 \(train.max_bad_steps: 3\)"):
+        train(params, *_shards(pipeline_dir), tmp_path / "vae", tmp_path / "logs", tmp_path / "ck",
+              perceptual=FlakyPerceptual(set(range(3, 100))))
+    assert (tmp_path / "ck" / "step-00000002" / "run.json").exists()  # the last good checkpoint is kept
