@@ -30,6 +30,11 @@ def test_shipped_params_are_valid():
         ({"loss": {"rec_loss": "l3"}}, ["loss.rec_loss", "l3", "l1, l2, log_l2"]),
         ({"optim": {}}, ["optim", "unknown params section"]),
         ({"data": {"source": "folder:"}}, ["data.source", "needs a target"]),
+        ({"loss": {"disc_loss": "wgan"}}, ["loss.disc_loss", "wgan", "hinge, vanilla"]),
+        ({"loss": {"perceptual_weight": -1}}, ["loss.perceptual_weight", ">= 0"]),
+        ({"train": {"num_processes": "all"}}, ["train.num_processes", "'all'", "auto or a number"]),
+        ({"train": {"grad_accum_steps": 0}}, ["train.grad_accum_steps", ">= 1"]),
+        ({"model": {"reinit_latent_layers": "yes"}}, ["model.reinit_latent_layers", "expected bool"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(raw, names):

@@ -203,3 +203,36 @@ def test_nan_guard_stops_a_diverged_run_with_a_clear_message(pipeline_dir, tmp_p
         train(params, *_shards(pipeline_dir), tmp_path / "vae", tmp_path / "logs", tmp_path / "ck",
               perceptual=FlakyPerceptual(set(range(3, 100))))
     assert (tmp_path / "ck" / "step-00000002" / "run.json").exists()  # the last good checkpoint is kept
+
+
+def test_train_stage_killed_mid_run_resumes_on_rerun(pipeline_dir, tmp_path):
+    """The real stage command, SIGKILLed after its first checkpoint, then run again as dvc would."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from conftest import ROOT, TINY
+
+    raw = {k: dict(v) for k, v in TINY.items()}
+    raw["train"].update({"max_steps": 200, "checkpoint_every": 10, "log_every": 5, "val_every": 50,
+                         "sample_every": 50})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, str(ROOT / "stages/train.py"), "--params", str(tmp_path / "params.yaml"),
+           "--prepared", str(pipeline_dir / "prepared"), "--vae", str(tmp_path / "vae"), "--logs",
+           str(tmp_path / "logs"), "--checkpoints", str(tmp_path / "ck")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "ck").glob("step-*/run.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "vae").exists()  # it died before the end
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    metrics = json.loads((tmp_path / "logs" / "metrics.json").read_text())
+    assert metrics["resumed"] is True and metrics["steps"] == 200
+    assert [s for s, _ in curve(tmp_path / "logs", "train/loss")] == list(range(5, 201, 5))  # each step once
