@@ -1,9 +1,9 @@
 """Optional perceptual metrics: LPIPS (VGG) and rFID (Inception features, as torch-fidelity).
 
-Both need pretrained networks and packages that are not in the core install (``lpips`` and
-``torch-fidelity`` pull torchvision, and their weights are downloaded on first use). They are an
-extra: ``pip install -e '.[metrics]'``. Asked for but unavailable, the evaluate stage stops at
-once with that instruction instead of failing after the decode.
+Both need pretrained networks. LPIPS is the project's own (lpips.py, the training loss's net): it
+needs only its two weight files. rFID needs ``torch-fidelity``, which pulls torchvision and
+downloads Inception on first use: the ``metrics`` extra, ``pip install -e '.[metrics]'``. Asked for
+but unavailable, the evaluate stage stops at once saying how to get them, before the decode.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-HOW_TO_GET = "install the metrics extra: pip install -e '.[metrics]' (lpips, torch-fidelity; their weights download on first use)"
+from .lpips import WeightsUnavailable, load_lpips, require_weights
+
+HOW_TO_GET = "install the metrics extra: pip install -e '.[metrics]' (torch-fidelity; Inception downloads on first use)"
 
 
 class MetricUnavailable(RuntimeError):
@@ -24,10 +26,14 @@ class MetricUnavailable(RuntimeError):
 
 
 def check_available(cfg) -> None:
-    """Raise MetricUnavailable naming the param when a requested metric's package is missing."""
-    for flag, module in (("lpips", "lpips"), ("rfid", "torch_fidelity")):
-        if getattr(cfg, flag) and importlib.util.find_spec(module) is None:
-            raise MetricUnavailable(f"evaluate.{flag}: true needs the {module!r} package, which is not installed; {HOW_TO_GET}")
+    """Raise MetricUnavailable naming the param when a requested metric cannot run."""
+    if cfg.lpips:
+        try:
+            require_weights("evaluate.lpips")  # downloads them when missing and online
+        except WeightsUnavailable as e:
+            raise MetricUnavailable(str(e)) from None
+    if cfg.rfid and importlib.util.find_spec("torch_fidelity") is None:
+        raise MetricUnavailable(f"evaluate.rfid: true needs the 'torch_fidelity' package, which is not installed; {HOW_TO_GET}")
 
 
 class Lpips:
@@ -35,18 +41,16 @@ class Lpips:
 
     def __init__(self, device: torch.device):
         try:
-            import lpips
-
-            self.net = lpips.LPIPS(net="vgg", verbose=False).eval().to(device)
-        except Exception as e:  # a broken torchvision, no weights offline ...
-            raise MetricUnavailable(f"evaluate.lpips: cannot load LPIPS-VGG ({type(e).__name__}: {e}); {HOW_TO_GET}") from e
+            self.net = load_lpips("evaluate.lpips", device, download=False)
+        except WeightsUnavailable as e:
+            raise MetricUnavailable(str(e)) from None
         self.device = device
 
     @torch.inference_mode()
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # a, b: [N, 3, H, W] in [0, 1]; LPIPS wants [-1, 1]
-        d = self.net(a.to(self.device) * 2 - 1, b.to(self.device) * 2 - 1)  # [N, 1, 1, 1]
-        return d.flatten().float().cpu()
+        d = self.net(a.to(self.device) * 2 - 1, b.to(self.device) * 2 - 1)  # [N]
+        return d.float().cpu()
 
 
 class RFid:

@@ -15,7 +15,21 @@ import csv
 import shutil
 from pathlib import Path
 
+from dvclive import Live
+
 from .viz import save_grid
+
+
+class _FilesOnlyLive(Live):
+    """dvclive writing its files and nothing else.
+
+    Its DVC integration opens the repository from inside the running stage (it also runs
+    ``dvc init`` in a git repo that has none, and fails in one with no commit yet); none of it is
+    needed when dvc.yaml declares the plots, so it is skipped.
+    """
+
+    def _init_dvc(self):
+        pass
 
 
 class TrainLog:
@@ -25,8 +39,6 @@ class TrainLog:
         self.live = None
         if not enabled:
             return
-        from dvclive import Live
-
         if resume_step is None:
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
@@ -34,8 +46,8 @@ class TrainLog:
         (self.dir / "samples").mkdir(parents=True, exist_ok=True)
         # No dvc.yaml edits, no experiment commits, no report: the stage's dvc.yaml declares the
         # plots, and `dvc exp run` already records the experiment.
-        self.live = Live(dir=str(self.dir), resume=resume_step is not None, save_dvc_exp=False, dvcyaml=None,
-                         report=None)
+        self.live = _FilesOnlyLive(dir=str(self.dir), resume=resume_step is not None, save_dvc_exp=False,
+                                   dvcyaml=None, report=None)
 
     def _truncate(self, step: int) -> None:
         """Drop rows logged after the checkpoint being resumed: a curve never holds a step twice."""

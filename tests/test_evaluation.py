@@ -108,8 +108,15 @@ def test_asking_for_unavailable_lpips_fails_at_once_saying_how(tmp_path):
     params["evaluate"]["lpips"] = True
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     t = time.time()
+    env = {**__import__("os").environ, "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "stages/evaluate.py"), "--params", str(tmp_path / "params.yaml"),
                            "--vae", "x", "--latents", "x", "--prepared", "x", "--out", str(tmp_path / "eval")],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode != 0 and time.time() - t < 20
-    assert "evaluate.lpips" in proc.stderr and "pip install -e '.[metrics]'" in proc.stderr
+    assert "evaluate.lpips" in proc.stderr and "vgg16-397923af.pth" in proc.stderr
+    params["evaluate"].update({"lpips": False, "rfid": True})  # torch-fidelity is not installed here
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/evaluate.py"), "--params", str(tmp_path / "params.yaml"),
+                           "--vae", "x", "--latents", "x", "--prepared", "x", "--out", str(tmp_path / "eval")],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode != 0 and "evaluate.rfid" in proc.stderr and "pip install -e '.[metrics]'" in proc.stderr
