@@ -176,6 +176,7 @@ class TrainConfig:
     lr_min_ratio: float = 0.05  # cosine decays to lr * this
     warmup_steps: int = 50
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9  # LDM's autoencoder and discriminator: (0.5, 0.9)
     adam_beta2: float = 0.99
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # 0 disables EMA
@@ -203,6 +204,7 @@ class TrainConfig:
         _in_range("train.lr_min_ratio", self.lr_min_ratio, 0.0, 1.0)
         _at_least("train.warmup_steps", self.warmup_steps, 0)
         _at_least("train.weight_decay", self.weight_decay, 0.0)
+        _in_range("train.adam_beta1", self.adam_beta1, 0.0, 1.0, open_hi=True)
         _in_range("train.adam_beta2", self.adam_beta2, 0.0, 1.0, open_hi=True)
         _at_least("train.grad_clip", self.grad_clip, 0.0)
         _in_range("train.ema_decay", self.ema_decay, 0.0, 1.0, open_hi=True)

@@ -213,7 +213,7 @@ def build_optimizers(model: TrainedAutoencoder, disc, params: Params):
 
     def adamw(module, lr):
         trainable = [p for p in module.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=lr, betas=(0.9, tcfg.adam_beta2), weight_decay=tcfg.weight_decay)
+        return torch.optim.AdamW(trainable, lr=lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), weight_decay=tcfg.weight_decay)
 
     return adamw(model, tcfg.lr), (adamw(disc, params.loss.disc_lr or tcfg.lr) if disc is not None else None)
 

@@ -65,3 +65,17 @@ def test_stage_fails_fast_on_bad_params(tmp_path):
     assert "model.latent_channels" in proc.stderr and ">= 1" in proc.stderr
     assert time.perf_counter() - t0 < 10
     assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("channels", [4, 8, 16])
+def test_presets_are_sd_kl_f8_at_256(channels):
+    from ldm_vae.model import build_vae
+
+    p = load_params(ROOT / "presets" / f"sd-kl-f8-256-c{channels}.yaml")
+    assert p.model.latent_channels == channels and p.data.resolution == 256
+    assert p.model.block_out_channels == (128, 256, 512, 512) and p.model.layers_per_block == 2
+    assert (p.loss.rec_loss, p.loss.kl_weight, p.loss.perceptual_weight, p.loss.disc_weight, p.loss.disc_start) == (
+        "l1", 1e-6, 1.0, 0.5, 50001)
+    assert p.train.mixed_precision == "bf16" and p.train.num_processes == "auto"
+    vae = build_vae(p.model, p.data.resolution)
+    assert 83.6e6 < sum(t.numel() for t in vae.parameters()) < 83.9e6  # SD's VAE: 83.65 M at 4 channels

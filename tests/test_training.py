@@ -236,3 +236,17 @@ def test_train_stage_killed_mid_run_resumes_on_rerun(pipeline_dir, tmp_path):
     metrics = json.loads((tmp_path / "logs" / "metrics.json").read_text())
     assert metrics["resumed"] is True and metrics["steps"] == 200
     assert [s for s, _ in curve(tmp_path / "logs", "train/loss")] == list(range(5, 201, 5))  # each step once
+
+
+def test_exported_weights_are_the_ema_weights_and_the_checkpoint_keeps_the_trained_ones(pipeline_dir):
+    from safetensors.torch import load_file
+
+    ckpt = pipeline_dir / "checkpoints" / "step-00000006"
+    ema = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)["shadow_params"]
+    trained = load_file(ckpt / "model.safetensors")  # TrainedAutoencoder: vae.* + output_logvar
+    exported = AutoencoderKL.from_pretrained(pipeline_dir / "vae").state_dict()
+    names = [k for k, _ in AutoencoderKL.from_pretrained(pipeline_dir / "vae").named_parameters()]
+    assert len(ema) == len(names)
+    for name, shadow in zip(names, ema):
+        assert torch.equal(exported[name], shadow), name
+    assert any(not torch.equal(exported[n], trained[f"vae.{n}"]) for n in names)  # EMA != raw weights
