@@ -1,13 +1,15 @@
 """Training-loop throughput: the real train() against the model's own forward/backward, one run.
 
-    python bench/train.py [--steps 120] [--skip 20] [--prepared data/prepared]
+    python bench/train.py [--steps 420] [--skip 20] [--segment 25] [--prepared data/prepared]
 
 Both sides use the default params (params.yaml: model, loss, batch and crop size). The baseline
 is the bare per-step compute on synthetic tensors already in memory: forward through the trained
 module, the loss, backward, clipping, the AdamW step and the EMA step. The real side is
 ``ldm_vae.training.train`` on the prepared shards (decode, crop, flip and fade of every image,
 batching, logging). Their ratio is the data pipeline's (and the loop's) overhead; the target is
-under 5%. The first ``--skip`` steps of each side are not timed (allocator and thread warm-up).
+under 5%. The two run interleaved in one process (a bare segment every ``--segment`` real steps),
+because this machine's speed drifts by 15% between minutes. The first ``--skip`` steps are not
+timed (allocator and thread warm-up).
 Without data/prepared, the download and prepare stages are run on the builtin source first.
 """
 
@@ -27,63 +29,91 @@ from ldm_vae.config import load_params  # noqa: E402
 from ldm_vae.shards import shard_paths  # noqa: E402
 
 
-def bare_loop(params, steps: int, skip: int) -> float:
-    """images/s of forward + loss + backward + clip + AdamW + EMA on one fixed synthetic batch."""
-    from diffusers.training_utils import EMAModel
+class BareLoop:
+    """Forward + loss + backward + clip + AdamW + EMA on one fixed synthetic batch, in segments."""
 
-    from ldm_vae.losses import VAELoss
-    from ldm_vae.model import TrainedAutoencoder, build_vae
+    def __init__(self, params):
+        from diffusers.training_utils import EMAModel
 
-    t = params.train
-    size = t.crop_size or params.data.resolution
-    model = TrainedAutoencoder(build_vae(params.model, params.data.resolution), params.loss.logvar_init,
-                               params.loss.learn_logvar)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
-                            betas=(t.adam_beta1, t.adam_beta2))
-    ema = EMAModel(model.vae.parameters(), decay=t.ema_decay)
-    loss_fn = VAELoss(params.loss)
-    x = torch.rand(t.batch_size, 3, size, size) * 2 - 1  # [B, 3, crop, crop]
-    for i in range(steps):
-        if i == skip:
-            t0 = time.perf_counter()
-        rec, mean, logvar = model(x)
-        loss, _ = loss_fn(rec, x, mean, logvar, model.output_logvar, step=i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        ema.step(model.vae.parameters())
-    return (steps - skip) * t.batch_size / (time.perf_counter() - t0)
+        from ldm_vae.losses import VAELoss
+        from ldm_vae.model import TrainedAutoencoder, build_vae
+
+        t = self.t = params.train
+        size = t.crop_size or params.data.resolution
+        self.model = TrainedAutoencoder(build_vae(params.model, params.data.resolution), params.loss.logvar_init,
+                                        params.loss.learn_logvar)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=t.lr,
+                                     betas=(t.adam_beta1, t.adam_beta2))
+        self.ema = EMAModel(self.model.vae.parameters(), decay=t.ema_decay)
+        self.loss_fn = VAELoss(params.loss)
+        self.x = torch.rand(t.batch_size, 3, size, size) * 2 - 1  # [B, 3, crop, crop]
+        self.step = 0
+
+    def run(self, steps: int) -> float:
+        """Seconds for ``steps`` steps."""
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            rec, mean, logvar = self.model(self.x)
+            loss, _ = self.loss_fn(rec, self.x, mean, logvar, self.model.output_logvar, step=self.step)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+            self.opt.step()
+            self.ema.step(self.model.vae.parameters())
+            self.step += 1
+        return time.perf_counter() - t0
 
 
-def real_loop(params, prepared: Path, steps: int, skip: int, tmp: Path) -> float:
+def interleaved(params, prepared: Path, steps: int, skip: int, segment: int, tmp: Path) -> dict:
+    """The real train() with a bare segment run inside its step callback every ``segment`` steps.
+
+    Real steps are timed from one callback's return to the next callback, so the bare segments
+    are not counted in them; both sides then see the same machine state, minute by minute.
+    """
     from ldm_vae.training import train
 
-    stamps = {}
+    bare = BareLoop(params)
+    bare.run(skip)
+    clock = {"real": 0.0, "bare": 0.0, "real_steps": 0, "bare_steps": 0, "last": None}
 
     def on_step(step, x, accelerator, model):
-        if step in (skip, steps):
-            stamps[step] = time.perf_counter()
+        now = time.perf_counter()
+        if step > skip and clock["last"] is not None:
+            clock["real"] += now - clock["last"]
+            clock["real_steps"] += 1
+        if step >= skip and step % segment == 0 and step < steps:
+            clock["bare"] += bare.run(segment)
+            clock["bare_steps"] += segment
+        clock["last"] = time.perf_counter()
 
     train(params, shard_paths(prepared / "train"), shard_paths(prepared / "val"), tmp / "vae", tmp / "logs",
           tmp / "ck", on_step=on_step)
-    return (steps - skip) * params.train.batch_size / (stamps[steps] - stamps[skip])
+    b = params.train.batch_size
+    bare_ips, real_ips = clock["bare_steps"] * b / clock["bare"], clock["real_steps"] * b / clock["real"]
+    return {"bare_images_per_s": round(bare_ips, 1), "train_images_per_s": round(real_ips, 1),
+            "overhead_pct": round(100 * (1 - real_ips / bare_ips), 1), "steps_each": clock["real_steps"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=420)
     ap.add_argument("--skip", type=int, default=20)
     ap.add_argument("--prepared", type=Path, default=ROOT / "data" / "prepared")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--segment", type=int, default=25)
+    ap.add_argument("--num-workers", type=int, default=None, help="override train.num_workers")
+    ap.add_argument("--cache-mb", type=int, default=None, help="override train.cache_mb (0: decode every image every time)")
+    ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
     from dataclasses import replace
 
     params = load_params(ROOT / "params.yaml")
     # No validation, checkpoint or sample inside the timed window: they are not per-step costs.
     big = args.steps + 1
+    workers = params.train.num_workers if args.num_workers is None else args.num_workers
+    cache_mb = params.train.cache_mb if args.cache_mb is None else args.cache_mb
     params = replace(params, train=replace(params.train, max_steps=args.steps, val_every=big, sample_every=big,
-                                           checkpoint_every=big, scale_samples=16))
+                                           checkpoint_every=big, scale_samples=16, num_workers=workers,
+                                           cache_mb=cache_mb))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prepared = args.prepared
@@ -95,14 +125,11 @@ def main() -> None:
             run_prepare(params.data, tmp / "raw", tmp / "prepared")
             prepared = tmp / "prepared"
         rows = []
-        for r in range(args.repeats):  # alternate the two sides so drift hits both alike
-            bare = bare_loop(params, args.steps, args.skip)
-            real = real_loop(params, prepared, args.steps, args.skip, tmp / f"run{r}")
-            rows.append({"bare_images_per_s": round(bare, 1), "train_images_per_s": round(real, 1),
-                         "overhead_pct": round(100 * (1 - real / bare), 1)})
+        for r in range(args.repeats):
+            rows.append(interleaved(params, prepared, args.steps, args.skip, args.segment, tmp / f"run{r}"))
             print(json.dumps(rows[-1]), flush=True)
-    print(json.dumps({"threads": torch.get_num_threads(), "batch": params.train.batch_size,
-                      "crop": params.train.crop_size, "steps_timed": args.steps - args.skip, "runs": rows}))
+    print(json.dumps({"threads": torch.get_num_threads(), "batch": params.train.batch_size, "num_workers": workers, "cache_mb": cache_mb,
+                      "crop": params.train.crop_size, "runs": rows}))
 
 
 if __name__ == "__main__":

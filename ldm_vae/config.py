@@ -185,6 +185,7 @@ class TrainConfig:
     val_every: int = 250
     sample_every: int = 250
     num_workers: int = 0
+    cache_mb: int = 1024  # decoded training images kept in memory per data process (0: decode every time)
     # Processes (accelerate, one per GPU) the stage launches: auto = every visible GPU, or the CPU
     # when there is none; a number (on a CPU, >1 runs gloo DDP: for tests). batch_size is per process.
     num_processes: str = "auto"
@@ -211,6 +212,7 @@ class TrainConfig:
         for key in ("checkpoint_every", "log_every", "val_every", "sample_every", "scale_samples"):
             _at_least(f"train.{key}", getattr(self, key), 1)
         _at_least("train.num_workers", self.num_workers, 0)
+        _at_least("train.cache_mb", self.cache_mb, 0)
         _check_processes("train.num_processes", self.num_processes)
         _at_least("train.grad_accum_steps", self.grad_accum_steps, 1)
         _at_least("train.max_bad_steps", self.max_bad_steps, 1)

@@ -9,7 +9,7 @@ import torch
 import webdataset as wds
 
 from .images import decode_uint8
-from .shards import iter_samples
+from .shards import iter_samples, tar_samples
 
 IMAGE_KEYS = ("png", "jpg")
 
@@ -34,11 +34,11 @@ def fade_to_colour(x: torch.Tensor) -> torch.Tensor:
     """
     colour = torch.tensor([random.uniform(-1.0, 1.0) for _ in range(3)]).view(3, 1, 1)  # [3, 1, 1]
     alpha = random.random()
-    return x * (1.0 - alpha) + colour * alpha
+    return torch.lerp(x, colour, alpha)  # x * (1 - alpha) + colour * alpha, one pass
 
 
 def train_stream(paths: list[str], seed: int, crop: int = 0, color_augment: bool = False,
-                 fade_augment: float = 0.0, shuffle_buffer: int = 1000) -> wds.DataPipeline:
+                 fade_augment: float = 0.0, shuffle_buffer: int = 1000, cache_mb: int = 0) -> wds.DataPipeline:
     """An endless, shuffled stream of random-flipped training images [3, H, W].
 
     ``crop`` > 0 takes a random ``crop`` x ``crop`` window of each image instead (the autoencoder
@@ -49,17 +49,35 @@ def train_stream(paths: list[str], seed: int, crop: int = 0, color_augment: bool
     Shards are resampled with a seed that webdataset mixes with the rank and the worker id, so
     each process and dataloader worker draws its own sequence: no node splitting is needed and
     no worker ever runs dry, whatever the number of shards.
+
+    ``cache_mb``: decoded images are kept, up to this many MB per data process, so a small set is
+    decoded once rather than every epoch (image decoding is most of this pipeline's cost; the
+    demo's 1,170 images take 14 MB). Images past the budget are decoded every time.
     """
+    cache: dict[str, np.ndarray] = {}
+    budget = [cache_mb * 2**20]  # bytes left
+
+    def pixels(sample) -> np.ndarray:
+        arr = cache.get(sample["__key__"])
+        if arr is None:
+            arr = decode_uint8(image_bytes(sample))
+            if arr.nbytes <= budget[0]:
+                arr.flags.writeable = False  # shared by every later epoch: never modified in place
+                cache[sample["__key__"]] = arr
+                budget[0] -= arr.nbytes
+        return arr
 
     def to_item(sample):
-        x = to_tensor(decode_uint8(image_bytes(sample)))  # [3, H, W]
-        if crop and crop < min(x.shape[-2:]):
-            top, left = random.randint(0, x.shape[-2] - crop), random.randint(0, x.shape[-1] - crop)
-            x = x[:, top : top + crop, left : left + crop]
+        arr = pixels(sample)  # [H, W, 3] uint8
+        # Crop and flip the uint8 pixels, before the float conversion (4x fewer values at 32 of 64 px).
+        if crop and crop < min(arr.shape[:2]):
+            top, left = random.randint(0, arr.shape[0] - crop), random.randint(0, arr.shape[1] - crop)
+            arr = arr[top : top + crop, left : left + crop]
         # Horizontal flips double the views of a small collection. Python's `random`, not numpy's:
         # torch reseeds it in every dataloader worker, numpy's state would be cloned by fork.
         if random.random() < 0.5:
-            x = x.flip(-1)
+            arr = arr[:, ::-1]
+        x = to_tensor(np.array(arr, order="C"))  # [3, h, w] in [-1, 1], from a private copy
         if color_augment:
             x = x[random.sample(range(3), 3)]  # [3, H, W], channels in a random order
         if fade_augment and random.random() < fade_augment:
@@ -68,7 +86,7 @@ def train_stream(paths: list[str], seed: int, crop: int = 0, color_augment: bool
 
     return wds.DataPipeline(
         wds.ResampledShards(paths, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(),
+        tar_samples,
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
         wds.map(to_item),
     )

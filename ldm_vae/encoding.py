@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .config import EncodeConfig
 from .latents import DONE, SPLITS, encode_shard, vae_fingerprint
 from .model import LatentMoments
-from .shards import shard_paths
+from .shards import shard_keys, shard_paths
 
 
 class CoverageError(RuntimeError):
@@ -141,54 +141,6 @@ def _remove_unrecorded(out_dir: Path, done: dict[int, dict]) -> None:
         for p in (out_dir / DONE).iterdir():
             if p.name not in {f"s{i:05d}.json" for i in done}:
                 p.unlink()
-
-
-def shard_keys(path: str) -> list[str]:
-    """The sample keys of a webdataset tar, from its member headers only (nothing is decoded).
-
-    Reads the 512-byte headers (ustar, pax and GNU long names) and seeks over the data: several
-    times faster than tarfile.getmembers, which matters when a check reads every shard of a set.
-    """
-    names = []
-    override = None  # a pax or GNU long-name header's path for the next member
-    with open(path, "rb") as f:
-        while True:
-            header = f.read(512)
-            if len(header) < 512 or header == b"\0" * 512:
-                break
-            kind = header[156:157]
-            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-            padded = (size + 511) // 512 * 512
-            if kind in (b"x", b"L"):  # webdataset's TarWriter writes pax headers
-                data = f.read(padded)[:size]
-                override = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode()
-                continue
-            if kind in (b"0", b"\0"):  # a regular file
-                name = header[0:100].split(b"\0", 1)[0].decode()
-                prefix = header[345:500].split(b"\0", 1)[0].decode()
-                names.append(override or (f"{prefix}/{name}" if prefix else name))
-            override = None
-            f.seek(padded, os.SEEK_CUR)
-    keys, last = [], None
-    for name in names:  # members of one sample are consecutive: key.ext1, key.ext2, ...
-        key = name.split("/")[-1].split(".", 1)[0]
-        if key != last:
-            keys.append(key)
-            last = key
-    return keys
-
-
-def _pax_path(data: bytes) -> str | None:
-    # pax records: b"<length> <key>=<value>\n" ...
-    pos = 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode()
-        pos += length
-    return None
 
 
 def check_coverage(inputs: list[str], outputs: list[str], split: str) -> None:

@@ -27,6 +27,7 @@ import torch
 import webdataset as wds
 
 from .latents import npy_load
+from .shards import tar_samples
 
 NORMALIZE = ("channel", "vae", "none")
 
@@ -99,7 +100,7 @@ def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, 
         wds.split_by_node,
         wds.split_by_worker,
     ]
-    stages.append(wds.tarfile_to_samples())
+    stages.append(tar_samples)
     if shuffle:
         stages.append(wds.shuffle(shuffle, seed=seed))
     stages.append(wds.map(to_item))

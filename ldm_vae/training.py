@@ -99,7 +99,7 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
 
     loader = torch.utils.data.DataLoader(
         train_stream(train_shards, seed=tcfg.seed, crop=tcfg.crop_size, color_augment=tcfg.color_augment,
-                     fade_augment=tcfg.fade_augment),
+                     fade_augment=tcfg.fade_augment, cache_mb=tcfg.cache_mb),
         batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, persistent_workers=tcfg.num_workers > 0,
     )
     loss_fn = VAELoss(lcfg, perceptual.to(accelerator.device) if perceptual is not None else None)
@@ -115,6 +115,7 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
         step = progress.step  # optimizer steps done so far
         model.train()
         logs = {}
+        log_now = (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.max_steps
         for micro in range(tcfg.grad_accum_steps):
             x = next(batches).to(accelerator.device)  # [B, 3, H, W] in [-1, 1]
             last = micro == tcfg.grad_accum_steps - 1
@@ -125,8 +126,9 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
                     with accelerator.autocast():
                         d_loss, logs_d = loss_fn.discriminator_loss(disc, x, rec)
                     accelerator.backward(d_loss / tcfg.grad_accum_steps)
-            for k, v in {**logs_g, **logs_d}.items():
-                logs[k] = logs.get(k, 0.0) + v.float() / tcfg.grad_accum_steps
+            if log_now:  # means over the micro-batches of the logged step only (a few tensor ops each)
+                for k, v in {**logs_g, **logs_d}.items():
+                    logs[k] = logs.get(k, 0.0) + v.float() / tcfg.grad_accum_steps
             images_window += x.shape[0] * accelerator.num_processes
 
         # Clipping returns the norm of the (already all-reduced) gradients: the same on every
@@ -144,7 +146,7 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
             if bad_in_row >= tcfg.max_bad_steps:
                 raise TrainingDiverged(
                     f"train: {bad_in_row} non-finite steps in a row at step {step + 1} (train.max_bad_steps: "
-                    f"{tcfg.max_bad_steps}); loss {float(logs['train/loss']):.4g}. Try a lower train.lr, "
+                    f"{tcfg.max_bad_steps}); loss {float(logs_g['train/loss']):.4g}. Try a lower train.lr, "
                     "train.mixed_precision: no, or a smaller loss.disc_weight; the last checkpoint is kept.")
             continue
         bad_in_row = 0
@@ -161,7 +163,7 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
         if on_step is not None:
             on_step(step, x, accelerator, model)
 
-        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+        if log_now:
             values = {k: accelerator.reduce(v.to(accelerator.device), "mean").item() for k, v in logs.items()}
             now = time.perf_counter()
             values.update({"train/lr": sched_ae.get_last_lr()[0], "train/grad_norm": float(grad_norm),

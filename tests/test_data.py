@@ -84,3 +84,28 @@ def test_load_images_keeps_shard_order_and_limit(tmp_path):
     assert keys == ["k00", "k01", "k02"] and x.shape == (3, 3, 16, 16)
     keys, x = load_images(paths, limit=2)
     assert keys == ["k00", "k01"] and x.shape[0] == 2
+
+
+def test_decoded_image_cache_changes_nothing_but_the_cost(tmp_path):
+    """Cached or not (and with a budget that holds only some images), the stream is identical."""
+    paths = write_shards(tmp_path, [photo(400, 400, seed=i) for i in range(5)])  # 480 KB each decoded
+    runs = {}
+    for mb in (0, 1, 1024):
+        import ldm_vae.data as data
+
+        decoded = []
+        real = data.decode_uint8
+        data.decode_uint8 = lambda b: decoded.append(1) or real(b)
+        try:
+            import random
+
+            random.seed(0)  # crops, flips and fades draw from Python's random (train() seeds it)
+            stream = train_stream(paths, seed=3, crop=16, fade_augment=0.5, cache_mb=mb)
+            runs[mb] = list(itertools.islice(iter(stream), 60))  # about 12 passes over the 5 images
+        finally:
+            data.decode_uint8 = real
+        runs[mb, "decodes"] = len(decoded)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1024]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert runs[0, "decodes"] == 60 and runs[1024, "decodes"] == 5  # each image decoded once
+    assert 5 < runs[1, "decodes"] < 60  # 1 MB holds two of them: the others are decoded every time

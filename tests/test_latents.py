@@ -175,7 +175,7 @@ def test_shard_keys_reads_ustar_pax_and_long_names(tmp_path):
     import io
     import tarfile
 
-    from ldm_vae.encoding import shard_keys
+    from ldm_vae.shards import shard_keys
 
     long_key = "k" * 150  # longer than ustar's 100-byte name field
     for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
