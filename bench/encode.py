@@ -1,6 +1,6 @@
 """Encode throughput: the encode stage against a naive loop, in one run, on the same images.
 
-    python bench/encode.py [--vae data/vae] [--prepared data/prepared] [--images 1000]
+    python bench/encode.py [--vae data/vae] [--prepared data/prepared] [--images 1000] [--repeats 3]
 
 Naive loop (what a first script does): decode one image with PIL, ``vae.encode`` it alone,
 ``np.save`` its mean and std to two .npy files. The stage: batched decode of the prepared
@@ -34,9 +34,14 @@ def main() -> None:
     ap.add_argument("--vae", type=Path, default=ROOT / "data/vae")
     ap.add_argument("--prepared", type=Path, default=ROOT / "data/prepared")
     ap.add_argument("--images", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: encode.batch_size of params.yaml")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    from ldm_vae.config import load_params
+
+    batch = args.batch_size or load_params(ROOT / "params.yaml").encode.batch_size
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    naive_vae = load_vae(args.vae, device)  # as loaded: the stage's copy is switched to channels_last
     vae = load_vae(args.vae, device)
     samples = [s for _, s in zip(range(args.images), iter_samples(shard_paths(args.prepared / "train")))]
     n = len(samples)
@@ -51,22 +56,32 @@ def main() -> None:
         for s in samples:
             (tmp / "files" / f"{s['__key__']}.png").write_bytes(image_bytes(s))
 
-        t = time.perf_counter()
-        with torch.inference_mode():
-            for path in sorted((tmp / "files").iterdir()):
-                x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
-                post = vae.encode(x[None].to(device)).latent_dist
-                np.save(tmp / "files" / f"{path.stem}.mean.npy", post.mean[0].cpu().numpy())
-                np.save(tmp / "files" / f"{path.stem}.std.npy", post.std[0].cpu().numpy())
-        naive = n / (time.perf_counter() - t)
+        # Alternated, so that this machine's minute-to-minute drift hits both sides alike.
+        times = {"naive": 0.0, "stage": 0.0}
+        pngs = sorted((tmp / "files").iterdir())
+        for r in range(args.repeats):
+            out = tmp / f"npy{r}"
+            out.mkdir()
+            t = time.perf_counter()
+            with torch.inference_mode():
+                for path in pngs:
+                    x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+                    post = naive_vae.encode(x[None].to(device)).latent_dist
+                    np.save(out / f"{path.stem}.mean.npy", post.mean[0].cpu().numpy())
+                    np.save(out / f"{path.stem}.std.npy", post.std[0].cpu().numpy())
+            naive = n / (time.perf_counter() - t)
+            times["naive"] += time.perf_counter() - t
 
-        t = time.perf_counter()
-        stats = run_encode(vae, tmp / "prepared", tmp / "latents", EncodeConfig(batch_size=args.batch_size))
-        stage = n / (time.perf_counter() - t)
-        assert stats["splits"]["train"]["count"] == n
+            t = time.perf_counter()
+            stats = run_encode(vae, tmp / "prepared", tmp / f"latents{r}", EncodeConfig(batch_size=batch))
+            stage = n / (time.perf_counter() - t)
+            times["stage"] += time.perf_counter() - t
+            assert stats["splits"]["train"]["count"] == n
+            print(f"run {r}: naive {naive:.1f} images/s, stage {stage:.1f} images/s ({stage / naive:.2f}x)", flush=True)
+        naive, stage = n * args.repeats / times["naive"], n * args.repeats / times["stage"]
     shape = "x".join(map(str, samples and np.array(Image.open(io.BytesIO(image_bytes(samples[0])))).shape[:2]))
     print(f"{n} images {shape} px, VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M params, {device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, stage batch {batch}, {args.repeats} alternated runs")
     print(f"naive loop : {naive:8.1f} images/s")
     print(f"encode stage: {stage:8.1f} images/s  ({stage / naive:.1f}x)")
 
