@@ -32,7 +32,7 @@ from ldm_vae.shards import shard_paths  # noqa: E402
 class BareLoop:
     """Forward + loss + backward + clip + AdamW + EMA on one fixed synthetic batch, in segments."""
 
-    def __init__(self, params):
+    def __init__(self, params, perceptual=None):
         from diffusers.training_utils import EMAModel
 
         from ldm_vae.losses import VAELoss
@@ -40,31 +40,37 @@ class BareLoop:
 
         t = self.t = params.train
         size = t.crop_size or params.data.resolution
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
         self.model = TrainedAutoencoder(build_vae(params.model, params.data.resolution), params.loss.logvar_init,
-                                        params.loss.learn_logvar)
+                                        params.loss.learn_logvar).to(self.device)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=t.lr,
                                      betas=(t.adam_beta1, t.adam_beta2))
         self.ema = EMAModel(self.model.vae.parameters(), decay=t.ema_decay)
-        self.loss_fn = VAELoss(params.loss)
-        self.x = torch.rand(t.batch_size, 3, size, size) * 2 - 1  # [B, 3, crop, crop]
+        self.loss_fn = VAELoss(params.loss, perceptual)
+        self.x = torch.rand(t.batch_size, 3, size, size, device=self.device) * 2 - 1  # [B, 3, crop, crop]
         self.step = 0
 
     def run(self, steps: int) -> float:
         """Seconds for ``steps`` steps."""
         t0 = time.perf_counter()
         for _ in range(steps):
-            rec, mean, logvar = self.model(self.x)
-            loss, _ = self.loss_fn(rec, self.x, mean, logvar, self.model.output_logvar, step=self.step)
+            with self.autocast:
+                rec, mean, logvar = self.model(self.x)
+                loss, _ = self.loss_fn(rec, self.x, mean, logvar, self.model.output_logvar, step=self.step)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
             self.opt.step()
             self.ema.step(self.model.vae.parameters())
             self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
 
-def interleaved(params, prepared: Path, steps: int, skip: int, segment: int, tmp: Path) -> dict:
+def interleaved(params, prepared: Path, steps: int, skip: int, segment: int, tmp: Path, perceptual=None) -> dict:
     """The real train() with a bare segment run inside its step callback every ``segment`` steps.
 
     Real steps are timed from one callback's return to the next callback, so the bare segments
@@ -72,11 +78,13 @@ def interleaved(params, prepared: Path, steps: int, skip: int, segment: int, tmp
     """
     from ldm_vae.training import train
 
-    bare = BareLoop(params)
+    bare = BareLoop(params, perceptual)
     bare.run(skip)
     clock = {"real": 0.0, "bare": 0.0, "real_steps": 0, "bare_steps": 0, "last": None}
 
     def on_step(step, x, accelerator, model):
+        if x.is_cuda:
+            torch.cuda.synchronize()  # a step's time is its GPU work, not its launch
         now = time.perf_counter()
         if step > skip and clock["last"] is not None:
             clock["real"] += now - clock["last"]
@@ -87,7 +95,7 @@ def interleaved(params, prepared: Path, steps: int, skip: int, segment: int, tmp
         clock["last"] = time.perf_counter()
 
     train(params, shard_paths(prepared / "train"), shard_paths(prepared / "val"), tmp / "vae", tmp / "logs",
-          tmp / "ck", on_step=on_step)
+          tmp / "ck", perceptual=perceptual, on_step=on_step)
     b = params.train.batch_size
     bare_ips, real_ips = clock["bare_steps"] * b / clock["bare"], clock["real_steps"] * b / clock["real"]
     return {"bare_images_per_s": round(bare_ips, 1), "train_images_per_s": round(real_ips, 1),
@@ -100,13 +108,14 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=20)
     ap.add_argument("--prepared", type=Path, default=ROOT / "data" / "prepared")
     ap.add_argument("--segment", type=int, default=25)
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--num-workers", type=int, default=None, help="override train.num_workers")
     ap.add_argument("--cache-mb", type=int, default=None, help="override train.cache_mb (0: decode every image every time)")
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
     from dataclasses import replace
 
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(args.params)
     # No validation, checkpoint or sample inside the timed window: they are not per-step costs.
     big = args.steps + 1
     workers = params.train.num_workers if args.num_workers is None else args.num_workers
@@ -124,11 +133,17 @@ def main() -> None:
             run_download(params.data, tmp / "raw")
             run_prepare(params.data, tmp / "raw", tmp / "prepared")
             prepared = tmp / "prepared"
+        perceptual = None
+        if params.loss.perceptual_weight > 0:  # the SD presets: LPIPS on both sides
+            from ldm_vae.lpips import load_lpips
+
+            perceptual = load_lpips("loss.perceptual_weight")
         rows = []
         for r in range(args.repeats):
-            rows.append(interleaved(params, prepared, args.steps, args.skip, args.segment, tmp / f"run{r}"))
+            rows.append(interleaved(params, prepared, args.steps, args.skip, args.segment, tmp / f"run{r}", perceptual))
             print(json.dumps(rows[-1]), flush=True)
-    print(json.dumps({"threads": torch.get_num_threads(), "batch": params.train.batch_size, "num_workers": workers, "cache_mb": cache_mb,
+    print(json.dumps({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                      "threads": torch.get_num_threads(), "batch": params.train.batch_size, "num_workers": workers, "cache_mb": cache_mb,
                       "crop": params.train.crop_size, "runs": rows}))
 
 

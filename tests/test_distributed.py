@@ -33,3 +33,24 @@ def test_two_process_training_syncs_weights_splits_data_and_writes_once(pipeline
     assert [round(v, 9) for _, v in lrs] == [round(params.train.lr * lr_lambda(params.train)(s), 9) for s, _ in lrs]
     # The curves are means over both ranks: 4 logged steps, each once.
     assert [s for s, _ in curve(tmp_path / "rank0" / "logs", "train/d_loss")] == [2, 3, 4]
+
+
+def test_train_stage_launches_its_own_processes(pipeline_dir, tmp_path):
+    """`train.num_processes: 2` in params.yaml: the stage command itself starts 2 DDP processes."""
+    import yaml
+
+    from conftest import TINY
+
+    raw = {k: dict(v) for k, v in TINY.items()}
+    raw["train"].update({"num_processes": 2, "max_steps": 4, "batch_size": 2})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "stages/train.py", "--params", str(tmp_path / "params.yaml"),
+                           "--prepared", str(pipeline_dir / "prepared"), "--vae", str(tmp_path / "vae"),
+                           "--logs", str(tmp_path / "logs"), "--checkpoints", str(tmp_path / "ck")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "launching 2 processes" in proc.stdout and "on 2 process(es)" in proc.stdout
+    metrics = json.loads((tmp_path / "logs" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 4
+    assert sorted(p.name for p in (tmp_path / "ck" / "step-00000004").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
