@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,49 @@ def _batches(samples, batch_size: int):
         yield batch
 
 
+def _decoded(in_path: str, batch_size: int):
+    """(samples, images [B, 3, H, W] in [-1, 1]) per batch of a prepared shard."""
+    for batch in _batches(iter_samples([in_path]), batch_size):
+        yield batch, torch.stack([to_tensor(decode_uint8(image_bytes(s))) for s in batch])
+
+
+def prefetched(items, depth: int = 2):
+    """Iterate ``items`` in a background thread, up to ``depth`` ahead.
+
+    The encode stage decodes the next batch while the GPU encodes this one: PIL's decoder and
+    torch release the GIL, so the CPU work hides behind the device's.
+    An exception in the thread is raised here; leaving early stops the thread.
+    """
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def work():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def vae_fingerprint(vae: AutoencoderKL) -> str:
     """A hash of the VAE's config and weights: latents written by another VAE are never reused."""
     h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
@@ -88,9 +133,11 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
     moments = LatentMoments(vae.config.latent_channels)
     shape: list[int] = []
     with ShardWriter(out_dir, f"{split}-r{rank:03d}-s{index:05d}", cfg.samples_per_shard) as writer:
-        for batch in _batches(iter_samples([in_path]), cfg.batch_size):
-            x = torch.stack([to_tensor(decode_uint8(image_bytes(s))) for s in batch]).to(device)  # [B, 3, H, W]
-            x = x.contiguous(memory_format=torch.channels_last)
+        batches = _decoded(in_path, cfg.batch_size)
+        # On a GPU the next batch is decoded while this one encodes. On a CPU whose cores all run
+        # the VAE, the extra thread only competes (measured on 2 cores: 450 vs 579 images/s).
+        for batch, x in prefetched(batches) if device.type == "cuda" else batches:
+            x = x.to(device).contiguous(memory_format=torch.channels_last)  # [B, 3, H, W]
             views = {"": x, "_flip": x.flip(-1)} if cfg.flip else {"": x}
             stored = {}
             for suffix, v in views.items():

@@ -199,3 +199,25 @@ def test_npy_load_round_trips_with_its_header_cache(arr):
     for _ in range(2):  # the second read takes the cached-header path
         back = npy_load(npy_bytes(arr))
         assert back.dtype == arr.dtype and back.shape == arr.shape and np.array_equal(back, arr)
+
+
+def test_prefetched_keeps_order_raises_errors_and_stops_when_left():
+    import threading
+    import time
+
+    from ldm_vae.latents import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise OSError("truncated shard")
+
+    with pytest.raises(OSError, match="truncated shard"):
+        list(prefetched(broken()))
+    before = threading.active_count()
+    it = prefetched(iter(range(10_000)), depth=2)
+    assert next(it) == 0
+    it.close()  # the consumer leaves early: the producer thread must not linger
+    time.sleep(0.5)
+    assert threading.active_count() <= before
