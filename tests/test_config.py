@@ -71,6 +71,13 @@ def test_stage_fails_fast_on_bad_params(tmp_path):
 def test_presets_are_sd_kl_f8_at_256(channels):
     from ldm_vae.model import build_vae
 
+    import dataclasses
+
+    raw = yaml.safe_load((ROOT / "presets" / f"sd-kl-f8-256-c{channels}.yaml").read_text())
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in shipped.items():  # complete files: no key silently left at a default
+        assert set(raw[section]) == set(values) == {f.name for f in dataclasses.fields(
+            type(getattr(load_params(ROOT / "params.yaml"), section)))}, section
     p = load_params(ROOT / "presets" / f"sd-kl-f8-256-c{channels}.yaml")
     assert p.model.latent_channels == channels and p.data.resolution == 256
     assert p.model.block_out_channels == (128, 256, 512, 512) and p.model.layers_per_block == 2
