@@ -22,8 +22,12 @@ def image_bytes(sample: dict) -> bytes:
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float [3, H, W] in [-1, 1]."""
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1].
+
+    A batch [B, H, W, 3] comes out channels_last in memory (the convolutions' fast layout) with
+    no extra copy: the permute only relabels the strides.
+    """
+    return torch.from_numpy(arr).movedim(-1, -3).float().div(127.5).sub(1.0)
 
 
 def fade_to_colour(x: torch.Tensor) -> torch.Tensor:
@@ -55,16 +59,17 @@ def train_stream(paths: list[str], seed: int, crop: int = 0, color_augment: bool
     demo's 1,170 images take 14 MB). Images past the budget are decoded every time.
     """
     cache: dict[str, np.ndarray] = {}
-    budget = [cache_mb * 2**20]  # bytes left
+    budget = cache_mb * 2**20  # bytes left
 
     def pixels(sample) -> np.ndarray:
+        nonlocal budget
         arr = cache.get(sample["__key__"])
         if arr is None:
             arr = decode_uint8(image_bytes(sample))
-            if arr.nbytes <= budget[0]:
+            if arr.nbytes <= budget:
                 arr.flags.writeable = False  # shared by every later epoch: never modified in place
                 cache[sample["__key__"]] = arr
-                budget[0] -= arr.nbytes
+                budget -= arr.nbytes
         return arr
 
     def to_item(sample):
@@ -99,7 +104,7 @@ def load_images(paths: list[str], limit: int | None = None) -> tuple[list[str], 
         if limit is not None and len(keys) >= limit:
             break
         keys.append(sample["__key__"])
-        tensors.append(to_tensor(decode_uint8(image_bytes(sample))))
+        tensors.append(decode_uint8(image_bytes(sample)))
     if not tensors:
         raise RuntimeError(f"no images in {paths}")
-    return keys, torch.stack(tensors)
+    return keys, to_tensor(np.stack(tensors)).contiguous()  # [N, 3, H, W]

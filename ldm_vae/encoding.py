@@ -1,7 +1,9 @@
 """The encode stage: every prepared sample encoded exactly once, by one or many processes.
 
-Work is planned per input shard. Rank r of W processes takes the split's input shards r, r+W,
-r+2W, ... and writes ``<split>-r<rank>-s<input>-<n>.tar`` (its own names: no two processes ever
+Several processes are one launcher group (the stage starts ``accelerate launch`` itself for the
+GPUs of one machine; several machines are started by hand, one launcher per node, on a shared
+output folder). Work is planned per input shard. Rank r of W processes takes the split's input
+shards r, r+W, r+2W, ... and writes ``<split>-r<rank>-s<input>-<n>.tar`` (its own names: no two processes ever
 write one file). Each finished input shard leaves a done-record (``.done/s<input>.json``: output
 shards, count, exact moments, the VAE's fingerprint, the input's identity), written after its
 outputs are renamed into place. The outputs persist between runs, so a killed encode run again
@@ -13,7 +15,7 @@ duplicate, and stats.json is merged exactly from the records.
 
 from __future__ import annotations
 
-import dataclasses
+import datetime
 import json
 import os
 from collections import Counter
@@ -33,32 +35,82 @@ class CoverageError(RuntimeError):
     pass
 
 
-def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig, vae_dir: Path | None = None,
-               num_processes: int = 1) -> dict:
-    """Encode what is not yet encoded, check coverage, write and return stats.json."""
-    if cfg.dtype == "bf16" and next(vae.parameters()).device.type != "cuda":
-        raise ValueError("encode.dtype: 'bf16': needs a GPU (bf16 autocast); use fp32 on a CPU")
+def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig) -> dict | None:
+    """Encode what is not yet encoded, check coverage, write and return stats.json.
+
+    Alone, the process does everything. Under a launcher (``accelerate launch`` / ``torchrun`` on
+    one or many nodes: WORLD_SIZE > 1) it is one rank of a group: rank 0 plans (drops unrecorded
+    files, lists the inputs still to do) and tells every rank, each encodes its share, and after a
+    barrier rank 0 alone checks coverage and writes stats.json; the other ranks return None.
+    """
+    check_dtype(cfg, next(vae.parameters()).device.type)
     fingerprint = vae_fingerprint(vae)
-    todo: dict[str, list[tuple[int, str]]] = {}
+    rank, world = _group()
+    todo = _plan(prepared, out, cfg, fingerprint) if rank == 0 else None
+    if world > 1:
+        import torch.distributed as dist
+
+        shared = [todo, fingerprint]
+        dist.broadcast_object_list(shared, src=0)
+        todo = shared[0]
+        if shared[1] != fingerprint:
+            raise RuntimeError(f"rank {rank} loaded another VAE than rank 0 ({fingerprint} vs {shared[1]}): "
+                               "was the VAE folder changed while the ranks started?")
+    _work(vae, out, cfg, todo, rank, world, fingerprint)
+    if world > 1:
+        torch.distributed.barrier()  # every rank's records are written
+        if rank != 0:
+            return None
+    return _finish(vae, prepared, out, cfg, fingerprint, world)
+
+
+def check_dtype(cfg: EncodeConfig, device_type: str) -> None:
+    if cfg.dtype == "bf16" and device_type != "cuda":
+        raise ValueError("encode.dtype: 'bf16': needs a GPU (bf16 autocast); use fp32 on a CPU")
+
+
+# Rank 0 waits at the final barrier for the slowest rank's last input shard; a whole shard on a
+# slow node is minutes, so hours only ever pass for a rank that hangs.
+BARRIER_TIMEOUT = datetime.timedelta(hours=6)
+
+
+def _group() -> tuple[int, int]:
+    """(rank, world size): (0, 1) alone; under a launcher, the process group (gloo: only barriers
+    and one broadcast go through it, on CPUs and GPUs alike)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _plan(prepared: Path, out: Path, cfg: EncodeConfig, fingerprint: str) -> dict[str, list[tuple[int, str]]]:
+    """Per split, the (index, path) of input shards without a valid done-record; anything not
+    recorded (a half-written shard, another VAE's) is deleted on the way."""
+    todo = {}
     for split in SPLITS:
         inputs = shard_paths(prepared / split)
         done = _valid_records(out / split, inputs, fingerprint, cfg.flip)
         _remove_unrecorded(out / split, done)
         todo[split] = [(i, p) for i, p in enumerate(inputs) if i not in done]
-    if any(todo.values()):
-        if num_processes <= 1:
-            _work(vae, out, cfg, todo, 0, 1, fingerprint)
-        else:
-            if vae_dir is None:
-                raise ValueError("several encode processes load the VAE from disk: pass vae_dir")
-            torch.multiprocessing.spawn(_spawned, args=(num_processes, str(vae_dir), str(out),
-                                                        dataclasses.asdict(cfg), todo, fingerprint),
-                                        nprocs=num_processes, join=True)
+    return todo
+
+
+def _finish(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig, fingerprint: str, world: int) -> dict:
     stats = {"channels": vae.config.latent_channels, "splits": {}, "vae_fingerprint": fingerprint}
     for split in SPLITS:
         inputs = shard_paths(prepared / split)
         records = _valid_records(out / split, inputs, fingerprint, cfg.flip)
-        check_coverage(inputs, [str(out / split / n) for r in records.values() for n in r["outputs"]], split)
+        outputs = [str(out / split / n) for r in records.values() for n in r["outputs"]]
+        try:
+            check_coverage(inputs, outputs, split)
+        except CoverageError as e:
+            if world > 1:  # the usual cause with several nodes
+                raise CoverageError(f"{e}; with several nodes, {out} must be one folder shared by all of them") from None
+            raise
         stats["splits"][split] = {
             "count": sum(r["count"] for r in records.values()),
             "shards": sorted(f"{split}/{n}" for r in records.values() for n in r["outputs"]),
@@ -78,27 +130,15 @@ def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig,
     return stats
 
 
-def _spawned(rank: int, world: int, vae_dir: str, out: str, cfg: dict, todo: dict, fingerprint: str) -> None:
-    from .export import load_vae
-
-    if torch.cuda.is_available():
-        device = f"cuda:{rank % torch.cuda.device_count()}"
-    else:
-        device = "cpu"
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # share the cores, not oversubscribe
-    vae = load_vae(Path(vae_dir), device)
-    if vae_fingerprint(vae) != fingerprint:
-        raise RuntimeError(f"rank {rank}: {vae_dir} changed while encoding")
-    _work(vae, Path(out), EncodeConfig(**cfg), todo, rank, world, fingerprint)
-
-
 def _work(vae, out: Path, cfg: EncodeConfig, todo: dict, rank: int, world: int, fingerprint: str) -> None:
     # channels_last: the convolutions' fast path on CPU (oneDNN) and on GPU tensor cores; measured
     # 1.6x faster per image on the 2-core CPU. It changes the memory layout only, not the numbers.
     vae.to(memory_format=torch.channels_last)
     mine = [(split, i, p) for split in SPLITS for i, p in todo[split] if i % world == rank]
-    bar = tqdm(total=None, desc=f"encode r{rank}", unit="img", position=rank, dynamic_ncols=True, mininterval=1.0)
-    for split, i, path in mine:
+    bar = tqdm(total=None, desc=f"encode rank {rank}", unit="img", position=int(os.environ.get("LOCAL_RANK", "0")),
+               dynamic_ncols=True, mininterval=1.0)
+    for n, (split, i, path) in enumerate(mine):
+        bar.set_postfix_str(f"input shard {n + 1}/{len(mine)}", refresh=False)
         record = encode_shard(vae, path, out / split, split, i, cfg, rank, fingerprint, bar)
         _stamp(out / split / DONE / f"s{i:05d}.json", record, path)
     bar.close()

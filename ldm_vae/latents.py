@@ -71,9 +71,9 @@ def _batches(samples, batch_size: int):
 
 
 def _decoded(in_path: str, batch_size: int):
-    """(samples, images [B, 3, H, W] in [-1, 1]) per batch of a prepared shard."""
+    """(samples, images [B, 3, H, W] in [-1, 1], channels_last) per batch of a prepared shard."""
     for batch in _batches(iter_samples([in_path]), batch_size):
-        yield batch, torch.stack([to_tensor(decode_uint8(image_bytes(s))) for s in batch])
+        yield batch, to_tensor(np.stack([decode_uint8(image_bytes(s)) for s in batch]))
 
 
 def prefetched(items, depth: int = 2):

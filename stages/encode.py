@@ -1,12 +1,17 @@
 """Encode stage: every prepared image -> posterior mean/std in latent webdataset shards.
 
-One process per GPU (encode.num_processes: auto), each on its own input shards; a killed run,
-run again, keeps what it finished (see ldm_vae/encoding.py).
+One process per GPU (encode.num_processes: auto): with more than one, the command re-runs itself
+under ``accelerate launch``, each rank on its own input shards. Several nodes: start it on every
+node yourself with the output folder on a shared filesystem, e.g. ``accelerate launch
+--num_machines 2 --machine_rank R --main_process_ip H --num_processes 16 stages/encode.py ...``;
+rank 0 checks coverage and writes stats.json once every rank is done. A killed run, run again,
+keeps what it finished (see ldm_vae/encoding.py).
 
     python stages/encode.py --vae data/vae --prepared data/prepared --out data/latents
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,21 +27,35 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params_or_exit(args.params)
 
-    import torch
-
-    from ldm_vae.encoding import CoverageError, run_encode
+    from ldm_vae.encoding import CoverageError, check_dtype, run_encode
     from ldm_vae.export import load_vae
-    from ldm_vae.launch import resolve_processes
+    from ldm_vae.launch import launched, relaunch, resolve_processes
 
-    vae = load_vae(args.vae, "cuda" if torch.cuda.is_available() else "cpu")
     try:
-        stats = run_encode(vae, args.prepared, args.out, params.encode, vae_dir=args.vae,
-                           num_processes=resolve_processes(params.encode.num_processes))
+        check_dtype(params.encode, "cuda" if _has_gpu() else "cpu")  # before any process starts
+    except ValueError as e:
+        sys.exit(f"encode: {e}")
+    processes = resolve_processes(params.encode.num_processes)
+    if processes > 1 and not launched():
+        sys.exit(relaunch(processes, "no", sys.argv))
+
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if _has_gpu() else "cpu"
+    vae = load_vae(args.vae, device)
+    try:
+        stats = run_encode(vae, args.prepared, args.out, params.encode)
     except (CoverageError, ValueError) as e:
         sys.exit(f"encode: {e}")
+    if stats is None:
+        return  # not rank 0: rank 0 checks and reports
     counts = ", ".join(f"{s} {v['count']}" for s, v in stats["splits"].items())
     print(f"encode: {counts} latents of shape {stats['latent_shape']}; "
           f"train latent mean {stats['mean']:.4f} std {stats['std']:.4f}")
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

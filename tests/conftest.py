@@ -57,14 +57,27 @@ TINY = {
 }
 
 
+def tiny_raw(**overrides) -> dict:
+    """TINY as a params.yaml dict, with section overrides."""
+    raw = {k: dict(v) for k, v in TINY.items()}
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
 def make_params(**overrides):
     """TINY params with section overrides, e.g. make_params(model={"latent_channels": 8})."""
     from ldm_vae.config import params_from_dict
 
-    raw = {k: dict(v) for k, v in TINY.items()}
-    for section, values in overrides.items():
-        raw.setdefault(section, {}).update(values)
-    return params_from_dict(raw)
+    return params_from_dict(tiny_raw(**overrides))
+
+
+def write_params(path: Path, **overrides) -> Path:
+    """TINY params with section overrides written as a params.yaml file for a stage command."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(tiny_raw(**overrides)))
+    return path
 
 
 @pytest.fixture

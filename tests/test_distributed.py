@@ -37,13 +37,9 @@ def test_two_process_training_syncs_weights_splits_data_and_writes_once(pipeline
 
 def test_train_stage_launches_its_own_processes(pipeline_dir, tmp_path):
     """`train.num_processes: 2` in params.yaml: the stage command itself starts 2 DDP processes."""
-    import yaml
+    from conftest import write_params
 
-    from conftest import TINY
-
-    raw = {k: dict(v) for k, v in TINY.items()}
-    raw["train"].update({"num_processes": 2, "max_steps": 4, "batch_size": 2})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(tmp_path / "params.yaml", train={"num_processes": 2, "max_steps": 4, "batch_size": 2})
     proc = subprocess.run([sys.executable, "stages/train.py", "--params", str(tmp_path / "params.yaml"),
                            "--prepared", str(pipeline_dir / "prepared"), "--vae", str(tmp_path / "vae"),
                            "--logs", str(tmp_path / "logs"), "--checkpoints", str(tmp_path / "ck")],

@@ -1,14 +1,18 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_params
+from conftest import ROOT, make_params, write_params
 from ldm_vae.config import EncodeConfig
 from ldm_vae.data import image_bytes, to_tensor
 from ldm_vae.export import load_vae
 from ldm_vae.images import decode_uint8
+from ldm_vae.launch import _free_port
 from ldm_vae.encoding import run_encode
 from ldm_vae.latents import npy_load
 from ldm_vae.shards import iter_samples, shard_paths
@@ -68,12 +72,15 @@ def latents_by_key(folder):
     return {s["__key__"]: s for s in iter_samples(shard_paths(folder))}
 
 
-def test_two_process_encode_matches_one_process(pipeline_dir, encoded, tmp_path):
-    vae, one, stats1 = encoded
-    stats2 = run_encode(vae, pipeline_dir / "prepared", tmp_path, make_params().encode,
-                        vae_dir=pipeline_dir / "vae", num_processes=2)
+def encode_command(pipeline_dir, params, out) -> list[str]:
+    return ["stages/encode.py", "--params", str(params), "--vae", str(pipeline_dir / "vae"),
+            "--prepared", str(pipeline_dir / "prepared"), "--out", str(out)]
+
+
+def assert_same_latents(one, other, stats1, stats2):
+    """The same keys, latents to float16 tolerance and statistics as the one-process encode."""
     for split in ("train", "val"):
-        a, b = latents_by_key(one / split), latents_by_key(tmp_path / split)
+        a, b = latents_by_key(one / split), latents_by_key(other / split)
         assert set(a) == set(b) and stats2["splits"][split]["count"] == len(a)
         for k in a:
             assert np.allclose(npy_load(a[k]["mean.npy"]).astype(np.float32),
@@ -82,6 +89,39 @@ def test_two_process_encode_matches_one_process(pipeline_dir, encoded, tmp_path)
     names = stats2["splits"]["train"]["shards"]
     assert any("-r000-" in n for n in names) and any("-r001-" in n for n in names)
     assert np.allclose(stats2["channel_std"], stats1["channel_std"], rtol=1e-3)
+
+
+def test_two_process_encode_matches_one_process(pipeline_dir, encoded, tmp_path):
+    """`encode.num_processes: 2`: the stage command starts 2 ranks under accelerate itself."""
+    _, one, stats1 = encoded
+    params = write_params(tmp_path / "params.yaml", encode={"num_processes": 2})
+    proc = subprocess.run([sys.executable, *encode_command(pipeline_dir, params, tmp_path / "latents")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "launching 2 processes" in proc.stdout and proc.stdout.count("encode: train") == 1  # rank 0 reports
+    stats2 = json.loads((tmp_path / "latents" / "stats.json").read_text())
+    assert_same_latents(one, tmp_path / "latents", stats1, stats2)
+
+
+def test_two_node_encode_on_a_shared_folder_matches_one_process(pipeline_dir, encoded, tmp_path):
+    """Two 'machines' (two accelerate launchers, machine ranks 0 and 1, one process each) writing
+    one shared folder: rank 1 works on its input shards, rank 0 waits for it, then checks
+    coverage over both and writes stats.json."""
+    _, one, stats1 = encoded
+    params = write_params(tmp_path / "params.yaml")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+         "--machine_rank", str(node), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+         *encode_command(pipeline_dir, params, tmp_path / "latents")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    logs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "encode: train" in logs[0] and "encode: train" not in logs[1]  # only rank 0 checks and reports
+    stats2 = json.loads((tmp_path / "latents" / "stats.json").read_text())
+    assert_same_latents(one, tmp_path / "latents", stats1, stats2)
 
 
 KILLED = """
@@ -104,11 +144,7 @@ run_encode(load_vae({vae!r}), __import__('pathlib').Path({prepared!r}), __import
 
 
 def test_killed_encode_resumes_with_every_key_once(pipeline_dir, encoded, tmp_path):
-    import subprocess
-    import sys
     import time
-
-    from conftest import ROOT
 
     vae, one, _ = encoded
     out = tmp_path / "latents"
