@@ -1,6 +1,7 @@
 """Encode throughput: the encode stage against a naive loop, in one run, on the same images.
 
     python bench/encode.py [--vae data/vae] [--prepared data/prepared] [--images 1000] [--repeats 3]
+                           [--batch-size 16 32 64]
 
 Naive loop (what a first script does): decode one image with PIL, ``vae.encode`` it alone,
 ``np.save`` its mean and std to two .npy files. The stage: batched decode of the prepared
@@ -34,12 +35,13 @@ def main() -> None:
     ap.add_argument("--vae", type=Path, default=ROOT / "data/vae")
     ap.add_argument("--prepared", type=Path, default=ROOT / "data/prepared")
     ap.add_argument("--images", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=None, help="default: encode.batch_size of params.yaml")
+    ap.add_argument("--batch-size", type=int, nargs="+", default=None,
+                    help="stage batch size(s), each run in turn (default: encode.batch_size of params.yaml)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     from ldm_vae.config import load_params
 
-    batch = args.batch_size or load_params(ROOT / "params.yaml").encode.batch_size
+    batches = args.batch_size or [load_params(ROOT / "params.yaml").encode.batch_size]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     naive_vae = load_vae(args.vae, device)  # as loaded: the stage's copy is switched to channels_last
     vae = load_vae(args.vae, device)
@@ -57,7 +59,7 @@ def main() -> None:
             (tmp / "files" / f"{s['__key__']}.png").write_bytes(image_bytes(s))
 
         # Alternated, so that this machine's minute-to-minute drift hits both sides alike.
-        times = {"naive": 0.0, "stage": 0.0}
+        times = {"naive": 0.0, **{b: 0.0 for b in batches}}
         pngs = sorted((tmp / "files").iterdir())
         for r in range(args.repeats):
             out = tmp / f"npy{r}"
@@ -72,18 +74,23 @@ def main() -> None:
             naive = n / (time.perf_counter() - t)
             times["naive"] += time.perf_counter() - t
 
-            t = time.perf_counter()
-            stats = run_encode(vae, tmp / "prepared", tmp / f"latents{r}", EncodeConfig(batch_size=batch))
-            stage = n / (time.perf_counter() - t)
-            times["stage"] += time.perf_counter() - t
-            assert stats["splits"]["train"]["count"] == n
-            print(f"run {r}: naive {naive:.1f} images/s, stage {stage:.1f} images/s ({stage / naive:.2f}x)", flush=True)
-        naive, stage = n * args.repeats / times["naive"], n * args.repeats / times["stage"]
+            line = f"run {r}: naive {naive:.1f} images/s"
+            for b in batches:
+                t = time.perf_counter()
+                stats = run_encode(vae, tmp / "prepared", tmp / f"latents{r}-{b}", EncodeConfig(batch_size=b))
+                stage = n / (time.perf_counter() - t)
+                times[b] += time.perf_counter() - t
+                assert stats["splits"]["train"]["count"] == n
+                line += f", stage batch {b} {stage:.1f} images/s ({stage / naive:.2f}x)"
+            print(line, flush=True)
+        naive = n * args.repeats / times["naive"]
     shape = "x".join(map(str, samples and np.array(Image.open(io.BytesIO(image_bytes(samples[0])))).shape[:2]))
     print(f"{n} images {shape} px, VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M params, {device}, "
-          f"{torch.get_num_threads()} threads, stage batch {batch}, {args.repeats} alternated runs")
-    print(f"naive loop : {naive:8.1f} images/s")
-    print(f"encode stage: {stage:8.1f} images/s  ({stage / naive:.1f}x)")
+          f"{torch.get_num_threads()} threads, {args.repeats} alternated runs")
+    print(f"naive loop          : {naive:8.1f} images/s")
+    for b in batches:
+        stage = n * args.repeats / times[b]
+        print(f"encode stage, batch {b:<3}: {stage:8.1f} images/s  ({stage / naive:.2f}x)")
 
 
 if __name__ == "__main__":

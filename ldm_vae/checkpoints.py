@@ -21,13 +21,15 @@ class Progress:
     def __init__(self):
         self.step = 0
         self.skipped = 0  # non-finite steps skipped so far (logged)
+        self.seconds = 0.0  # training time up to this checkpoint, over every resumed run
 
     def state_dict(self):
-        return {"step": self.step, "skipped": self.skipped}
+        return {"step": self.step, "skipped": self.skipped, "seconds": self.seconds}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
         self.skipped = int(state.get("skipped", 0))
+        self.seconds = float(state.get("seconds", 0.0))
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, run_hash: str, step: int) -> None:

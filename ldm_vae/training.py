@@ -16,6 +16,7 @@ Outputs (paths come from the stage command):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -53,9 +54,12 @@ def lr_lambda(cfg):
 
 
 def run_hash(params: Params, train_shards: list[str]) -> str:
-    """What shapes a run: its model/loss/train params and the exact training data (names, sizes)."""
+    """What shapes a run: its model/loss/train params, the exact training data (names, sizes) and
+    the code. With the code in it, a run re-done by ``dvc repro`` because the training code
+    changed starts afresh instead of resuming (or re-exporting) what the old code trained."""
     data_id = [(Path(p).name, Path(p).stat().st_size) for p in train_shards]
-    return stage_hash(params.model, params.loss, params.train) + "-" + stage_hash_of(data_id)
+    code = [(f.name, hashlib.sha256(f.read_bytes()).hexdigest()) for f in sorted(Path(__file__).parent.glob("*.py"))]
+    return "-".join([stage_hash(params.model, params.loss, params.train), stage_hash_of(data_id), stage_hash_of(code)])
 
 
 def train(params: Params, train_shards: list[str], val_shards: list[str], vae_dir: Path, log_dir: Path,
@@ -110,6 +114,7 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
     bar = tqdm(total=tcfg.max_steps, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     t_start = t_window = time.perf_counter()
+    seconds_before = progress.seconds  # trained before this (resumed) run
     images_window, bad_in_row, val_psnr = 0, 0, float("nan")
     while progress.step < tcfg.max_steps:
         step = progress.step  # optimizer steps done so far
@@ -175,23 +180,24 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
             log.log(step, values)
             bar.set_postfix(loss=f"{values['train/loss']:.4f}", val_psnr=f"{val_psnr:.2f}")
         if (step % tcfg.val_every == 0 or step == tcfg.max_steps) and accelerator.is_main_process:
-            with _ema_weights(inner.vae, ema):
-                rec_val = _reconstruct(accelerator, inner.vae, val_images)
-            val_psnr = float(psnr(to_unit(rec_val), to_unit(val_images)).mean())
+            rec_val, val_psnr = _validate(accelerator, inner.vae, ema, val_images)
             log.log(step, {"val/psnr": val_psnr,
                            f"val/rec_{lcfg.rec_loss}": float(reconstruction_loss(lcfg.rec_loss, rec_val, val_images))})
             if step % tcfg.sample_every == 0 or step == tcfg.max_steps:
                 n = min(8, len(val_images))
                 log.grid(step, val_images[:n], rec_val[:n])
         if step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
+            progress.seconds = seconds_before + time.perf_counter() - t_start
             save_checkpoint(accelerator, ckpt_dir, tag, step)
         bar.update(1)
     bar.close()
 
     accelerator.wait_for_everyone()
-    train_seconds = time.perf_counter() - t_start
+    progress.seconds = seconds_before + time.perf_counter() - t_start
     result = {}
     if accelerator.is_main_process:
+        if math.isnan(val_psnr):  # resumed from the final checkpoint: no step ran, the curves are complete
+            _, val_psnr = _validate(accelerator, inner.vae, ema, val_images)
         vae = inner.vae
         if ema is not None:
             ema.store(vae.parameters())
@@ -200,7 +206,7 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
         factors = export_vae(vae, scale_images, vae_dir)
         if ema is not None:
             ema.restore(vae.parameters())  # the final checkpoint keeps the training weights
-        result = {"steps": progress.step, "train_seconds": round(train_seconds, 1),
+        result = {"steps": progress.step, "train_seconds": round(progress.seconds, 1),
                   "val_psnr": round(val_psnr, 3), "resumed": resumed, "processes": accelerator.num_processes,
                   "skipped_steps": progress.skipped, **factors}
         log.finish(result)
@@ -265,6 +271,13 @@ def _reconstruct(accelerator, vae, images: torch.Tensor, batch_size: int = 32) -
         with accelerator.autocast():
             out.append(vae(x, sample_posterior=False).sample.float().clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def _validate(accelerator, vae, ema, val_images: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(reconstructions [N, 3, H, W], mean PSNR in dB) of the validation images, with the EMA weights."""
+    with _ema_weights(vae, ema):
+        rec_val = _reconstruct(accelerator, vae, val_images)
+    return rec_val, float(psnr(to_unit(rec_val), to_unit(val_images)).mean())
 
 
 class _ema_weights:

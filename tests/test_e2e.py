@@ -126,3 +126,46 @@ def test_channel_comparison_over_dvc_experiments(repo):
     assert all(np.isfinite(float(r["psnr"])) and 0 < float(r["ssim"]) <= 1 for r in rows)
     assert printed.startswith("| run | latent_channels | compression_ratio | psnr | ssim |")
     assert (dst / "data/eval/channels.png").stat().st_size > 1000
+
+
+def test_killed_repro_resumes_training_with_whole_curves(repo):
+    """`dvc repro` SIGKILLed (dvc and the stage) after training's first checkpoint, then run again:
+    training resumes and its curves, samples and metrics cover the whole run, each step once;
+    forced once more, it finds the final checkpoint and only re-exports and reports."""
+    import signal
+    import time
+
+    from conftest import curve
+
+    dst, env = repo
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["train"].update({"max_steps": 120, "checkpoint_every": 10, "log_every": 5, "val_every": 40,
+                            "sample_every": 40})
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ckpts = dst / "data/checkpoints"
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=dst, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(json.loads(p.read_text())["step"] >= 10
+                                             for p in ckpts.glob("step-*/run.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (dst / "data/train/metrics.json").exists() or json.loads(
+        (dst / "data/train/metrics.json").read_text()).get("steps") != 120  # it died mid-run
+
+    run(["dvc", "repro", "train"], dst, env)
+    logs = dst / "data/train"
+    metrics = json.loads((logs / "metrics.json").read_text())
+    assert metrics["resumed"] is True and metrics["steps"] == 120
+    assert [s for s, _ in curve(logs, "train/loss")] == list(range(5, 121, 5))  # from step 5, each once
+    assert [s for s, _ in curve(logs, "val/psnr")] == [40, 80, 120]
+    assert sorted(p.name for p in (logs / "samples").iterdir()) == [f"step-{s:08d}.png" for s in (40, 80, 120)]
+
+    vae_before = (dst / "data/vae/diffusion_pytorch_model.safetensors").read_bytes()
+    out = run(["dvc", "repro", "-s", "-f", "train"], dst, env)
+    assert "resumed from" in out and stages_run(out) == {"train"}
+    again = json.loads((logs / "metrics.json").read_text())
+    assert again["val_psnr"] == metrics["val_psnr"] and again["train_seconds"] >= metrics["train_seconds"] > 0
+    assert (dst / "data/vae/diffusion_pytorch_model.safetensors").read_bytes() == vae_before
+    assert [s for s, _ in curve(logs, "train/loss")] == list(range(5, 121, 5))
