@@ -237,23 +237,63 @@ def test_npy_load_round_trips_with_its_header_cache(arr):
         assert back.dtype == arr.dtype and back.shape == arr.shape and np.array_equal(back, arr)
 
 
-def test_prefetched_keeps_order_raises_errors_and_stops_when_left():
+def test_ordered_map_keeps_order_runs_in_parallel_raises_errors_and_stops_when_left():
     import threading
     import time
 
-    from ldm_vae.latents import prefetched
+    from ldm_vae.latents import ordered_map
 
-    assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
+    def slow_square(i):
+        time.sleep(0.02 if i % 3 else 0.05)  # later items often finish first
+        return i * i
 
-    def broken():
-        yield 1
-        raise OSError("truncated shard")
+    t = time.perf_counter()
+    assert list(ordered_map(slow_square, range(40), workers=4)) == [i * i for i in range(40)]
+    assert time.perf_counter() - t < 40 * 0.03 / 2  # really in parallel (serial: ~1.3 s)
 
-    with pytest.raises(OSError, match="truncated shard"):
-        list(prefetched(broken()))
+    def broken(i):
+        if i == 5:
+            raise OSError("truncated image")
+        return i
+
+    it = ordered_map(broken, range(20), workers=2)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]  # everything before the failure arrives
+    with pytest.raises(OSError, match="truncated image"):
+        next(it)
+
+    started = []
     before = threading.active_count()
-    it = prefetched(iter(range(10_000)), depth=2)
-    assert next(it) == 0
-    it.close()  # the consumer leaves early: the producer thread must not linger
-    time.sleep(0.5)
-    assert threading.active_count() <= before
+    it = ordered_map(lambda i: started.append(i) or time.sleep(0.01), range(10_000), workers=2, depth=4)
+    next(it)
+    it.close()  # the consumer leaves early: nothing more starts, no thread lingers
+    n = len(started)
+    time.sleep(0.3)
+    assert len(started) == n <= 6 and threading.active_count() <= before
+
+
+def test_cpu_encode_uses_every_core_and_restores_the_thread_count(pipeline_dir, encoded, tmp_path):
+    """On a CPU the stage runs one single-threaded encoder per core; afterwards torch's intra-op
+    thread count is what it was (the rest of the process is unaffected)."""
+    import threading
+
+    import ldm_vae.latents as L
+
+    vae, one, _ = encoded
+    seen = set()
+    real = L._pixels
+
+    def spy(batch):
+        seen.add((threading.current_thread().name, torch.get_num_threads()))
+        return real(batch)
+
+    threads = torch.get_num_threads()
+    L._pixels = spy
+    try:
+        run_encode(vae, pipeline_dir / "prepared", tmp_path, make_params(encode={"batch_size": 1}).encode)
+    finally:
+        L._pixels = real
+    workers = {name for name, _ in seen}
+    assert min(L.cpu_share(), 2) <= len(workers) <= L.cpu_share() and all(n.startswith("encode") for n in workers)
+    assert {n for _, n in seen} == ({1} if L.cpu_share() > 1 else {threads})
+    assert torch.get_num_threads() == threads
+    assert sorted(latents_by_key(tmp_path / "train")) == sorted(latents_by_key(one / "train"))
