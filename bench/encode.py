@@ -1,7 +1,12 @@
 """Encode throughput: the encode stage against a naive loop, in one run, on the same images.
 
     python bench/encode.py [--vae data/vae] [--prepared data/prepared] [--images 1000] [--repeats 3]
-                           [--batch-size 16 32 64]
+                           [--batch-size 16 32 64] [--params params.yaml] [--dtype fp32|bf16]
+
+On a GPU, the SD preset's figure (no trained VAE or prepared data needed: a VAE of the preset's
+architecture with fresh weights, which cost the same, and 256 px crops of the builtin photos):
+
+    python bench/encode.py --params presets/sd-kl-f8-256-c4.yaml --vae none --prepared none
 
 Naive loop (what a first script does): decode one image with PIL, ``vae.encode`` it alone,
 ``np.save`` its mean and std to two .npy files. The stage: batched decode of the prepared
@@ -38,17 +43,27 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, nargs="+", default=None,
                     help="stage batch size(s), each run in turn (default: encode.batch_size of params.yaml)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml",
+                    help="encode.batch_size / encode.dtype defaults; model and data for --vae/--prepared none")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: encode.dtype of --params")
     args = ap.parse_args()
     from ldm_vae.config import load_params
 
-    batches = args.batch_size or [load_params(ROOT / "params.yaml").encode.batch_size]
+    params = load_params(args.params)
+    batches = args.batch_size or [params.encode.batch_size]
+    dtype = args.dtype or params.encode.dtype
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    naive_vae = load_vae(args.vae, device)  # as loaded: the stage's copy is switched to channels_last
-    vae = load_vae(args.vae, device)
-    samples = [s for _, s in zip(range(args.images), iter_samples(shard_paths(args.prepared / "train")))]
-    n = len(samples)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        vae_dir, prepared = args.vae, args.prepared
+        if not (vae_dir / "config.json").is_file():
+            vae_dir = _fresh_vae(params, tmp / "vae")
+        if not shard_paths(prepared / "train"):
+            prepared = _builtin_prepared(params, args.images, tmp)
+        naive_vae = load_vae(vae_dir, device)  # as loaded: the stage's copy is switched to channels_last
+        vae = load_vae(vae_dir, device)
+        samples = [s for _, s in zip(range(args.images), iter_samples(shard_paths(prepared / "train")))]
+        n = len(samples)
         # The same images as a one-split prepared folder for the stage, and as PNG files for the loop.
         with ShardWriter(tmp / "prepared" / "train", "train", 1000) as w:
             for s in samples:
@@ -77,7 +92,7 @@ def main() -> None:
             line = f"run {r}: naive {naive:.1f} images/s"
             for b in batches:
                 t = time.perf_counter()
-                stats = run_encode(vae, tmp / "prepared", tmp / f"latents{r}-{b}", EncodeConfig(batch_size=b))
+                stats = run_encode(vae, tmp / "prepared", tmp / f"latents{r}-{b}", EncodeConfig(batch_size=b, dtype=dtype))
                 stage = n / (time.perf_counter() - t)
                 times[b] += time.perf_counter() - t
                 assert stats["splits"]["train"]["count"] == n
@@ -86,11 +101,36 @@ def main() -> None:
         naive = n * args.repeats / times["naive"]
     shape = "x".join(map(str, samples and np.array(Image.open(io.BytesIO(image_bytes(samples[0])))).shape[:2]))
     print(f"{n} images {shape} px, VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M params, {device}, "
-          f"{torch.get_num_threads()} threads, {args.repeats} alternated runs")
+          f"{torch.get_num_threads()} threads, stage dtype {dtype}, {args.repeats} alternated runs")
     print(f"naive loop          : {naive:8.1f} images/s")
     for b in batches:
         stage = n * args.repeats / times[b]
         print(f"encode stage, batch {b:<3}: {stage:8.1f} images/s  ({stage / naive:.2f}x)")
+
+
+def _fresh_vae(params, folder: Path) -> Path:
+    """params.model's architecture with fresh weights, saved like an export (throughput does not
+    depend on the weights)."""
+    from ldm_vae.model import build_vae
+
+    build_vae(params.model, params.data.resolution).save_pretrained(folder)
+    print(f"VAE: fresh weights, model section of the params file ({folder})")
+    return folder
+
+
+def _builtin_prepared(params, images: int, tmp: Path) -> Path:
+    """At least ``images`` prepared crops of the builtin photos at params.data.resolution."""
+    from dataclasses import replace
+
+    from ldm_vae.download import run_download
+    from ldm_vae.prepare import run_prepare
+
+    data = replace(params.data, source="builtin", max_images=0, val_fraction=0.15)
+    run_download(data, tmp / "raw")
+    photos = sum(1 for _ in (tmp / "raw").rglob("*.jpg")) + sum(1 for _ in (tmp / "raw").rglob("*.png"))
+    data = replace(data, crops_per_image=max(1, -(-images // max(1, int(photos * 0.7)))))
+    run_prepare(data, tmp / "raw", tmp / "prepared-builtin")
+    return tmp / "prepared-builtin"
 
 
 if __name__ == "__main__":
