@@ -135,8 +135,9 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
         return stored
 
     batches = _batches(iter_samples([in_path]), cfg.batch_size)
-    workers = cpu_share()
     threads = torch.get_num_threads()
+    # On a CPU, never more encoders than torch's thread budget (OMP_NUM_THREADS, a launcher's share).
+    workers = cpu_share() if device.type == "cuda" else min(cpu_share(), threads)
     if device.type == "cuda":
         # Threads decode the next batches while the GPU encodes this one (decoding is what
         # starves a GPU: one core decodes far fewer 256 px JPEGs per second than it encodes).
