@@ -23,6 +23,7 @@ class ParamError(ValueError):
 
 
 SOURCE_KINDS = ("builtin", "folder", "hf", "urls")
+CROP_METHODS = ("multiscale", "adm", "random")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,12 @@ class DataConfig:
     caption_column: str = ""
     label_column: str = ""
     max_images: int = 0  # stop after this many source items (0: all); for hf and urls
+    # Worker processes per machine for download and prepare (auto: every core). Results do not
+    # depend on it, so dvc.yaml does not list it: changing it re-runs nothing.
+    num_workers: str = "auto"
+    # Source items per unit of work: one raw shard, one task of a worker, the most a killed run
+    # redoes. Streamed hf: sets are cut by their own shards instead.
+    unit_images: int = 5000
     # urls: parallel fetches, timeouts in seconds, retries (5xx, 429, connection errors, timeouts)
     # with exponential back-off starting at retry_backoff seconds, and a cap on a response's size.
     download_workers: int = 16
@@ -49,6 +56,10 @@ class DataConfig:
     crops_per_image: int = 1  # >1: random multi-scale crops per train image (small collections)
     val_crops_per_image: int = 1
     min_crop_scale: float = 0.15  # smallest crop side as a fraction of the image's shorter side
+    # multiscale: a centred square, then random squares of 0.3-1.0 of the shorter side (small
+    # collections); adm: ADM's center_crop_arr (DiT, SiT, REPA, EDM2 ImageNet latents), one per
+    # image; random: squares of the whole shorter side at random places.
+    crop: str = "multiscale"
     image_format: str = "png"  # how prepared images are stored in the shards
     samples_per_shard: int = 1000
     seed: int = 0
@@ -61,6 +72,8 @@ class DataConfig:
         if kind == "hf" and not self.image_column:
             raise ParamError("data.image_column: '': an hf source needs the name of its image column")
         _at_least("data.max_images", self.max_images, 0)
+        _check_processes("data.num_workers", self.num_workers)
+        _at_least("data.unit_images", self.unit_images, 1)
         _at_least("data.download_workers", self.download_workers, 1)
         _in_range("data.connect_timeout", self.connect_timeout, 0.0, 3600.0, open_lo=True)
         _in_range("data.read_timeout", self.read_timeout, 0.0, 3600.0, open_lo=True)
@@ -78,6 +91,10 @@ class DataConfig:
         _at_least("data.val_crops_per_image", self.val_crops_per_image, 1)
         _in_range("data.min_crop_scale", self.min_crop_scale, 0.0, 1.0, open_lo=True)
         _allowed("data.image_format", self.image_format, ("png", "jpg"))
+        _allowed("data.crop", self.crop, CROP_METHODS)
+        if self.crop == "adm" and (self.crops_per_image, self.val_crops_per_image) != (1, 1):
+            raise ParamError(f"data.crop: 'adm' takes one centre crop per image: set data.crops_per_image "
+                             f"({self.crops_per_image}) and data.val_crops_per_image ({self.val_crops_per_image}) to 1")
         _at_least("data.samples_per_shard", self.samples_per_shard, 1)
 
     @property
@@ -328,7 +345,7 @@ def _coerce(key: str, value, hint):
             return value
         if key == "train.mixed_precision" and value is False:
             return "no"  # YAML 1.1 reads a bare `no` as false
-        if key.endswith(".num_processes") and isinstance(value, int) and not isinstance(value, bool):
+        if key.endswith((".num_processes", "data.num_workers")) and isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # `auto` or a count
     elif typing.get_origin(hint) is tuple:
         if isinstance(value, (list, tuple)) and value and all(

@@ -1,85 +1,118 @@
 """The download stage's work: take every item of a source, keep the good ones, record the rest.
 
-Output (the raw-manifest contract of DESIGN.md):
-  <out>/images/<key><ext>   the source bytes, unchanged (sha256 in the manifest is of these)
-  <out>/manifest.jsonl      one line per kept image: key, sha256, width, height, source (+caption/label)
+Output (the raw contract of DESIGN.md):
+  <out>/shards/raw-<unit>-00000.tar  the kept images of one unit: member ``<key>.<ext>`` holds the
+                                     source's bytes, unchanged (the manifest's sha256 is of these)
+  <out>/manifest.jsonl      one line per kept image: key, sha256, width, height, source, shard,
+                            member (+caption/label), in source order
   <out>/rejected.jsonl      one line per rejected input: key, source, reason, detail
+  <out>/.done/<unit>.json   the runner's per-unit records (what a re-run keeps)
+
+The source is cut into units (:func:`ldm_vae.sources.plan_source`) that a pool of worker
+processes reads, hashes and decodes independently (:mod:`ldm_vae.runner`); one raw shard per unit,
+so DVC tracks a file per few thousand images instead of one per image. Exact duplicates are
+rejected globally: within a unit as it runs, across units when rank 0 merges the records in unit
+order (a duplicate of an earlier unit's image stays in its shard, unlisted: the manifest decides).
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import contextlib
 import json
-import os
+import shutil
 from pathlib import Path
-
-from tqdm import tqdm
 
 from .config import DataConfig
 from .images import ImageRejected, image_ext, load_rgb
-from .sources import iter_source
+from .runner import Unit, code_hash, iter_records, resolve_workers, run_units, tick
+from .shards import ShardWriter, tar_members
+from .sources import iter_unit, plan_source
+
+SHARDS = "shards"
+CODE = ("download", "sources", "urls", "hf_source", "images", "shards", "runner")
 
 
-def run_download(cfg: DataConfig, out: Path) -> dict:
-    """Fill ``out``; return a summary {kept, rejected, reasons}. One bad item never stops it.
+def run_download(cfg: DataConfig, out: Path) -> dict | None:
+    """Fill ``out``; return a summary {kept, rejected, reasons} (rank 0; None on other ranks).
 
-    ``out`` may hold a previous, interrupted run's files (the stage output persists): an image
-    already written under its key is not fetched again, and files no longer in the manifest are
-    removed at the end, so ``out`` always holds exactly what the manifest lists.
+    ``out`` may hold a previous, interrupted run's output (the stage output persists): finished
+    units are kept, the rest are read again, and the manifest is merged from all of them.
     """
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    for tmp in images.glob("*.tmp"):
-        tmp.unlink()  # a write a kill interrupted: never taken for a finished file
-    existing = {p.stem: p for p in images.iterdir() if p.is_file()}
-    kept: list[dict] = []
-    rejected: list[dict] = []
-    by_sha: dict[str, str] = {}
-    bar = tqdm(iter_source(cfg, existing.get), desc=f"download {cfg.source_kind}", unit="img",
-               dynamic_ncols=True, mininterval=1.0)
-    for n, item in enumerate(bar):
-        if cfg.max_images and n >= cfg.max_images:
-            break
-        row = _keep(cfg, item, images, existing, by_sha)
-        if "reason" in row:
-            rejected.append(row)
-        else:
-            kept.append(row)
-        bar.set_postfix(kept=len(kept), rejected=len(rejected), refresh=False)
-    bar.close()
-    wanted = {r["file"] for r in kept}
-    for path in images.iterdir():
-        if f"images/{path.name}" not in wanted:
-            path.unlink()  # an earlier run's file whose item is gone or now rejected
-    _write_jsonl(out / "manifest.jsonl", kept)
-    _write_jsonl(out / "rejected.jsonl", rejected)
-    reasons = collections.Counter(r["reason"] for r in rejected)
-    return {"kept": len(kept), "rejected": len(rejected), "reasons": dict(sorted(reasons.items()))}
+    out = Path(out)
+    if (out / "images").is_dir():
+        shutil.rmtree(out / "images")  # the one-file-per-image layout of earlier versions of this stage
+    judged = {"min_size": cfg.min_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
+              "code": code_hash(*CODE)}
+
+    def plan() -> list[Unit]:
+        units = plan_source(cfg)
+        for u in units:
+            u.ident = {**u.ident, **judged}
+        return units
+
+    units = run_units(out, plan, _Work(cfg, out), clean=[SHARDS], workers=resolve_workers(cfg.num_workers),
+                      desc=f"download {cfg.source_kind}", redo=_failed_fetches if cfg.source_kind == "urls" else None)
+    if units is None:
+        return None
+    return merge(out, units)
 
 
-def _keep(cfg: DataConfig, item, images: Path, existing: dict[str, Path], by_sha: dict[str, str]) -> dict:
-    """The manifest row of ``item``, written to ``images``; or its rejection row."""
+class _Work:
+    """One unit: its items judged, the kept ones written to one raw shard (picklable for the pool)."""
+
+    def __init__(self, cfg: DataConfig, out: Path):
+        self.cfg, self.out = cfg, out
+
+    def __call__(self, unit: Unit) -> dict:
+        rows: list[dict] = []
+        by_sha: dict[str, str] = {}
+        previous = unit.extra.get("previous") or {"rows": [], "outputs": []}
+        reuse = {r["key"]: r["member"] for r in previous["rows"] if "member" in r}
+        with contextlib.ExitStack() as stack:
+            # The new shard replaces the old one by a rename: the old one stays readable until then.
+            old = stack.enter_context(open(self.out / previous["outputs"][0], "rb")) if reuse else None
+            members = tar_members(old) if old else iter(())
+            writer = stack.enter_context(ShardWriter(self.out / SHARDS, f"raw-{unit.name}", 1 << 62))
+            for item in iter_unit(self.cfg, unit.task, skip=set(reuse)):
+                if item.key in reuse:  # fetched by an earlier run: its bytes from the old shard, in order
+                    item.data = next(data for name, data in members if name == reuse[item.key])
+                row = judge(self.cfg, item, by_sha)
+                if "reason" not in row:
+                    ext = image_ext(item.data).lstrip(".")
+                    writer.write({"__key__": item.key, ext: item.data})
+                    row["member"] = f"{item.key}.{ext}"
+                rows.append(row)
+                tick()
+        shards = [f"{SHARDS}/{n}" for n in writer.written]
+        for row in rows:
+            if "member" in row:
+                row["shard"] = shards[0]
+        return {"outputs": shards, "rows": rows}
+
+
+def _failed_fetches(record: dict) -> bool:
+    """A URL unit runs again while any of its fetches failed (a host down, a 404 that may be
+    fixed): only those are fetched again; what it kept is reused from its shard."""
+    return any(r.get("reason", "").startswith("http_") or r.get("reason") in ("timeout", "connection_error")
+               for r in record["rows"])
+
+
+def judge(cfg: DataConfig, item, by_sha: dict[str, str]) -> dict:
+    """The manifest row of ``item`` (without its place), or its rejection row."""
     if item.error:
         reason, _, detail = item.error.partition(": ")
-        return _rejection(item, reason, detail)
+        return _rejection(item.key, item.source, reason, detail)
     sha = hashlib.sha256(item.data).hexdigest()
     if sha in by_sha:
-        return _rejection(item, "duplicate", f"same bytes as {by_sha[sha]}")
+        return _rejection(item.key, item.source, "duplicate", f"same bytes as {by_sha[sha]}")
     try:
         img = load_rgb(item.data, cfg.max_pixels, cfg.min_size)
     except ImageRejected as e:
-        return _rejection(item, e.reason, e.detail)
+        return _rejection(item.key, item.source, e.reason, e.detail)
     by_sha[sha] = item.key
-    path = images / f"{item.key}{image_ext(item.data)}"
-    old = existing.get(item.key)
-    # Rewrite unless the file under this name already holds these bytes (bytes read back from it
-    # by a resumed source are not compared with themselves).
-    if old != path or (item.kept_file != path and (path.stat().st_size != len(item.data)
-                                                   or path.read_bytes() != item.data)):
-        _write_atomic(path, item.data)
-    row = {"key": item.key, "sha256": sha, "width": img.width, "height": img.height,
-           "source": item.source, "file": f"images/{path.name}"}
+    row = {"key": item.key, "sha256": sha, "width": img.width, "height": img.height, "source": item.source}
     if item.caption is not None:
         row["caption"] = item.caption
     if item.label is not None:
@@ -87,22 +120,52 @@ def _keep(cfg: DataConfig, item, images: Path, existing: dict[str, Path], by_sha
     return row
 
 
+def merge(out: Path, units: list[Unit]) -> dict:
+    """manifest.jsonl and rejected.jsonl from the unit records, in unit order; the global
+    duplicate check. Rows stream through: only the hashes of kept images are held."""
+    by_sha: dict[bytes, str] = {}
+    reasons: collections.Counter = collections.Counter()
+    kept = 0
+    manifest, rejected = out / ".manifest.jsonl.tmp", out / ".rejected.jsonl.tmp"
+    with open(manifest, "w") as man, open(rejected, "w") as rej:
+        for record in iter_records(out, units):
+            for row in record["rows"]:
+                if "reason" not in row:
+                    digest = bytes.fromhex(row["sha256"])[:16]
+                    if digest in by_sha:
+                        row = _rejection(row["key"], row["source"], "duplicate", f"same bytes as {by_sha[digest]}")
+                    else:
+                        by_sha[digest] = row["key"]
+                if "reason" in row:
+                    reasons[row["reason"]] += 1
+                    rej.write(json.dumps(row, sort_keys=True) + "\n")
+                else:
+                    kept += 1
+                    man.write(json.dumps(row, sort_keys=True) + "\n")
+    manifest.replace(out / "manifest.jsonl")
+    rejected.replace(out / "rejected.jsonl")
+    return {"kept": kept, "rejected": sum(reasons.values()), "reasons": dict(sorted(reasons.items()))}
+
+
 def read_manifest(raw: Path) -> list[dict]:
-    with open(raw / "manifest.jsonl") as f:
+    """Every manifest row (for tests and small sets; stages stream it)."""
+    with open(Path(raw) / "manifest.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _rejection(item, reason: str, detail: str) -> dict:
-    return {"key": item.key, "source": item.source, "reason": reason, "detail": detail}
+def raw_images(raw: Path) -> dict[str, bytes]:
+    """key -> the source bytes kept for it, read from the raw shards (for tests and small sets)."""
+    rows = read_manifest(raw)
+    wanted = {(r["shard"], r["member"]): r["key"] for r in rows}
+    found = {}
+    for shard in sorted({r["shard"] for r in rows}):
+        with open(Path(raw) / shard, "rb") as f:
+            for name, data in tar_members(f):
+                if (shard, name) in wanted:
+                    found[wanted[shard, name]] = data
+    return found
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    _write_atomic(path, text.encode())
+def _rejection(key: str, source: str, reason: str, detail: str) -> dict:
+    return {"key": key, "source": source, "reason": reason, "detail": detail}
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A kill mid-write leaves only a .tmp file, never a short file under the final name.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

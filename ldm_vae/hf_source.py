@@ -8,54 +8,114 @@ What the target may be:
 
 Streaming means rows are read as they are needed: the whole set is never held in memory and
 never copied into the datasets cache (the only copy made is the image file download keeps).
-The image column is read undecoded (``Image(decode=False)``), so the bytes kept are exactly the
+Work is split by the dataset's own layout: row ranges of a memory-mapped set, the data files
+(shards) of a streamed one, so several processes and machines read disjoint parts without ever
+listing all rows. The image column is read undecoded (``Image(decode=False)``), so the bytes kept are exactly the
 source's and decoding goes through the project's guarded :func:`ldm_vae.images.load_rgb`.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Iterator
 
-from .sources import SourceItem
+from .runner import Unit
+from .sources import SourceItem, fingerprint
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
-def iter_hf(cfg) -> Iterator[SourceItem]:
-    """One SourceItem per row of ``cfg.split`` (keys ``<split>-<row index>``), in dataset order."""
+def plan_hf(cfg) -> list[Unit]:
+    """Units of one split: a memory-mapped dataset in row ranges of ``cfg.unit_images`` (keys
+    ``<split>-<row>``); a streamed one by its own shards (data files), one unit each (keys
+    ``<split>-<row>`` with one shard, ``<split>-<shard>-<row in shard>`` with several). With
+    ``data.max_images``, a streamed set takes an equal share of rows from each of its shards."""
     import datasets
 
     target = cfg.source_target
     ds = open_dataset(target, cfg.split)
+    _check_columns(cfg, ds)
+    about = f"hf:{target} split {cfg.split}"
+    base = {"kind": "hf", "target": target, "split": cfg.split,
+            "columns": [cfg.image_column, cfg.caption_column, cfg.label_column],
+            "files": _local_files_id(target)}
+    if isinstance(ds, datasets.Dataset):
+        rows = min(len(ds), cfg.max_images) if cfg.max_images else len(ds)
+        base["fingerprint"] = getattr(ds, "_fingerprint", "")
+        return [Unit(f"u{n:05d}", {**base, "rows": [lo, min(lo + cfg.unit_images, rows)]},
+                     ("hf", lo, min(lo + cfg.unit_images, rows)), min(cfg.unit_images, rows - lo),
+                     f"{about} rows {lo}-{min(lo + cfg.unit_images, rows) - 1}")
+                for n, lo in enumerate(range(0, rows, cfg.unit_images))]
+    shards = max(1, ds.n_shards)
+    units = []
+    for i in range(shards):
+        quota = cfg.max_images // shards + (i < cfg.max_images % shards) if cfg.max_images else 0
+        if cfg.max_images and not quota:
+            continue
+        units.append(Unit(f"u{i:05d}", {**base, "shard": [i, shards], "quota": quota},
+                          ("hf-stream", i, shards, quota), quota, f"{about} shard {i} of {shards}"))
+    return units
+
+
+def iter_hf_unit(cfg, task) -> Iterator[SourceItem]:
+    """The SourceItems of one planned unit, in dataset order."""
+    import datasets
+
+    ds = open_dataset(cfg.source_target, cfg.split)
     features = ds.features or {}
-    columns = list(features) if features else None
-    for key in ("image_column", "caption_column", "label_column"):
-        col = getattr(cfg, key)
-        if col and columns is not None and col not in columns:
-            raise ValueError(f"data.{key}: {col!r}: no such column in {target!r}; columns: {', '.join(columns)}")
     if isinstance(features.get(cfg.image_column), datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     label_names = None
     if cfg.label_column and isinstance(features.get(cfg.label_column), datasets.ClassLabel):
         label_names = features[cfg.label_column].names
-    root = Path(target) if Path(target).exists() else None
-    for i, row in enumerate(ds):
-        if cfg.max_images and i >= cfg.max_images:
-            break
-        key = f"{cfg.split}-{i:08d}"
-        item = SourceItem(key, f"hf:{target}/{cfg.split}[{i}]")
-        if cfg.caption_column and row.get(cfg.caption_column) is not None:
-            item.caption = str(row[cfg.caption_column])
-        if cfg.label_column and row.get(cfg.label_column) is not None:
-            label = row[cfg.label_column]
-            # ClassLabel ints stay ints (the webdataset `cls` convention); other labels as given.
-            item.label = int(label) if label_names is not None or isinstance(label, int) else str(label)
-        try:
-            item.data = _image_bytes(row.get(cfg.image_column), root)
-        except ValueError as e:
-            item.error = str(e)
-        yield item
+    root = Path(cfg.source_target) if Path(cfg.source_target).exists() else None
+    if task[0] == "hf":
+        _, lo, hi = task
+        rows = ds.select(range(lo, hi))
+        keyed = ((f"{cfg.split}-{lo + j:08d}", lo + j, row) for j, row in enumerate(rows))
+    else:
+        _, shard, shards, quota = task
+        part = ds.shard(num_shards=shards, index=shard) if shards > 1 else ds
+        prefix = f"{cfg.split}-{shard:05d}-" if shards > 1 else f"{cfg.split}-"
+        keyed = ((f"{prefix}{j:08d}", f"{shard}:{j}" if shards > 1 else j, row) for j, row in enumerate(part))
+        if quota:
+            keyed = itertools.islice(keyed, quota)
+    for key, where, row in keyed:
+        yield _item(cfg, key, where, row, label_names, root)
+
+
+def _item(cfg, key: str, where, row: dict, label_names, root: Path | None) -> SourceItem:
+    item = SourceItem(key, f"hf:{cfg.source_target}/{cfg.split}[{where}]")
+    if cfg.caption_column and row.get(cfg.caption_column) is not None:
+        item.caption = str(row[cfg.caption_column])
+    if cfg.label_column and row.get(cfg.label_column) is not None:
+        label = row[cfg.label_column]
+        # ClassLabel ints stay ints (the webdataset `cls` convention); other labels as given.
+        item.label = int(label) if label_names is not None or isinstance(label, int) else str(label)
+    try:
+        item.data = _image_bytes(row.get(cfg.image_column), root)
+    except ValueError as e:
+        item.error = str(e)
+    return item
+
+
+def _check_columns(cfg, ds) -> None:
+    columns = list(ds.features) if ds.features else None
+    for key in ("image_column", "caption_column", "label_column"):
+        col = getattr(cfg, key)
+        if col and columns is not None and col not in columns:
+            raise ValueError(f"data.{key}: {col!r}: no such column in {cfg.source_target!r}; "
+                             f"columns: {', '.join(columns)}")
+
+
+def _local_files_id(target: str) -> str:
+    """Sizes and mtimes of a local dataset's files: edited files redo the download's units."""
+    path = Path(target)
+    if not path.exists():
+        return ""  # a hub dataset: its name (and revision) is its identity
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return fingerprint([(p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
 def open_dataset(target: str, split: str):

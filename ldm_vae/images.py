@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 import warnings
 
 import numpy as np
@@ -42,7 +43,9 @@ def load_rgb(data: bytes, max_pixels: int, min_size: int = 1) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageRejected("too_many_pixels", str(e)) from e
     except Exception as e:  # PIL raises many types for garbage input
-        raise ImageRejected("not_an_image", f"{type(e).__name__}: {e}") from e
+        # Without the buffer's address: a rejection reads the same on every run and process.
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the bytes", str(e))
+        raise ImageRejected("not_an_image", f"{type(e).__name__}: {detail}") from e
     w, h = img.size
     if w * h > max_pixels:
         raise ImageRejected("too_many_pixels", f"{w}x{h} > {max_pixels}")
@@ -107,6 +110,36 @@ def square_crops(
         x, y = rng.randint(0, w - c), rng.randint(0, h - c)
         boxes.append((x, y, x + c, y + c))
     return boxes
+
+
+def random_squares(size: tuple[int, int], n: int, rng: random.Random) -> list[tuple[int, int, int, int]]:
+    """n squares of the whole shorter side at random places (a resize-then-random-crop)."""
+    w, h = size
+    side = min(w, h)
+    boxes = []
+    for _ in range(n):
+        x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+        boxes.append((x, y, x + side, y + side))
+    return boxes
+
+
+def adm_center_crop(img: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """ADM's ``center_crop_arr`` (guided-diffusion; used by DiT, SiT, REPA, LightningDiT, EDM2 for
+    ImageNet latents), and the crop's box in the original image's pixels (rounded).
+
+    While the shorter side is at least twice the target, halve the image with BOX filtering (its
+    integer sizes floor); then BICUBIC so that the shorter side equals ``resolution`` (sizes
+    rounded); then the centred square, its offset floored.
+    """
+    w0, h0 = img.size
+    while min(img.size) >= 2 * resolution:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
+    scale = resolution / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    sx, sy = w0 / img.width, h0 / img.height
+    box = (round(left * sx), round(top * sy), round((left + resolution) * sx), round((top + resolution) * sy))
+    return img.crop((left, top, left + resolution, top + resolution)), box
 
 
 def crop_resize(img: Image.Image, box: tuple[int, int, int, int], resolution: int) -> Image.Image:

@@ -26,10 +26,10 @@ from .config import EncodeConfig
 from .data import image_bytes, to_tensor
 from .images import decode_uint8
 from .model import LatentMoments
+from .runner import cpu_share
 from .shards import ShardWriter, iter_samples
 
 SPLITS = ("train", "val")
-DONE = ".done"  # per input shard: a record written after its output shards are complete
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -97,12 +97,6 @@ def ordered_map(fn, items, workers: int, depth: int = 0):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def cpu_share() -> int:
-    """CPU cores for this process: its affinity divided among the launcher's local processes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
 def vae_fingerprint(vae: AutoencoderKL) -> str:
     """A hash of the VAE's config and weights: latents written by another VAE are never reused."""
     h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
@@ -113,7 +107,7 @@ def vae_fingerprint(vae: AutoencoderKL) -> str:
 
 
 def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, index: int, cfg: EncodeConfig,
-                 rank: int, fingerprint: str, bar=None) -> dict:
+                 rank: int, fingerprint: str, progress=None) -> dict:
     """Encode one prepared shard into ``<split>-r<rank>-s<index>-<n>.tar``; return its done-record
     (output shards, count, exact moments), which :mod:`ldm_vae.encoding` writes once they are complete.
     """
@@ -168,8 +162,8 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
                         if ext in s:
                             out[ext] = s[ext]
                     writer.write(out)
-                if bar is not None:
-                    bar.update(len(batch))
+                if progress is not None:
+                    progress(len(batch))
     finally:
         pipeline.close()  # its threads are done before the thread count is restored
         torch.set_num_threads(threads)

@@ -1,24 +1,32 @@
-"""The prepare stage's work: raw images -> square RGB crops in train/val webdataset shards.
+"""The prepare stage's work: raw shards -> square RGB crops in train/val webdataset shards.
 
 The split is decided per *source image* by a hash of its key, so every crop of a photograph lands
 in the same split (validation never sees a training photograph), and adding images to a
 collection never moves an existing image from one split to the other.
+
+One unit per raw shard (:mod:`ldm_vae.runner`): a worker reads the shard's block of manifest rows
+and the shard, crops every image and writes ``<split>/<split>-<unit>-<n>.tar``, its crops shuffled
+in a bounded buffer seeded by the unit. Everything a unit writes is a function of its own inputs,
+so the prepared samples are the same, byte for byte, whatever the number of processes or machines.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 
-from tqdm import tqdm
-
 from .config import DataConfig
-from .download import read_manifest
-from .images import crop_resize, encode_image, load_rgb, square_crops
-from .shards import ShardWriter
+from .images import adm_center_crop, crop_resize, encode_image, load_rgb, random_squares, square_crops
+from .runner import Unit, atomic_write, code_hash, iter_records, resolve_workers, run_units, tick
+from .shards import ShardWriter, tar_members
 
+SPLITS = ("train", "val")
 SHUFFLE_BUFFER = 4096  # samples held before writing, so crops of one photograph spread over shards
+CODE = ("prepare", "images", "shards", "runner")
+PARAMS = ("max_pixels", "resolution", "val_fraction", "crops_per_image", "val_crops_per_image", "min_crop_scale",
+          "crop", "image_format", "samples_per_shard", "seed")
 
 
 def key_fraction(key: str, seed: int) -> float:
@@ -29,60 +37,164 @@ def key_fraction(key: str, seed: int) -> float:
 
 def split_keys(keys: list[str], val_fraction: float, seed: int) -> dict[str, str]:
     """key -> 'train' | 'val'. With two or more keys, each split gets at least one."""
-    frac = {k: key_fraction(k, seed) for k in keys}
-    split = {k: ("val" if f < val_fraction else "train") for k, f in frac.items()}
-    if len(keys) >= 2:
-        # A tiny collection may draw no validation (or no training) image: move the key closest
-        # to the threshold, which is still a deterministic function of the keys.
-        if "val" not in split.values():
-            split[min(keys, key=frac.get)] = "val"
-        if "train" not in split.values():
-            split[max(keys, key=frac.get)] = "train"
-    return split
+    lottery = _Lottery(val_fraction)
+    for k in keys:
+        lottery.add(k, key_fraction(k, seed))
+    forced = lottery.forced()
+    return {k: forced.get(k) or ("val" if key_fraction(k, seed) < val_fraction else "train") for k in keys}
 
 
-def run_prepare(cfg: DataConfig, raw: Path, out: Path) -> dict:
-    rows = read_manifest(raw)
-    if not rows:
-        raise RuntimeError(f"{raw}/manifest.jsonl lists no images: nothing to prepare")
-    split = split_keys([r["key"] for r in rows], cfg.val_fraction, cfg.seed)
-    order = random.Random(cfg.seed).sample(rows, len(rows))
-    counts = {}
-    for name in ("train", "val"):
-        per_image = cfg.crops_per_image if name == "train" else cfg.val_crops_per_image
-        chosen = [r for r in order if split[r["key"]] == name]
-        rng = random.Random(f"{cfg.seed}:{name}:shuffle")
-        buffer: list[dict] = []
-        with ShardWriter(out / name, name, cfg.samples_per_shard) as writer:
-            for row in tqdm(chosen, desc=f"prepare {name}", unit="img", dynamic_ncols=True):
-                buffer.extend(_samples(cfg, raw, row, per_image))
-                while len(buffer) > SHUFFLE_BUFFER:
-                    writer.write(buffer.pop(rng.randrange(len(buffer))))
-            rng.shuffle(buffer)
-            for sample in buffer:
-                writer.write(sample)
-        counts[name] = {"images": len(chosen), "samples": writer.total, "shards": len(writer.written)}
+class _Lottery:
+    """A tiny collection may draw no validation (or no training) image: then the key closest to
+    the threshold moves, still a deterministic function of the keys. Kept in one pass: the keys
+    are never all held."""
+
+    def __init__(self, val_fraction: float):
+        self.val_fraction = val_fraction
+        self.n = 0
+        self.has: set[str] = set()
+        self.lo, self.hi = (2.0, ""), (-1.0, "")
+
+    def add(self, key: str, f: float) -> None:
+        self.n += 1
+        self.has.add("val" if f < self.val_fraction else "train")
+        self.lo = min(self.lo, (f, key))
+        self.hi = max(self.hi, (f, key))
+
+    def forced(self) -> dict[str, str]:
+        if self.n < 2:
+            return {}
+        if "val" not in self.has:
+            return {self.lo[1]: "val"}
+        if "train" not in self.has:
+            return {self.hi[1]: "train"}
+        return {}
+
+
+def run_prepare(cfg: DataConfig, raw: Path, out: Path) -> dict | None:
+    """Crop every manifest image into ``out``; return the counts (rank 0; None on other ranks)."""
+    raw, out = Path(raw), Path(out)
+    settings = {"params": {k: getattr(cfg, k) for k in PARAMS}, "code": code_hash(*CODE)}
+
+    def plan() -> list[Unit]:
+        return plan_units(cfg, raw, settings)
+
+    units = run_units(out, plan, _Work(cfg, raw, out), clean=list(SPLITS), workers=resolve_workers(cfg.num_workers),
+                      desc="prepare")
+    if units is None:
+        return None
+    counts = {s: {"images": 0, "samples": 0, "shards": 0} for s in SPLITS}
+    for record in iter_records(out, units):
+        for split in SPLITS:
+            c = record["counts"][split]
+            counts[split]["images"] += c["images"]
+            counts[split]["samples"] += c["samples"]
+            counts[split]["shards"] += c["shards"]
+    atomic_write(out / "counts.json", json.dumps(counts, indent=2) + "\n")
     return counts
 
 
-def _samples(cfg: DataConfig, raw: Path, row: dict, n: int) -> list[dict]:
-    # Raw files passed download's checks, but they are re-decoded through the same guarded path.
-    img = load_rgb((raw / row["file"]).read_bytes(), cfg.max_pixels)
+def plan_units(cfg: DataConfig, raw: Path, settings: dict) -> list[Unit]:
+    """One unit per raw shard: the byte range of its block of manifest lines (the manifest lists
+    each shard's images together), read in one streaming pass."""
+    manifest = raw / "manifest.jsonl"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} does not exist: run the download stage first")
+    blocks: list[dict] = []
+    shards: set[str] = set()
+    lottery = _Lottery(cfg.val_fraction)
+    offset = 0
+    with open(manifest, "rb") as f:
+        for line in f:
+            row = json.loads(line)
+            if not blocks or blocks[-1]["shard"] != row["shard"]:
+                if row["shard"] in shards:
+                    raise ValueError(f"{manifest}: the rows of {row['shard']} are not together (byte {offset})")
+                shards.add(row["shard"])
+                blocks.append({"shard": row["shard"], "offset": offset, "nbytes": 0, "count": 0,
+                               "hash": hashlib.sha256()})
+            b = blocks[-1]
+            b["nbytes"] += len(line)
+            b["count"] += 1
+            b["hash"].update(line)
+            lottery.add(row["key"], key_fraction(row["key"], cfg.seed))
+            offset += len(line)
+    if not blocks:
+        raise RuntimeError(f"{manifest} lists no images: nothing to prepare")
+    forced = lottery.forced()
+    units = []
+    for n, b in enumerate(blocks):
+        st = (raw / b["shard"]).stat()
+        ident = {"shard": b["shard"], "shard_id": [st.st_size, st.st_mtime_ns], "rows": b["hash"].hexdigest()[:16],
+                 "forced": forced, **settings}
+        units.append(Unit(f"u{n:05d}", ident, (b["shard"], b["offset"], b["nbytes"], forced), b["count"], b["shard"]))
+    return units
+
+
+class _Work:
+    """One raw shard -> crops in train and val shards (picklable for the pool)."""
+
+    def __init__(self, cfg: DataConfig, raw: Path, out: Path):
+        self.cfg, self.raw, self.out = cfg, raw, out
+
+    def __call__(self, unit: Unit) -> dict:
+        cfg = self.cfg
+        shard, offset, nbytes, forced = unit.task
+        with open(self.raw / "manifest.jsonl", "rb") as f:
+            f.seek(offset)
+            rows = {r["member"]: r for r in map(json.loads, f.read(nbytes).splitlines())}
+        writers = {s: ShardWriter(self.out / s, f"{s}-{unit.name}", cfg.samples_per_shard) for s in SPLITS}
+        buffers: dict[str, list] = {s: [] for s in SPLITS}
+        rngs = {s: random.Random(f"{cfg.seed}:{s}:{unit.name}:shuffle") for s in SPLITS}
+        images = {s: 0 for s in SPLITS}
+        try:
+            with open(self.raw / shard, "rb") as f:
+                for name, data in tar_members(f):
+                    row = rows.pop(name, None)
+                    if row is None:
+                        continue  # a duplicate of an earlier unit's image: the manifest rejected it
+                    split = forced.get(row["key"]) or (
+                        "val" if key_fraction(row["key"], cfg.seed) < cfg.val_fraction else "train")
+                    images[split] += 1
+                    per_image = cfg.crops_per_image if split == "train" else cfg.val_crops_per_image
+                    buffers[split].extend(crop_samples(cfg, row, data, per_image))
+                    while len(buffers[split]) > SHUFFLE_BUFFER:
+                        writers[split].write(buffers[split].pop(rngs[split].randrange(len(buffers[split]))))
+                    tick()
+            if rows:
+                raise ValueError(f"{len(rows)} manifest images are missing from {shard}, e.g. {next(iter(rows))}")
+            for s in SPLITS:
+                rngs[s].shuffle(buffers[s])
+                for sample in buffers[s]:
+                    writers[s].write(sample)
+                writers[s].close()
+        except BaseException:
+            for w in writers.values():
+                w.__exit__(RuntimeError, None, None)  # drop the partial shard
+            raise
+        return {"outputs": [f"{s}/{n}" for s in SPLITS for n in writers[s].written],
+                "counts": {s: {"images": images[s], "samples": writers[s].total, "shards": len(writers[s].written)}
+                           for s in SPLITS}}
+
+
+def crop_samples(cfg: DataConfig, row: dict, data: bytes, n: int) -> list[dict]:
+    """The prepared samples of one raw image: ``n`` crops by ``cfg.crop``, each with its metadata."""
+    # Raw bytes passed download's checks, but they are re-decoded through the same guarded path.
+    img = load_rgb(data, cfg.max_pixels)
     rng = random.Random(f"{cfg.seed}:{row['key']}:crops")
+    if cfg.crop == "adm":
+        crops = [adm_center_crop(img, cfg.resolution)]
+    else:
+        boxes = (square_crops(img.size, n, cfg.min_crop_scale, rng) if cfg.crop == "multiscale"
+                 else random_squares(img.size, n, rng))
+        crops = [(crop_resize(img, box, cfg.resolution), box) for box in boxes]
     samples = []
     width = max(2, len(str(n - 1)))
-    for i, box in enumerate(square_crops(img.size, n, cfg.min_crop_scale, rng)):
+    for i, (crop, box) in enumerate(crops):
         key = row["key"] if n == 1 else f"{row['key']}-c{i:0{width}d}"
-        meta = {
-            "key": key,
-            "raw_key": row["key"],
-            "source": row["source"],
-            "width": img.width,
-            "height": img.height,
-            "crop_box": list(box),
-            "resolution": cfg.resolution,
-        }
-        sample = {"__key__": key, cfg.image_format: encode_image(crop_resize(img, box, cfg.resolution), cfg.image_format)}
+        meta = {"key": key, "raw_key": row["key"], "source": row["source"], "width": img.width,
+                "height": img.height, "crop_box": list(box), "resolution": cfg.resolution}
+        sample = {"__key__": key, cfg.image_format: encode_image(crop, cfg.image_format)}
         if "caption" in row:
             meta["caption"] = sample["txt"] = row["caption"]
         if "label" in row:

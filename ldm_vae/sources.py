@@ -1,6 +1,8 @@
 """Where images come from: each source yields ``SourceItem``s with a stable key and the raw bytes.
 
-Sources never decode or judge images (that is :mod:`ldm_vae.images`), they only find them.
+Sources never decode or judge images (that is :mod:`ldm_vae.images`), they only find them. A
+source is planned into units (slices of its items, in source order) that download's workers read
+independently, so keys and order never depend on how many processes read them.
 An item that cannot even be read (a broken symlink, a permission error) is yielded with ``error``
 set so that download records it as a rejection instead of losing it.
 """
@@ -9,11 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
+
+from .runner import Unit
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -49,44 +54,79 @@ class SourceItem:
     error: str | None = None  # set when the item was found but could not be read
     caption: str | None = None
     label: int | str | None = None
-    kept_file: Path | None = None  # set when ``data`` was read back from download's own earlier output
 
 
-def iter_source(cfg, done: Callable[[str], Path | None] = lambda key: None) -> Iterator[SourceItem]:
-    """The items of ``cfg.source`` (a DataConfig). ``done(key)`` is the file an earlier run kept
-    for ``key``, if any: sources that fetch over the network use it to skip finished work."""
+def plan_source(cfg) -> list[Unit]:
+    """The source's items cut into units of ``cfg.unit_images`` (an hf streaming set: its own
+    shards), in source order. Only rank 0 plans; workers read a unit with :func:`iter_unit`.
+
+    A unit's ident fingerprints what it would read (paths with sizes and mtimes, URL rows, the
+    dataset's rows), so a re-run redoes a unit whose items changed and keeps every other one."""
     kind, target = cfg.source_kind, cfg.source_target
-    if kind == "builtin":
-        return iter_builtin()
-    if kind == "folder":
-        return iter_folder(Path(target))
     if kind == "hf":
-        from .hf_source import iter_hf
+        from .hf_source import plan_hf
 
-        return iter_hf(cfg)
+        return plan_hf(cfg)
     if kind == "urls":
-        from .urls import iter_urls
+        from .urls import plan_urls
 
-        return iter_urls(cfg, done)
-    raise ValueError(f"data.source: {cfg.source!r}: no reader for source kind {kind!r}")
+        return plan_urls(cfg)
+    files = builtin_files() if kind == "builtin" else folder_files(Path(target))
+    if cfg.max_images:
+        files = files[: cfg.max_images]
+    root = str(Path(target).resolve()) if kind == "folder" else None
+    units = []
+    for n, chunk in enumerate(chunks(files, cfg.unit_images)):
+        ident = {"kind": kind, "files": fingerprint([f[:3] + _stat(f[1]) for f in chunk])}
+        units.append(Unit(f"u{n:05d}", ident, ("files", root, chunk), len(chunk), f"{kind} items {chunk[0][2]} ..."))
+    return units
 
 
-def iter_builtin() -> Iterator[SourceItem]:
+def iter_unit(cfg, task, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
+    """The items of one planned unit, in order. URL rows whose key is in ``skip`` are not
+    fetched: they come without data (the caller has their bytes)."""
+    if task[0] == "files":
+        _, root, files = task
+        return (_read_file(key, path, source, root, error) for key, path, source, error in files)
+    if task[0] == "urls":
+        from .urls import iter_url_rows
+
+        return iter_url_rows(cfg, task[1], skip)
+    from .hf_source import iter_hf_unit
+
+    return iter_hf_unit(cfg, task)
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def builtin_files() -> list[tuple]:
+    """(key, path, source, error) of every builtin photograph."""
+    files = []
     for package, rel, key in BUILTIN_PHOTOS:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            yield SourceItem(key, f"{package}/{rel}", error=f"package {package} is not installed")
-            continue
-        path = Path(list(spec.submodule_search_locations)[0]) / rel
-        yield _read(key, path, f"{package}/{rel}")
+            files.append((key, None, f"{package}/{rel}", f"package {package} is not installed"))
+        else:
+            files.append((key, str(Path(list(spec.submodule_search_locations)[0]) / rel), f"{package}/{rel}", None))
+    return files
 
 
-def iter_folder(root: Path) -> Iterator[SourceItem]:
-    """Every image file under ``root`` (recursive, sorted); never follows a link out of ``root``."""
+def iter_builtin() -> Iterator[SourceItem]:
+    return (_read_file(*f[:3], None, f[3]) for f in builtin_files())
+
+
+def folder_files(root: Path) -> list[tuple]:
+    """(key, path, relative path, None) of every image file under ``root`` (recursive, sorted)."""
     if not root.is_dir():
         raise FileNotFoundError(f"data.source: folder {str(root)!r} does not exist or is not a folder")
-    root_real = root.resolve()
     seen: dict[str, str] = {}
+    files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
@@ -94,12 +134,8 @@ def iter_folder(root: Path) -> Iterator[SourceItem]:
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             rel = path.relative_to(root).as_posix()
-            key = _unique_key(folder_key(rel), rel, seen)
-            real = path.resolve()
-            if not real.is_relative_to(root_real):
-                yield SourceItem(key, rel, error=f"link_outside_folder: {rel} -> {real}")
-                continue
-            yield _read(key, path, rel)
+            files.append((_unique_key(folder_key(rel), rel, seen), str(path), rel, None))
+    return files
 
 
 def folder_key(rel: str) -> str:
@@ -116,8 +152,22 @@ def _unique_key(key: str, rel: str, seen: dict[str, str]) -> str:
     return key
 
 
-def _read(key: str, path: Path, source: str) -> SourceItem:
+def _stat(path: str | None) -> tuple:
     try:
-        return SourceItem(key, source, data=path.read_bytes())
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns)
+    except (OSError, TypeError):
+        return (-1, -1)
+
+
+def _read_file(key: str, path: str | None, source: str, root: str | None, error: str | None) -> SourceItem:
+    if error:
+        return SourceItem(key, source, error=error)
+    if root is not None:  # a folder: never follow a link out of it
+        real = Path(path).resolve()
+        if not real.is_relative_to(root):
+            return SourceItem(key, source, error=f"link_outside_folder: {source} -> {real}")
+    try:
+        return SourceItem(key, source, data=Path(path).read_bytes())
     except OSError as e:
         return SourceItem(key, source, error=f"unreadable: {e.strerror or e}")

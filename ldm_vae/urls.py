@@ -7,8 +7,9 @@ keys stay the same when the list is re-ordered or extended.
 
 Fetching is the slow part, so it runs on ``data.download_workers`` threads; items come back in
 list order (a bounded window of fetches runs ahead), which keeps the manifest and the choice
-among duplicates deterministic. An item whose file the download stage already wrote (a previous,
-interrupted run) is read from disk instead of fetched again.
+among duplicates deterministic. The list is cut into units (the download runner's); every worker
+process fetches its units on its own threads, and a re-run after a kill fetches only the units
+that were not finished.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import csv
+import dataclasses
 import hashlib
 import json
 import random
@@ -23,10 +25,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 from urllib.parse import urlsplit
 
-from .sources import SourceItem, folder_key
+from .runner import Unit
+from .sources import SourceItem, chunks, fingerprint, folder_key
 
 RETRY_STATUS = {429, 500, 502, 503, 504}  # and any other 5xx
 CHUNK = 1 << 16
@@ -79,41 +82,42 @@ def url_key(url: str) -> str:
     return "url-" + hashlib.sha1(url.encode()).hexdigest()[:16]
 
 
-def iter_urls(cfg, done: Callable[[str], Path | None]) -> Iterator[SourceItem]:
-    """SourceItems of the list in ``cfg.source_target``, fetched on ``cfg.download_workers`` threads.
-
-    ``done(key)`` returns the file a previous run kept for ``key`` (or None): those are not fetched.
-    """
+def plan_urls(cfg) -> list[Unit]:
+    """The list cut into units of ``cfg.unit_images`` rows. A key seen earlier in the list is
+    marked here, once for the whole list, so the choice does not depend on the units."""
     rows = read_url_list(Path(cfg.source_target))
     if cfg.max_images:
         rows = rows[: cfg.max_images]
-    fetcher = Fetcher(cfg)
     seen: set[str] = set()
+    marked = []
+    for row in rows:
+        marked.append((row, f"duplicate_url: key {row.key} appears earlier in the list" if row.key in seen else None))
+        seen.add(row.key)
+    return [Unit(f"u{n:05d}", {"kind": "urls", "rows": fingerprint([(dataclasses.astuple(r), e) for r, e in chunk])},
+                 ("urls", chunk), len(chunk), f"URL list rows {n * cfg.unit_images}-{n * cfg.unit_images + len(chunk) - 1}")
+            for n, chunk in enumerate(chunks(marked, cfg.unit_images))]
+
+
+def iter_url_rows(cfg, rows: list[tuple[UrlRow, str | None]], skip: set[str] = frozenset()) -> Iterator[SourceItem]:
+    """SourceItems of ``rows`` (row, error) in order, fetched on ``cfg.download_workers`` threads
+    (a bounded window of fetches runs ahead of the item being yielded)."""
+    fetcher = Fetcher(cfg)
     window = cfg.download_workers * 4  # fetches in flight or finished but not yet taken
     with cf.ThreadPoolExecutor(cfg.download_workers, thread_name_prefix="fetch") as pool:
-        pending: collections.deque[tuple[UrlRow, cf.Future | None, str | None, Path | None]] = collections.deque()
-
-        def submit(row: UrlRow) -> None:
-            if row.key in seen:
-                pending.append((row, None, f"duplicate_url: key {row.key} appears earlier in the list", None))
-                return
-            seen.add(row.key)
-            kept = done(row.key)
-            if kept is not None:
-                pending.append((row, pool.submit(kept.read_bytes), None, kept))
-            else:
-                pending.append((row, pool.submit(fetcher.fetch, row.url), None, None))
-
+        pending: collections.deque = collections.deque()
         it = iter(rows)
-        for row in it:
-            submit(row)
+
+        def submit(entry) -> None:
+            row, error = entry
+            fetch = not error and row.key not in skip
+            pending.append((row, pool.submit(fetcher.fetch, row.url) if fetch else None, error))
+
+        for entry in it:
+            submit(entry)
             if len(pending) >= window:
                 break
         while pending:
-            row, future, error, kept = pending.popleft()
-            item = _item(row, future, error)
-            item.kept_file = kept
-            yield item
+            yield _item(*pending.popleft())
             nxt = next(it, None)
             if nxt is not None:
                 submit(nxt)
@@ -124,6 +128,8 @@ def _item(row: UrlRow, future: cf.Future | None, error: str | None) -> SourceIte
     if error:
         item.error = error
         return item
+    if future is None:
+        return item  # not fetched: the caller has its bytes
     try:
         data = future.result()
     except FetchError as e:

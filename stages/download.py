@@ -1,5 +1,9 @@
 """Download stage: find every image of ``data.source``, keep the good ones, record the rest.
 
+Every core (``data.num_workers``); several machines: run the command under one launcher per
+machine on a shared output folder (``accelerate launch --num_machines N --machine_rank R
+--num_processes N ...``, one process each): rank r takes units r, r+N, ..., rank 0 merges.
+
     python stages/download.py --out data/raw
 """
 
@@ -14,16 +18,19 @@ from ldm_vae.config import load_params_or_exit
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", type=Path, required=True, help="raw folder (images/, manifest.jsonl, rejected.jsonl)")
+    ap.add_argument("--out", type=Path, required=True, help="raw folder (shards/, manifest.jsonl, rejected.jsonl)")
     args = ap.parse_args()
     params = load_params_or_exit(args.params)
 
     from ldm_vae.download import run_download
+    from ldm_vae.runner import UnitFailed
 
     try:
         summary = run_download(params.data, args.out)
-    except (FileNotFoundError, ValueError) as e:  # a missing list/folder, an unknown column or split
+    except (FileNotFoundError, ValueError, UnitFailed) as e:  # a missing list/folder, an unknown column
         sys.exit(f"download: {e}")
+    if summary is None:
+        return  # not rank 0: rank 0 merges and reports
     print(f"download: kept {summary['kept']}, rejected {summary['rejected']} {json.dumps(summary['reasons'])}")
     if summary["kept"] == 0:
         sys.exit(f"download: no usable image in {params.data.source!r}; see {args.out}/rejected.jsonl")

@@ -1,10 +1,13 @@
 """Prepare stage: raw images -> square RGB crops in train/val webdataset shards.
 
+Every core (``data.num_workers``); several machines as for download (one launcher per machine,
+shared folders): rank r takes raw shards r, r+N, ..., rank 0 writes counts.json.
+
     python stages/prepare.py --raw data/raw --out data/prepared
 """
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 from ldm_vae.config import load_params_or_exit
@@ -20,8 +23,12 @@ def main() -> None:
 
     from ldm_vae.prepare import run_prepare
 
-    counts = run_prepare(params.data, args.raw, args.out)
-    (args.out / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
+    try:
+        counts = run_prepare(params.data, args.raw, args.out)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # UnitFailed names the raw shard
+        sys.exit(f"prepare: {e}")
+    if counts is None:
+        return  # not rank 0
     for split, c in counts.items():
         print(f"prepare {split}: {c['samples']} samples from {c['images']} images in {c['shards']} shards")
 

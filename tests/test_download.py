@@ -2,8 +2,8 @@ import os
 
 from conftest import image_bytes, photo, rejections
 from ldm_vae.config import DataConfig
-from ldm_vae.download import read_manifest, run_download
-from ldm_vae.sources import BUILTIN_PHOTOS, folder_key, iter_builtin
+from ldm_vae.download import raw_images, read_manifest, run_download
+from ldm_vae.sources import BUILTIN_PHOTOS, builtin_files, folder_key, iter_builtin
 
 
 def test_builtin_photographs_are_found_on_disk():
@@ -20,7 +20,9 @@ def test_builtin_download_keeps_every_photograph(tmp_path):
     astronaut = next(r for r in rows if r["key"] == "skimage-astronaut")
     assert (astronaut["width"], astronaut["height"]) == (512, 512)
     assert astronaut["source"] == "skimage/data/astronaut.png"
-    assert (tmp_path / astronaut["file"]).stat().st_size > 0
+    assert astronaut["shard"] == "shards/raw-u00000-00000.tar" and astronaut["member"] == "skimage-astronaut.png"
+    path = next(f[1] for f in builtin_files() if f[0] == "skimage-astronaut")
+    assert raw_images(tmp_path)["skimage-astronaut"] == open(path, "rb").read()  # the source's bytes
 
 
 def test_folder_source_good_bad_duplicate_and_escaping_link(tmp_path, photo_folder):
@@ -102,8 +104,9 @@ def test_folder_with_every_odd_mode_and_bad_case(tmp_path):
     # Every kept file is the source's bytes; prepare's decoder turns each into RGB.
     from ldm_vae.images import load_rgb
 
-    assert (out / rows["deep_cmyk"]["file"]).read_bytes() == (root / "deep" / "cmyk.jpg").read_bytes()
-    white = np.asarray(load_rgb((out / rows["rgba"]["file"]).read_bytes(), 10**7))
+    kept = raw_images(out)
+    assert kept["deep_cmyk"] == (root / "deep" / "cmyk.jpg").read_bytes()
+    white = np.asarray(load_rgb(kept["rgba"], 10**7))
     assert white.shape == (64, 64, 3) and (white == 255).all()
-    grey16 = np.asarray(load_rgb((out / rows["deep_er_grey16"]["file"]).read_bytes(), 10**7))
+    grey16 = np.asarray(load_rgb(kept["deep_er_grey16"], 10**7))
     assert grey16.shape == (64, 64, 3) and abs(int(grey16[0, 0, 0]) - 40000 // 257) <= 1

@@ -152,12 +152,12 @@ def test_killed_encode_resumes_with_every_key_once(pipeline_dir, encoded, tmp_pa
                          out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 120
-    while time.time() < deadline and not list((out / "train" / ".done").glob("*.json")):
+    while time.time() < deadline and not list((out / ".done").glob("train-*.json")):
         time.sleep(0.1)
     time.sleep(0.5)
     proc.kill()
     proc.wait()
-    done_before = {p.name: p.stat().st_mtime_ns for p in (out / "train" / ".done").glob("*.json")}
+    done_before = {p.name: p.stat().st_mtime_ns for p in (out / ".done").glob("train-*.json")}
     assert done_before, "the killed run finished no input shard"
     (out / "train" / "train-r000-s99999-00000.tar").write_bytes(b"half a shard")  # junk a kill could leave
 
@@ -165,7 +165,7 @@ def test_killed_encode_resumes_with_every_key_once(pipeline_dir, encoded, tmp_pa
     for split in ("train", "val"):
         assert sorted(latents_by_key(out / split)) == sorted(latents_by_key(one / split))
         assert stats["splits"][split]["count"] == len(latents_by_key(one / split))
-    kept = {p.name: p.stat().st_mtime_ns for p in (out / "train" / ".done").glob("*.json")}
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / ".done").glob("train-*.json")}
     assert all(kept[n] == t for n, t in done_before.items())  # finished inputs were not redone
     assert not (out / "train" / "train-r000-s99999-00000.tar").exists()
 
@@ -187,10 +187,10 @@ def test_new_vae_invalidates_old_shards_and_flip_is_stored(pipeline_dir, encoded
         other.decoder.conv_out.bias.add_(0.1)  # a different VAE (even if only its decoder differs)
     before = set(p.name for p in (tmp_path / "val").glob("*.tar"))
     run_encode(other, pipeline_dir / "prepared", tmp_path, cfg)
-    records = [json.loads(p.read_text()) for p in (tmp_path / "val" / ".done").glob("*.json")]
+    records = [json.loads(p.read_text()) for p in (tmp_path / ".done").glob("val-*.json")]
     from ldm_vae.latents import vae_fingerprint
 
-    assert records and all(r["vae"] == vae_fingerprint(other) for r in records)
+    assert records and all(r["ident"]["vae"] == vae_fingerprint(other) for r in records)
     assert set(p.name for p in (tmp_path / "val").glob("*.tar")) == before  # same names, rewritten
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import image_bytes, photo, rejections
 from httpserver import ImageServer, Route
 from ldm_vae.config import DataConfig
-from ldm_vae.download import read_manifest, run_download
+from ldm_vae.download import raw_images, read_manifest, run_download
 from ldm_vae.urls import Fetcher, FetchError, read_url_list, url_key
 
 FAST = dict(connect_timeout=2.0, read_timeout=0.5, retries=2, retry_backoff=0.05)
@@ -70,8 +70,9 @@ def test_url_list_every_failure_has_its_reason(tmp_path, server):
     assert [r["key"] for r in manifest] == ["good0", "good1", "good2", "flaky"]  # list order
     assert manifest[0]["caption"] == "a red thing" and manifest[0]["label"] == 3
     assert "caption" not in manifest[1] and "label" not in manifest[1]
-    assert manifest[3]["source"] == f"{u}/flaky.jpg" and manifest[3]["file"] == "images/flaky.jpg"
-    assert (out / "images/good2.png").read_bytes() == good["good2"]
+    assert manifest[3]["source"] == f"{u}/flaky.jpg" and manifest[3]["member"] == "flaky.jpg"
+    kept = raw_images(out)
+    assert kept["good2"] == good["good2"] and kept["flaky"] == jpeg
     assert rejections(out) == {
         "gone": "http_404", "slow": "timeout", "page": "not_an_image", "cut": "truncated",
         "tiny": "too_small", "same": "duplicate", "forged": "sha256_mismatch", "local": "bad_url",
@@ -80,7 +81,7 @@ def test_url_list_every_failure_has_its_reason(tmp_path, server):
     assert summary["kept"] == 4 and summary["rejected"] == 10
     # Retried: the 500 once, the timeout until retries ran out; never the 404.
     assert server.hits["/flaky.jpg"] == 2 and server.hits["/slow.png"] == 3 and server.hits["/gone.png"] == 1
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["flaky.jpg", "good0.png", "good1.png", "good2.png"]
+    assert [p.name for p in (out / "shards").iterdir()] == ["raw-u00000-00000.tar"]  # one unit, one shard
 
 
 def test_text_list_keys_hash_the_url_and_a_rerun_fetches_nothing_kept(tmp_path, server):
@@ -97,8 +98,9 @@ def test_text_list_keys_hash_the_url_and_a_rerun_fetches_nothing_kept(tmp_path, 
     assert first == {"kept": 4, "rejected": 1, "reasons": {"http_404": 1}}
     again = run_download(cfg, out)
     assert again == first and (out / "manifest.jsonl").read_text() == manifest
-    assert all(server.hits[f"/{i}.png"] == 1 for i in range(4))  # kept files were not fetched again
+    assert all(server.hits[f"/{i}.png"] == 1 for i in range(4))  # kept images were not fetched again
     assert server.hits["/nope.png"] == 2  # a failure is tried again on a re-run
+    assert raw_images(out) == {url_key(urls[i]): image_bytes(photo(seed=i)) for i in range(4)}
 
 
 def test_max_images_and_size_cap(tmp_path, server):
@@ -124,11 +126,12 @@ import sys
 sys.path.insert(0, {root!r})
 from ldm_vae.config import DataConfig
 from ldm_vae.download import run_download
-run_download(DataConfig(source={source!r}, download_workers=1, read_timeout=30.0), __import__('pathlib').Path({out!r}))
+run_download(DataConfig(source={source!r}, download_workers=1, num_workers="1", unit_images=3, read_timeout=30.0),
+             __import__('pathlib').Path({out!r}))
 """
 
 
-def test_killed_download_leaves_only_whole_files_and_a_rerun_completes(tmp_path, server):
+def test_killed_download_keeps_finished_units_and_a_rerun_completes(tmp_path, server):
     bodies = {i: image_bytes(photo(seed=i)) for i in range(12)}
     for i, body in bodies.items():
         server.routes[f"/{i}.png"] = Route(body, delay=0.15)
@@ -138,17 +141,21 @@ def test_killed_download_leaves_only_whole_files_and_a_rerun_completes(tmp_path,
     root = str(Path(__file__).resolve().parents[1])
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN.format(root=root, source=f"urls:{listing}", out=str(out))])
     deadline = time.time() + 60
-    while time.time() < deadline and len(list((out / "images").glob("*.png"))) < 3:
+    while time.time() < deadline and len(list((out / ".done").glob("u*.json"))) < 1:
         time.sleep(0.05)
+    time.sleep(0.2)  # the next unit is half fetched
     proc.kill()
     proc.wait()
-    written = {p.stem: p.read_bytes() for p in (out / "images").glob("*.png")}
-    assert 3 <= len(written) < 12 and not (out / "manifest.jsonl").exists()
-    assert all(data == bodies[int(k[1:])] for k, data in written.items())  # whole files only
+    done = sorted(p.stem for p in (out / ".done").glob("u*.json"))
+    assert 1 <= len(done) < 4 and not (out / "manifest.jsonl").exists()
+    finished = {n: (out / "shards" / f"raw-{n}-00000.tar").stat().st_mtime_ns for n in done}
 
     before = sum(server.hits.values())
-    summary = run_download(DataConfig(source=f"urls:{listing}", download_workers=4, **FAST), out)
+    summary = run_download(DataConfig(source=f"urls:{listing}", download_workers=4, num_workers="2", unit_images=3,
+                                      **FAST), out)
     assert summary["kept"] == 12
     assert [r["key"] for r in read_manifest(out)] == [f"k{i:02d}" for i in range(12)]
-    assert sum(server.hits.values()) - before == 12 - len(written)  # only the missing ones fetched
+    assert sum(server.hits.values()) - before == 12 - 3 * len(done)  # only the unfinished units fetched
+    assert all((out / "shards" / f"raw-{n}-00000.tar").stat().st_mtime_ns == t for n, t in finished.items())
+    assert raw_images(out) == {f"k{i:02d}": bodies[i] for i in range(12)}
     assert not list(out.glob("**/*.tmp"))
