@@ -122,12 +122,12 @@ def _builtin_prepared(params, images: int, tmp: Path) -> Path:
     """At least ``images`` prepared crops of the builtin photos at params.data.resolution."""
     from dataclasses import replace
 
-    from ldm_vae.download import run_download
+    from ldm_vae.download import read_manifest, run_download
     from ldm_vae.prepare import run_prepare
 
-    data = replace(params.data, source="builtin", max_images=0, val_fraction=0.15)
+    data = replace(params.data, source="builtin", max_images=0, val_fraction=0.15, crop="multiscale")
     run_download(data, tmp / "raw")
-    photos = sum(1 for _ in (tmp / "raw").rglob("*.jpg")) + sum(1 for _ in (tmp / "raw").rglob("*.png"))
+    photos = len(read_manifest(tmp / "raw"))
     data = replace(data, crops_per_image=max(1, -(-images // max(1, int(photos * 0.7)))))
     run_prepare(data, tmp / "raw", tmp / "prepared-builtin")
     return tmp / "prepared-builtin"

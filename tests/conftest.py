@@ -123,5 +123,24 @@ def pipeline_dir(tmp_path_factory):
     return base
 
 
+def copy_repo(dst: Path) -> tuple[Path, dict]:
+    """The repository as committed (plus uncommitted, not ignored files) in ``dst``, a git repo of
+    its own, and the environment to run dvc there with the copy's library."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dst / rel).write_bytes(src.read_bytes())
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(dst)  # the copy's library, not the installed checkout's
+    return dst, env
+
+
 def pytest_configure(config):
     sys.path.insert(0, str(ROOT))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, copy_repo
 
 pytestmark = pytest.mark.slow
 
@@ -29,24 +29,13 @@ def stages_run(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """The repository as committed (plus uncommitted, not ignored files), in a fresh folder."""
-    dst = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dst / rel).write_bytes(src.read_bytes())
+    dst, env = copy_repo(tmp_path_factory.mktemp("repo"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
     params["data"]["source"] = "builtin"  # the real default source
     params["data"]["val_fraction"] = 0.15
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["PYTHONPATH"] = str(dst)  # the copy's library, not the installed checkout's
     return dst, env
 
 
