@@ -16,8 +16,6 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-import webdataset as wds
-
 _ZERO_BLOCK = bytes(512)
 
 
@@ -142,9 +140,13 @@ def iter_samples(paths: Iterable[str]) -> Iterator[dict]:
             yield from _group(tar_members(f), str(path))
 
 
-def tar_samples(src: Iterable[dict], handler=wds.reraise_exception) -> Iterator[dict]:
+def tar_samples(src: Iterable[dict], handler=None) -> Iterator[dict]:
     """A webdataset pipeline stage: ``{"url": ...}`` dicts in, samples out (as
     ``wds.tarfile_to_samples()``, local paths or URLs through webdataset's opener)."""
+    # Imported here: webdataset imports torch (a second), which download and prepare never need.
+    import webdataset as wds
+
+    handler = handler or wds.reraise_exception
     for source in wds.tariterators.url_opener(src, handler=handler):
         stream, url = source["stream"], source["url"]
         try:
