@@ -10,7 +10,9 @@ group):
    other params, of a unit a kill interrupted), and broadcasts the units left to do.
 2. Rank r of W takes units r, r+W, r+2W, ... of that list and runs them on a pool of ``workers``
    local processes (or in this process). A unit writes its outputs under temporary names and
-   renames them; its record is written after that, so a kill loses only the units in flight.
+   renames them; its record is written after that, so a kill loses only the units in flight. A
+   unit that fails does not stop the others: they finish and are recorded, then the stage fails
+   naming the unit and what it reads.
 3. After a barrier, rank 0 reads every record in unit order and the stage finishes from them
    (merges a manifest, checks coverage, writes stats). Records are read in unit order, never in
    the order units finished, which is why results do not depend on the process count.
@@ -186,9 +188,14 @@ def _execute(out: Path, mine: list[Unit], work, workers: int, desc: str, item: s
     try:
         if workers <= 1 or len(mine) <= 1:
             _tick = bar.update
+            failed = []
             for n, unit in enumerate(mine):
                 bar.set_postfix_str(f"unit {n + 1}/{len(mine)}", refresh=False)
-                _stamp(out, unit, _call(work, unit))
+                try:
+                    _stamp(out, unit, _call(work, unit))
+                except UnitFailed as e:
+                    failed.append(e)  # the other units go on: none of their work is lost
+            _raise_first(failed)
         else:
             _run_pool(out, mine, work, min(workers, len(mine)), bar)
     finally:
@@ -198,23 +205,33 @@ def _execute(out: Path, mine: list[Unit], work, workers: int, desc: str, item: s
 
 def _run_pool(out: Path, mine: list[Unit], work, workers: int, bar) -> None:
     # spawn: a fresh interpreter per worker, safe whatever threads this process runs (tqdm's
-    # monitor, gloo); it costs about a second of imports, once per worker.
+    # monitor, gloo); its imports cost a few tenths of a second, once per worker.
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
     pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init, initargs=(counter,))
     futures = {pool.submit(_call, work, u): u for u in mine}
-    finished = 0
+    finished, failed = 0, []
     try:
         pending = set(futures)
         while pending:
             ready, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
             for f in ready:
-                _stamp(out, futures[f], f.result())  # raises the unit's UnitFailed here
+                if f.exception() is not None:
+                    failed.append(f.exception())  # the other units go on: none of their work is lost
+                    continue
+                _stamp(out, futures[f], f.result())
                 finished += 1
             bar.set_postfix_str(f"units {finished}/{len(mine)}", refresh=False)
             bar.update(counter.value - bar.n)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    _raise_first(failed)
+
+
+def _raise_first(failed: list[BaseException]) -> None:
+    if failed:
+        more = f" (and {len(failed) - 1} more units failed)" if len(failed) > 1 else ""
+        raise UnitFailed(f"{failed[0]}{more}") from failed[0]
 
 
 def _stamp(out: Path, unit: Unit, record: dict) -> None:

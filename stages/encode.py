@@ -30,6 +30,7 @@ def main() -> None:
     from ldm_vae.encoding import CoverageError, check_dtype, run_encode
     from ldm_vae.export import load_vae
     from ldm_vae.launch import launched, relaunch, resolve_processes
+    from ldm_vae.runner import UnitFailed
 
     try:
         check_dtype(params.encode, "cuda" if _has_gpu() else "cpu")  # before any process starts
@@ -43,7 +44,7 @@ def main() -> None:
     vae = load_vae(args.vae, device)
     try:
         stats = run_encode(vae, args.prepared, args.out, params.encode)
-    except (CoverageError, ValueError) as e:
+    except (CoverageError, ValueError, UnitFailed) as e:
         sys.exit(f"encode: {e}")
     if stats is None:
         return  # not rank 0: rank 0 checks and reports

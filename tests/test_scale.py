@@ -197,3 +197,24 @@ def test_streamed_hf_set_is_split_by_its_own_shards(tmp_path):
     assert [r["key"] for r in read_manifest(tmp_path / "few")] == [
         "train-00000-00000000", "train-00000-00000001", "train-00001-00000000", "train-00001-00000001",
         "train-00002-00000000"]
+
+
+def test_a_corrupt_raw_shard_names_its_unit_and_loses_no_other_unit(one_process, tmp_path):
+    import shutil
+
+    from ldm_vae.runner import UnitFailed
+
+    cfg, base, _, counts = one_process
+    shutil.copytree(base / "raw", tmp_path / "raw")
+    shard = tmp_path / "raw" / "shards" / "raw-u00002-00000.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # cut mid-member
+    two = DataConfig(**{**cfg.__dict__, "num_workers": "2"})
+    with pytest.raises(UnitFailed, match=r"unit u00002 \(shards/raw-u00002-00000.tar\): ValueError: truncated tar"):
+        run_prepare(two, tmp_path / "raw", tmp_path / "prepared")
+    done = sorted(p.name for p in (tmp_path / "prepared" / ".done").iterdir())
+    assert done == [f"u{i:05d}.json" for i in range(6) if i != 2]  # every other unit finished and recorded
+    shard.write_bytes(whole)
+    assert run_prepare(two, tmp_path / "raw", tmp_path / "prepared") == counts
+    a, b = files_of(base / "prepared"), files_of(tmp_path / "prepared")
+    assert sorted(a) == sorted(b) and all(a[n] == b[n] for n in a)
