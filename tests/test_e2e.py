@@ -78,6 +78,19 @@ def test_second_repro_runs_nothing(repo):
     assert stages_run(out) == set()
 
 
+def test_redone_data_units_with_the_same_bytes_rerun_nothing_downstream(repo):
+    """Touched raw shards make prepare redo its units (new records), but the samples are the same
+    bytes: train, encode and evaluate, which read only the split folders, stay up to date."""
+    dst, env = repo
+    for shard in (dst / "data/raw/shards").iterdir():
+        os.utime(shard)
+    before = {p.name: p.read_text() for p in (dst / "data/prepared/.done").iterdir()}
+    out = run(["dvc", "repro", "-f", "-s", "prepare"], dst, env)
+    assert stages_run(out) == {"prepare"}
+    assert {p.name: p.read_text() for p in (dst / "data/prepared/.done").iterdir()} != before  # redone
+    assert stages_run(run(["dvc", "repro"], dst, env)) == set()
+
+
 def test_channel_change_reruns_only_model_stages(repo):
     dst, env = repo
     params = yaml.safe_load((dst / "params.yaml").read_text())
