@@ -14,7 +14,6 @@ import collections
 import hashlib
 import io
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
