@@ -114,13 +114,11 @@ def run_units(out: Path, plan: Callable[[], list[Unit]], work: Callable[[Unit], 
     units = todo = None
     if rank == 0:
         units = plan()
-        done = _valid(out, units)
+        done = _valid(out, units)  # name -> record, each read once
         _remove_unrecorded(out, clean, done)
         for u in units:
-            if u.name in done and redo is not None:
-                previous = json.loads(record_path(out, u).read_text())
-                if redo(previous):
-                    u.extra["previous"] = previous
+            if u.name in done and redo is not None and redo(done[u.name]):
+                u.extra["previous"] = done[u.name]
         todo = [u for u in units if u.name not in done or "previous" in u.extra]
         if done:
             print(f"{desc}: {len(units) - len(todo)} of {len(units)} units already done, {len(todo)} to do",
@@ -241,9 +239,9 @@ def _stamp(out: Path, unit: Unit, record: dict) -> None:
     atomic_write(path, json.dumps(record, sort_keys=True))
 
 
-def _valid(out: Path, units: list[Unit]) -> set[str]:
-    """Names of units whose record matches their ident and whose outputs are all present."""
-    done = set()
+def _valid(out: Path, units: list[Unit]) -> dict[str, dict]:
+    """The records of units whose record matches their ident and whose outputs are all present."""
+    done = {}
     for unit in units:
         try:
             rec = json.loads(record_path(out, unit).read_text())
@@ -251,15 +249,13 @@ def _valid(out: Path, units: list[Unit]) -> set[str]:
             continue
         if rec.get("ident") == json.loads(json.dumps(unit.ident)) and all(
                 (Path(out) / p).is_file() for p in rec.get("outputs", [])):
-            done.add(unit.name)
+            done[unit.name] = rec
     return done
 
 
-def _remove_unrecorded(out: Path, clean: list[str], done: set[str]) -> None:
+def _remove_unrecorded(out: Path, clean: list[str], done: dict[str, dict]) -> None:
     out = Path(out)
-    keep = set()
-    for name in done:
-        keep.update(json.loads((out / RECORDS / f"{name}.json").read_text())["outputs"])
+    keep = {p for rec in done.values() for p in rec["outputs"]}
     for folder in clean:
         d = out / folder
         if d.is_dir():
