@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .runner import Unit
-from .sources import SourceItem, fingerprint
+from .sources import SourceItem, fingerprint, safe_key
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
@@ -73,11 +73,12 @@ def iter_hf_unit(cfg, task) -> Iterator[SourceItem]:
     if task[0] == "hf":
         _, lo, hi = task
         rows = ds.select(range(lo, hi))
-        keyed = ((f"{cfg.split}-{lo + j:08d}", lo + j, row) for j, row in enumerate(rows))
+        keyed = ((f"{safe_key(cfg.split)}-{lo + j:08d}", lo + j, row) for j, row in enumerate(rows))
     else:
         _, shard, shards, quota = task
         part = ds.shard(num_shards=shards, index=shard) if shards > 1 else ds
-        prefix = f"{cfg.split}-{shard:05d}-" if shards > 1 else f"{cfg.split}-"
+        # 'train[:10%]' is a valid split; keys take its safe form ('train_10')
+        prefix = f"{safe_key(cfg.split)}-{shard:05d}-" if shards > 1 else f"{safe_key(cfg.split)}-"
         keyed = ((f"{prefix}{j:08d}", f"{shard}:{j}" if shards > 1 else j, row) for j, row in enumerate(part))
         if quota:
             keyed = itertools.islice(keyed, quota)

@@ -11,8 +11,10 @@ trainer). Nothing is ever extracted to disk, so member paths cannot escape anywh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
@@ -41,9 +43,10 @@ class ShardWriter:
         self._tmp: Path | None = None
 
     def write(self, sample: dict) -> None:
-        key = sample["__key__"]
-        members = b"".join(_member(f"{key}.{ext}", _to_bytes(ext, value))
-                           for ext, value in sample.items() if not ext.startswith("__"))
+        key = check_key(sample["__key__"])
+        exts = [ext for ext in sample if not ext.startswith("__")]
+        check_extensions(key, exts)
+        members = b"".join(_member(f"{key}.{ext}", _to_bytes(ext, sample[ext])) for ext in exts)
         if self._stream is None:
             self._open()
         self._stream.write(members)
@@ -81,6 +84,42 @@ class ShardWriter:
         self._stream = self._tmp = None
         self.index += 1
         self.count = 0
+
+
+# Readers (webdataset's and ours) take a sample's key as the member path up to the first dot of
+# its file name, and group consecutive members by it: a key must survive that unchanged.
+_KEY_FORBIDDEN = re.compile(r"[.\\\x00-\x1f\x7f]")
+MAX_KEY_BYTES = 1000
+
+
+def check_key(key) -> str:
+    """``key`` if a reader will group its members back under exactly it, else ValueError naming it:
+    no dot (readers cut there), no NUL, control character or backslash, no empty, ``.`` or
+    ``..`` path part (a leading, trailing or doubled slash would change the grouping)."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"sample key {key!r}: must be a non-empty string")
+    bad = _KEY_FORBIDDEN.search(key)
+    if bad:
+        raise ValueError(f"sample key {key!r}: {bad.group()!r} is not allowed in a key "
+                         "(readers cut a key at its first dot; NUL, control characters and '\\' are refused)")
+    if any(part == "" for part in key.split("/")):
+        raise ValueError(f"sample key {key!r}: a leading, trailing or doubled '/' changes how readers group members")
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise ValueError(f"sample key {key[:60]!r}...: longer than {MAX_KEY_BYTES} bytes")
+    return key
+
+
+def check_extensions(key: str, exts: list[str]) -> None:
+    """Every member extension of a sample: non-empty, no '/', NUL or control character, and no
+    two that differ only by case (readers match extensions case-insensitively)."""
+    seen: dict[str, str] = {}
+    for ext in exts:
+        if not isinstance(ext, str) or not ext or ext.startswith(".") or ext.endswith(".") or "/" in ext \
+                or re.search(r"[\x00-\x1f\x7f\\]", ext):
+            raise ValueError(f"sample key {key!r}: member extension {ext!r} is not allowed")
+        if ext.lower() in seen:
+            raise ValueError(f"sample key {key!r}: extensions {seen[ext.lower()]!r} and {ext!r} differ only by case")
+        seen[ext.lower()] = ext
 
 
 def _to_bytes(ext: str, value) -> bytes:
@@ -136,7 +175,7 @@ def iter_samples(paths: Iterable[str]) -> Iterator[dict]:
     splitting and no shuffling.
     """
     for path in paths:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, _naming(path):
             yield from _group(tar_members(f), str(path))
 
 
@@ -150,9 +189,11 @@ def tar_samples(src: Iterable[dict], handler=None) -> Iterator[dict]:
     for source in wds.tariterators.url_opener(src, handler=handler):
         stream, url = source["stream"], source["url"]
         try:
-            yield from _group(tar_members(stream), url)
+            with _naming(url):
+                yield from _group(tar_members(stream), url)
         except Exception as exn:
-            exn.args = exn.args + (url,)
+            if not isinstance(exn, ValueError):
+                exn.args = exn.args + (url,)
             if not handler(exn):
                 break
         finally:
@@ -162,7 +203,7 @@ def tar_samples(src: Iterable[dict], handler=None) -> Iterator[dict]:
 def shard_keys(path: str) -> list[str]:
     """The sample keys of a shard from its member headers only (the data is skipped, not read)."""
     keys = []
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, _naming(path):
         for name, _ in tar_members(f, read_data=False):
             key = _split(name)[0]
             if key is not None and (not keys or keys[-1] != key):
@@ -170,65 +211,149 @@ def shard_keys(path: str) -> list[str]:
     return keys
 
 
+@contextlib.contextmanager
+def _naming(path) -> Iterator[None]:
+    """A malformed shard's ValueError names the shard."""
+    try:
+        yield
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: {e}") from e
+
+
 def tar_members(stream: BinaryIO, read_data: bool = True) -> Iterator[tuple[str, bytes | None]]:
     """(path, data) of every regular file of a tar stream, in order; data None if not ``read_data``
-    (then the stream must be seekable)."""
+    (then the stream must be seekable).
+
+    The stream is untrusted (the loader reads shards from URLs): any malformed header, pax
+    record or long name, any member that runs past the end, and a stream without the
+    end-of-archive block raise ValueError. A member is read only once the file is known to hold
+    it (streams: in chunks as they arrive), so no header makes this allocate more than the input.
+    """
+    src = _Source(stream)
     override = None  # a pax or GNU long-name header's path for the next member
     while True:
-        header = stream.read(512)
-        if len(header) < 512 or header == _ZERO_BLOCK:
+        header = src.read(512, final_ok=True)
+        if header is None:
+            raise ValueError("empty file: not a tar shard" if src.pos == 0
+                             else "truncated tar: no end-of-archive block")
+        if header == _ZERO_BLOCK:
+            if override is not None:
+                raise ValueError(f"truncated tar: a long-name header at byte {src.pos - 512} has no member")
             return
-        if int(header[148:156].rstrip(b"\0 ") or b"0", 8) != sum(header) - sum(header[148:156]) + 8 * 32:
-            raise ValueError("corrupt tar header (checksum mismatch)")
+        if _octal(header[148:156], "checksum") != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise ValueError(f"corrupt tar header at byte {src.pos - 512} (checksum mismatch)")
         kind = header[156:157]
-        if header[124] & 0x80:  # base-256 size (GNU, members over 8 GB)
-            size = int.from_bytes(header[125:136], "big")
-        else:
-            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        size = _size(header)
         padded = (size + 511) // 512 * 512
         if kind in (b"x", b"L"):  # a pax header (webdataset can write them) or a GNU long name
-            data = _read_exact(stream, padded)[:size]
-            override = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode()
+            if size > MAX_NAME_RECORD:
+                raise ValueError(f"tar header at byte {src.pos - 512}: a {size}-byte long-name record")
+            data = src.read(padded)[:size]
+            override = _pax_path(data) if kind == b"x" else _name(data.split(b"\0", 1)[0])
             continue
         if kind in (b"0", b"\0"):  # a regular file
             name = override
             if name is None:
-                name = header[0:100].split(b"\0", 1)[0].decode()
-                prefix = header[345:500].split(b"\0", 1)[0].decode()
+                name = _name(header[0:100].split(b"\0", 1)[0])
+                prefix = _name(header[345:500].split(b"\0", 1)[0])
                 name = f"{prefix}/{name}" if prefix else name
-            if read_data:
-                yield name, _read_exact(stream, padded)[:size]
-            else:
-                stream.seek(padded, os.SEEK_CUR)
-                yield name, None
+            if not name or "\0" in name:
+                raise ValueError(f"tar member name {name[:100]!r} is empty or holds a NUL")
+            yield name, (src.read(padded)[:size] if read_data else src.skip(padded))
         elif read_data:
-            _read_exact(stream, padded)
+            src.read(padded)
         else:
-            stream.seek(padded, os.SEEK_CUR)
+            src.skip(padded)
         override = None
 
 
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
-    data = stream.read(n)
-    while len(data) < n:  # pipes and sockets may return short reads
-        more = stream.read(n - len(data))
-        if not more:
-            raise ValueError(f"truncated tar: wanted {n} bytes, got {len(data)}")
-        data += more
-    return data
+MAX_NAME_RECORD = 1 << 20  # pax and long-name records: a path, never megabytes
+_CHUNK = 1 << 16
+
+
+class _Source:
+    """A tar stream with its position and, for files, its size: reads and skips never run past
+    the end (ValueError), and never allocate more than the bytes that are there."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream, self.pos, self.size = stream, 0, None
+        try:
+            if stream.seekable():
+                self.pos = stream.tell()
+                self.size = os.fstat(stream.fileno()).st_size
+        except (AttributeError, OSError, ValueError):
+            self.size = None  # a BytesIO, a socket: read in chunks instead
+
+    def _check(self, n: int) -> None:
+        if self.size is not None and self.pos + n > self.size:
+            raise ValueError(f"truncated tar: {n} bytes wanted at byte {self.pos}, the file has {self.size}")
+
+    def read(self, n: int, final_ok: bool = False) -> bytes | None:
+        """``n`` bytes, or None at a clean end of the stream when ``final_ok``."""
+        if final_ok and self.size is not None and self.pos == self.size:
+            return None
+        self._check(n)
+        parts, got = [], 0
+        while got < n:  # pipes and sockets return short reads
+            # A stream's size is unknown: ask for no more than has arrived so far (64 KiB at first),
+            # so a lying size field costs at most about twice the bytes that really came.
+            part = self.stream.read(n - got if self.size is not None else min(n - got, max(_CHUNK, got)))
+            if not part:
+                if final_ok and got == 0:
+                    return None
+                raise ValueError(f"truncated tar: {n} bytes wanted at byte {self.pos}, got {got}")
+            parts.append(part)
+            got += len(part)
+        self.pos += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def skip(self, n: int) -> None:
+        self._check(n)
+        self.stream.seek(n, os.SEEK_CUR)
+        self.pos += n
+
+
+def _octal(field: bytes, what: str) -> int:
+    """A tar numeric field: octal digits, optionally space-led, NUL/space-terminated; nothing else
+    (int() alone would take '0o17', '1_0', '-1' or '+7')."""
+    digits = field.strip(b" \0")
+    if not digits or not all(0x30 <= c <= 0x37 for c in digits):
+        raise ValueError(f"corrupt tar header: {what} field {field!r} is not an octal number")
+    return int(digits, 8)
+
+
+def _size(header: bytes) -> int:
+    if header[124] == 0x80:  # base-256 (GNU: members over 8 GB), positive
+        return int.from_bytes(header[125:136], "big")
+    if header[124] & 0x80:
+        raise ValueError(f"corrupt tar header: negative size field {header[124:136]!r}")
+    return _octal(header[124:136], "size")
+
+
+def _name(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"tar member name {raw[:100]!r} is not UTF-8") from None
 
 
 def _pax_path(data: bytes) -> str | None:
-    # pax records: b"<length> <key>=<value>\n" ...
-    pos = 0
+    """The path of pax records b"<length> <key>=<value>\\n"...; a malformed record raises."""
+    pos, path = 0, None
     while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        space = data.find(b" ", pos, pos + 21)
+        field = data[pos:space] if space > pos else b""
+        length = int(field) if field.isdigit() else 0
+        end = pos + length
+        if length <= len(field) + 1 or end > len(data) or data[end - 1:end] != b"\n" or b"=" not in data[space:end]:
+            raise ValueError(f"malformed pax record at offset {pos}: {data[pos:pos + 40]!r}")
+        key, _, value = data[space + 1: end - 1].partition(b"=")
         if key == b"path":
-            return value.decode()
-        pos += length
-    return None
+            path = _name(value)
+        pos = end
+    return path
 
 
 def _split(name: str) -> tuple[str | None, str]:
@@ -250,7 +375,7 @@ def _group(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
                 yield sample
             sample = {"__key__": key, "__url__": url}
         if ext in sample:
-            raise ValueError(f"{url}: {name}: duplicate member in one sample")
+            raise ValueError(f"{url}: {name}: duplicate member in one sample (extensions differ only by case?)")
         sample[ext] = data
     if sample is not None:
         yield sample

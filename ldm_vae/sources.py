@@ -134,21 +134,27 @@ def folder_files(root: Path) -> list[tuple]:
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             rel = path.relative_to(root).as_posix()
-            files.append((_unique_key(folder_key(rel), rel, seen), str(path), rel, None))
+            files.append((unique_key(folder_key(rel), rel, seen), str(path), rel, None))
     return files
 
 
 def folder_key(rel: str) -> str:
     """'cats/Tabby 01.jpg' -> 'cats_Tabby_01': readable, stable, safe in a tar member name."""
-    stem = rel.rsplit(".", 1)[0]
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "image"
+    return safe_key(rel.rsplit(".", 1)[0], "image")
 
 
-def _unique_key(key: str, rel: str, seen: dict[str, str]) -> str:
-    # 'a.jpg' and 'a.png' (or 'a b' and 'a_b') map to one key: suffix a hash of the full path.
-    if key in seen and seen[key] != rel:
-        key = f"{key}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
-    seen[key] = rel
+def safe_key(text: str, empty: str = "item") -> str:
+    """Any text -> [A-Za-z0-9_-]+ (what :func:`ldm_vae.shards.check_key` accepts, and more: no
+    slash either, so a key is one flat name): runs of anything else become one '_'."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or empty
+
+
+def unique_key(key: str, raw: str, seen: dict[str, str]) -> str:
+    """``key``, or ``key-<hash of raw>`` when another ``raw`` ('a.jpg' and 'a.png', 'a b' and
+    'a_b') already took it: different inputs never share a key."""
+    if key in seen and seen[key] != raw:
+        key = f"{key}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
+    seen[key] = raw
     return key
 
 

@@ -29,7 +29,7 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from .runner import Unit
-from .sources import SourceItem, chunks, fingerprint, folder_key
+from .sources import SourceItem, chunks, fingerprint, folder_key, unique_key
 
 RETRY_STATUS = {429, 500, 502, 503, 504}  # and any other 5xx
 CHUNK = 1 << 16
@@ -70,10 +70,13 @@ def read_url_list(path: Path) -> list[UrlRow]:
             records = [{"url": s} for s in (line.strip() for line in f) if s and not s.startswith("#")]
     if records and "url" not in records[0]:
         raise ValueError(f"data.source: {str(path)!r} has no 'url' column (columns: {', '.join(records[0])})")
-    rows = []
+    rows, seen = [], {}
     for r in records:
         url = str(r.get("url") or "").strip()
-        key = folder_key(str(r["key"])) if r.get("key") not in (None, "") else url_key(url)
+        raw = str(r["key"]) if r.get("key") not in (None, "") else None
+        # Two different keys that read the same once made safe ('a b', 'a_b') stay two keys; the
+        # same key twice stays one (plan_urls rejects the second as a duplicate).
+        key = unique_key(folder_key(raw), raw, seen) if raw is not None else url_key(url)
         rows.append(UrlRow(key, url, _opt(r.get("caption")), _label(r.get("label")), _opt(r.get("sha256"))))
     return rows
 
