@@ -48,6 +48,9 @@ class DataConfig:
     read_timeout: float = 30.0
     retries: int = 3
     retry_backoff: float = 1.0
+    # urls: the most one URL may take, retries and waits included (a server that drips a byte
+    # at a time never trips read_timeout); a 429/503's Retry-After is honoured within it.
+    fetch_deadline: float = 60.0
     max_bytes: int = 50_000_000
     min_size: int = 32  # shorter side in pixels below which an image is rejected
     max_pixels: int = 64_000_000  # decompression-bomb cap (width * height)
@@ -79,6 +82,7 @@ class DataConfig:
         _in_range("data.read_timeout", self.read_timeout, 0.0, 3600.0, open_lo=True)
         _at_least("data.retries", self.retries, 0)
         _at_least("data.retry_backoff", self.retry_backoff, 0.0)
+        _in_range("data.fetch_deadline", self.fetch_deadline, 0.0, 3600.0, open_lo=True)
         _at_least("data.max_bytes", self.max_bytes, 1)
         _at_least("data.min_size", self.min_size, 1)
         _at_least("data.max_pixels", self.max_pixels, 1)

@@ -126,6 +126,8 @@ def judge(cfg: DataConfig, item, by_sha: dict[str, str]) -> dict:
         row["caption"] = item.caption
     if item.label is not None:
         row["label"] = item.label
+    if item.final_url is not None:
+        row["final_url"] = item.final_url
     return row
 
 

@@ -54,6 +54,7 @@ class SourceItem:
     error: str | None = None  # set when the item was found but could not be read
     caption: str | None = None
     label: int | str | None = None
+    final_url: str | None = None  # urls: where the redirects ended, when not at ``source``
 
 
 def plan_source(cfg) -> list[Unit]:

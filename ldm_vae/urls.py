@@ -18,9 +18,11 @@ import collections
 import concurrent.futures as cf
 import csv
 import dataclasses
+import email.utils
 import hashlib
 import json
 import random
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -45,9 +47,9 @@ class UrlRow:
 
 
 class FetchError(Exception):
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", retry_after: float | None = None):
         super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.retry_after = reason, detail, retry_after
 
 
 def read_url_list(path: Path) -> list[UrlRow]:
@@ -134,13 +136,15 @@ def _item(row: UrlRow, future: cf.Future | None, error: str | None) -> SourceIte
     if future is None:
         return item  # not fetched: the caller has its bytes
     try:
-        data = future.result()
+        data, final = future.result()
     except FetchError as e:
         item.error = f"{e.reason}: {e.detail}"
         return item
-    except OSError as e:
-        item.error = f"unreadable: {e}"
+    except Exception as e:  # anything else one URL does is that URL's rejection, never the stage's end
+        item.error = f"fetch_error: {type(e).__name__}: {e}"[:400]
         return item
+    if final != row.url:
+        item.final_url = final
     if row.sha256 and hashlib.sha256(data).hexdigest() != row.sha256.lower():
         item.error = f"sha256_mismatch: expected {row.sha256}, got {hashlib.sha256(data).hexdigest()}"
         return item
@@ -149,7 +153,8 @@ def _item(row: UrlRow, future: cf.Future | None, error: str | None) -> SourceIte
 
 
 class Fetcher:
-    """HTTP(S) GET with timeouts, a size cap and retries with exponential back-off and jitter."""
+    """HTTP(S) GET with timeouts, a total deadline, a size cap and retries (exponential back-off
+    with jitter, or the server's Retry-After on 429/503 while it fits in the deadline)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -159,53 +164,169 @@ class Fetcher:
         import requests
 
         if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-            self._local.session.headers["User-Agent"] = "ldm-vae-download/0.1"
+            session = requests.Session()
+            session.headers["User-Agent"] = "ldm-vae-download/0.1"
+            adapter = _watched_adapter()
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
         return self._local.session
 
-    def fetch(self, url: str) -> bytes:
+    def fetch(self, url: str) -> tuple[bytes, str]:
+        """(body, final URL after redirects), or FetchError."""
         import requests
 
-        scheme = urlsplit(url).scheme.lower()
+        try:
+            scheme = urlsplit(url).scheme.lower()
+        except ValueError as e:  # '[::1/x': a broken IPv6 host
+            raise FetchError("bad_url", f"{e}: {url[:200]!r}") from None
         if scheme not in ("http", "https"):
             raise FetchError("bad_url", f"only http(s) URLs are fetched, got {url[:200]!r}")
+        deadline = time.monotonic() + self.cfg.fetch_deadline
         last: FetchError | None = None
+        wait, tries = 0.0, 0
         for attempt in range(self.cfg.retries + 1):
             if attempt:
-                time.sleep(self.cfg.retry_backoff * 2 ** (attempt - 1) * random.uniform(0.75, 1.25))
+                if time.monotonic() + wait > deadline:
+                    break
+                time.sleep(wait)
+            tries += 1
+            wait = self.cfg.retry_backoff * 2 ** attempt * random.uniform(0.75, 1.25)
             try:
-                return self._get(url)
+                return self._get(url, deadline)
             except FetchError as e:
                 last = e
                 if not _retryable(e.reason):
                     raise
+                if e.retry_after is not None and e.reason in ("http_429", "http_503"):
+                    # the server said when: wait that long, if it fits in the deadline
+                    wait = e.retry_after
             except requests.exceptions.Timeout as e:
                 last = FetchError("timeout", f"{type(e).__name__} after {attempt + 1} tries")
-            except requests.exceptions.ConnectionError as e:
+            except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+                if time.monotonic() >= deadline:  # the watchdog cut it: the deadline, not the network
+                    raise FetchError("timeout", f"over data.fetch_deadline ({self.cfg.fetch_deadline} s)") from e
                 last = FetchError("connection_error", str(e)[:300])
             except requests.exceptions.RequestException as e:
                 raise FetchError("bad_url", f"{type(e).__name__}: {e}"[:300]) from e
+            if time.monotonic() >= deadline:
+                raise FetchError("timeout", f"over data.fetch_deadline ({self.cfg.fetch_deadline} s)")
         assert last is not None
-        raise FetchError(last.reason, f"{last.detail} (gave up after {self.cfg.retries + 1} tries)")
+        raise FetchError(last.reason, f"{last.detail} (gave up after {tries} tries)")
 
-    def _get(self, url: str) -> bytes:
+    def _get(self, url: str, deadline: float) -> tuple[bytes, str]:
         timeout = (self.cfg.connect_timeout, self.cfg.read_timeout)
-        with self._session().get(url, timeout=timeout, stream=True, allow_redirects=True) as r:
-            if urlsplit(r.url).scheme.lower() not in ("http", "https"):
-                raise FetchError("bad_url", f"redirected to {r.url[:200]!r}")
-            if r.status_code != 200:
-                raise FetchError(f"http_{r.status_code}", url[:200])
-            declared = int(r.headers.get("Content-Length") or 0)
-            if declared > self.cfg.max_bytes:
-                raise FetchError("too_large", f"{declared} bytes > data.max_bytes {self.cfg.max_bytes}")
-            body = bytearray()
-            for chunk in r.iter_content(CHUNK):
-                body += chunk
-                if len(body) > self.cfg.max_bytes:
-                    raise FetchError("too_large", f"more than data.max_bytes {self.cfg.max_bytes}")
-            if declared and len(body) < declared:
-                raise FetchError("connection_error", f"body cut short: {len(body)} of {declared} bytes")
-            return bytes(body)
+        # The read timeout is per recv: a server that drips a byte at a time never trips it. The
+        # watchdog shuts this thread's connection down at the deadline, wherever the fetch is.
+        with _Watchdog(deadline - time.monotonic()):
+            with self._session().get(url, timeout=timeout, stream=True, allow_redirects=True) as r:
+                if urlsplit(r.url).scheme.lower() not in ("http", "https"):
+                    raise FetchError("bad_url", f"redirected to {r.url[:200]!r}")
+                if r.status_code != 200:
+                    raise FetchError(f"http_{r.status_code}", url[:200], _retry_after(r.headers.get("Retry-After")))
+                declared = _content_length(r.headers.get("Content-Length"))
+                if declared is None:  # no way to tell where the body ends: never wait for it
+                    raise FetchError("bad_response", f"Content-Length {r.headers['Content-Length'][:40]!r}")
+                if declared > self.cfg.max_bytes:
+                    raise FetchError("too_large", f"{declared} bytes > data.max_bytes {self.cfg.max_bytes}")
+                body = bytearray()
+                for chunk in r.iter_content(CHUNK):
+                    body += chunk
+                    if len(body) > self.cfg.max_bytes:
+                        raise FetchError("too_large", f"more than data.max_bytes {self.cfg.max_bytes}")
+                if declared and len(body) < declared:
+                    raise FetchError("connection_error", f"body cut short: {len(body)} of {declared} bytes")
+                return bytes(body), r.url
+
+
+_WATCHED = threading.local()  # .box: [the connection this thread's current fetch runs on]
+
+
+def _watched_adapter():
+    """A requests adapter whose connections note themselves as the thread's current one."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    def watched(base):
+        class Watched(base):
+            def request(self, *args, **kwargs):
+                box = getattr(_WATCHED, "box", None)
+                if box is not None:
+                    box[0] = self
+                return super().request(*args, **kwargs)
+
+        return Watched
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = watched(HTTPConnection)
+
+    class SPool(HTTPSConnectionPool):
+        ConnectionCls = watched(HTTPSConnection)
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": SPool}
+
+    return Adapter()
+
+
+class _Watchdog:
+    """Shut down the calling thread's current connection after ``seconds`` (a blocked recv then
+    returns at once); cancelled when the block ends first."""
+
+    def __init__(self, seconds: float):
+        self.seconds = max(0.0, seconds)
+
+    def __enter__(self):
+        self.box = _WATCHED.box = [None]  # filled by the connection's request(), in this thread
+        self.fired = threading.Event()
+        self.timer = threading.Timer(self.seconds, self._cut)
+        self.timer.daemon = True
+        self.timer.start()
+        return self
+
+    def _cut(self) -> None:
+        self.fired.set()
+        sock = getattr(self.box[0], "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        _WATCHED.box = None
+        if self.fired.is_set() and self.box[0] is not None:
+            self.box[0].close()  # never reused: its stream was cut mid-response
+        return False
+
+
+def _content_length(value: str | None) -> int | None:
+    """The declared length: 0 when absent (the size cap still holds as the body arrives), None
+    when present but not a plain number."""
+    if value is None:
+        return 0
+    value = value.strip()
+    return int(value) if value.isdigit() and value.isascii() else None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _retryable(reason: str) -> bool:

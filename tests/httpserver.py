@@ -18,8 +18,13 @@ class Route:
     body: bytes = b""
     status: int = 200
     delay: float = 0.0  # seconds before the response starts (a slow server)
-    fail_first: int = 0  # answer 500 to this many requests before succeeding
+    fail_first: int = 0  # answer fail_status to this many requests before succeeding
     content_type: str = "application/octet-stream"
+    fail_status: int = 500
+    fail_headers: dict = field(default_factory=dict)  # e.g. {"Retry-After": "1"}
+    headers: dict = field(default_factory=dict)  # extra or replaced headers ({"Content-Length": "abc"})
+    drip: float = 0.0  # send the body a byte at a time, this many seconds apart
+    redirect: str = ""  # answer 302 to this path
 
 
 @dataclass
@@ -45,17 +50,25 @@ class ImageServer:
                 if route is None:
                     return self._send(404, b"not found", "text/plain")
                 if n <= route.fail_first:
-                    return self._send(500, b"try again", "text/plain")
-                self._send(route.status, route.body, route.content_type)
+                    return self._send(route.fail_status, b"try again", "text/plain", route.fail_headers)
+                if route.redirect:
+                    return self._send(302, b"", "text/plain", {"Location": route.redirect})
+                self._send(route.status, route.body, route.content_type, route.headers, route.drip)
 
-            def _send(self, status, body, content_type):
+            def _send(self, status, body, content_type, headers=None, drip=0.0):
+                headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", content_type)
-                    self.send_header("Content-Length", str(len(body)))
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                     self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
+                    if not drip:
+                        self.wfile.write(body)
+                    for i in range(len(body) if drip else 0):
+                        self.wfile.write(body[i: i + 1])
+                        self.wfile.flush()
+                        time.sleep(drip)
+                except (BrokenPipeError, ConnectionResetError, OSError):
                     pass  # the client gave up (a timeout test): nothing to do
 
             def log_message(self, *args):

@@ -159,3 +159,70 @@ def test_killed_download_keeps_finished_units_and_a_rerun_completes(tmp_path, se
     assert all((out / "shards" / f"raw-{n}-00000.tar").stat().st_mtime_ns == t for n, t in finished.items())
     assert raw_images(out) == {f"k{i:02d}": bodies[i] for i in range(12)}
     assert not list(out.glob("**/*.tmp"))
+
+
+# --- hostile servers: every failure is that URL's rejection, nothing hangs ------------------------
+
+def test_hostile_responses_are_rejections_and_the_stage_goes_on(tmp_path, server):
+    """Bad Content-Length headers, a drip feed, redirects and a 429 with Retry-After: each URL
+    gets a reason (or its image), and the stage finishes within the deadline."""
+    body = image_bytes(photo(seed=3))
+    server.routes["/abc.png"] = Route(body, headers={"Content-Length": "abc"})  # once stopped the stage
+    server.routes["/neg.png"] = Route(body, headers={"Content-Length": "-5"})
+    server.routes["/huge-cl.png"] = Route(body, headers={"Content-Length": "9" * 30})
+    server.routes["/drip.png"] = Route(image_bytes(photo(seed=4)), drip=0.05)  # a byte well inside read_timeout
+    server.routes["/moved.png"] = Route(redirect="/final.png")
+    server.routes["/final.png"] = Route(image_bytes(photo(seed=5)))
+    server.routes["/busy.png"] = Route(image_bytes(photo(seed=6)), fail_first=1, fail_status=429,
+                                       fail_headers={"Retry-After": "1"})
+    server.routes["/later.png"] = Route(image_bytes(photo(seed=7)), fail_first=5, fail_status=503,
+                                        fail_headers={"Retry-After": "3600"})  # past the deadline: give up now
+    server.routes["/to-file.png"] = Route(redirect="file:///etc/passwd")
+    names = ["abc", "neg", "huge-cl", "drip", "moved", "busy", "later", "to-file"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{server.url}/{n}.png\n" for n in names) + "http://[::1/bad\nhttps://\n")
+    cfg = DataConfig(source=f"urls:{listing}", download_workers=8, fetch_deadline=3.0,
+                     **{**FAST, "read_timeout": 1.0, "retry_backoff": 0.05})
+    start = time.monotonic()
+    summary = run_download(cfg, tmp_path / "raw")
+    took = time.monotonic() - start
+
+    by_url = {r["source"].rsplit("/", 1)[-1]: r for r in read_manifest(tmp_path / "raw")}
+    assert set(by_url) == {"moved.png", "busy.png"}
+    assert by_url["moved.png"]["final_url"] == f"{server.url}/final.png"
+    assert "final_url" not in by_url["busy.png"]
+    assert server.hits["/busy.png"] == 2  # waited out the Retry-After once, then got it
+    assert server.hits["/later.png"] == 1  # a Retry-After past the deadline is not waited for
+    reasons = {r["source"].rsplit("/", 1)[-1]: r["reason"] for r in _rejected(tmp_path / "raw")}
+    assert reasons == {"abc.png": "bad_response", "neg.png": "bad_response", "huge-cl.png": "too_large",
+                       "drip.png": "timeout", "later.png": "http_503", "to-file.png": "bad_url",
+                       "bad": "bad_url", "": "bad_url"}
+    assert summary["kept"] == 2 and summary["rejected"] == 8
+    assert took < 3.0 + 1.0 + 3.0, f"the deadline did not hold: {took:.1f} s"
+
+
+def _rejected(raw: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (raw / "rejected.jsonl").read_text().splitlines()]
+
+
+def test_a_drip_feed_stops_at_the_deadline(server):
+    server.routes["/drip.png"] = Route(b"x" * 10_000, drip=0.02)
+    cfg = DataConfig(**{**FAST, "read_timeout": 5.0, "fetch_deadline": 1.0})
+    start = time.monotonic()
+    with pytest.raises(FetchError) as e:
+        Fetcher(cfg).fetch(f"{server.url}/drip.png")
+    assert e.value.reason == "timeout" and "fetch_deadline" in e.value.detail
+    assert time.monotonic() - start < 2.0
+    # The thread's next fetch works (the cut connection is not reused).
+    server.routes["/ok.png"] = Route(b"fine")
+    assert Fetcher(cfg).fetch(f"{server.url}/ok.png") == (b"fine", f"{server.url}/ok.png")
+
+
+@pytest.mark.parametrize("value,seconds", [("2", 2.0), ("0", 0.0), ("abc", None), ("", None), ("-1", None),
+                                           ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0), ("Wed, 99 Oct", None)])
+def test_retry_after_values(value, seconds):
+    from ldm_vae.urls import _retry_after
+
+    assert _retry_after(value) == seconds
