@@ -96,12 +96,15 @@ def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fi
         mine = [r for r in records if r["split"] == split]
         outputs = [str(out / n) for r in mine for n in r["outputs"]]
         try:
-            check_coverage(shard_paths(prepared / split), outputs, split)
+            counts = check_coverage(shard_paths(prepared / split), outputs, split)
         except CoverageError as e:
             if world > 1:  # the usual cause with several nodes
                 raise CoverageError(f"{e}; with several nodes, {out} must be one folder shared by all of them") from None
             raise
-        stats["splits"][split] = {"count": sum(r["count"] for r in mine), "shards": sorted(r_ for r in mine for r_ in r["outputs"])}
+        shards = sorted(r_ for r in mine for r_ in r["outputs"])
+        # shard_counts: what the loader needs to give every DDP rank the same number of samples
+        stats["splits"][split] = {"count": sum(r["count"] for r in mine), "shards": shards,
+                                  "shard_counts": {n: counts[str(out / n)] for n in shards}}
         shapes = [r["shape"] for r in mine if r["shape"]]
         stats["latent_shape"] = shapes[0] if shapes else stats.get("latent_shape")
         if split == "train":
@@ -117,10 +120,12 @@ def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fi
     return stats
 
 
-def check_coverage(inputs: list[str], outputs: list[str], split: str) -> None:
-    """Fail loudly unless the latent keys are exactly the prepared keys, each once."""
+def check_coverage(inputs: list[str], outputs: list[str], split: str) -> dict[str, int]:
+    """Fail loudly unless the latent keys are exactly the prepared keys, each once; the number of
+    samples in each output shard."""
     want = Counter(k for p in inputs for k in shard_keys(p))
-    got = Counter(k for p in outputs for k in shard_keys(p))
+    per_output = [(p, shard_keys(p)) for p in outputs]  # a list: a shard listed twice counts twice
+    got = Counter(k for _, keys in per_output for k in keys)
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
     twice = sorted(k for k, n in got.items() if n > 1)
@@ -129,3 +134,4 @@ def check_coverage(inputs: list[str], outputs: list[str], split: str) -> None:
             f"encode coverage check failed for {split}: {len(missing)} prepared samples without a latent "
             f"{missing[:5]}, {len(twice)} encoded more than once {twice[:5]}, {len(extra)} unknown {extra[:5]}"
         )
+    return {p: len(keys) for p, keys in per_output}

@@ -3,22 +3,33 @@
     from ldm_vae.loader import latent_loader
     loader = latent_loader("data/latents/train/*.tar", stats="data/latents/stats.json",
                            batch_size=64, num_workers=4)
-    for batch in loader:
-        z = batch["latent"]          # [B, C, h, w], normalised to ~N(0, 1)
-        captions, labels = batch["caption"], batch["label"]
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)      # a new shard order and shuffle, the same on every rank
+        for batch in loader:
+            z = batch["latent"]      # [B, C, h, w], normalised to ~N(0, 1)
+            captions, labels = batch["caption"], batch["label"]
 
-Shards are split across nodes (torch.distributed ranks, or the RANK / WORLD_SIZE environment)
-and dataloader workers; a worker or node left without a shard simply yields nothing (no error),
-so an epoch is every sample exactly once whatever the counts. ``resampled=True`` instead draws
-shards at random forever (each rank and worker with its own seed): for step-based training. Each sample is
-drawn from the stored posterior (mean + std * eps) or taken at its mean, and normalised with the
-per-channel statistics of stats.json, the VAE config's scaling/shift factors, or not at all.
+Epoch mode (the default) gives every rank (torch.distributed, or RANK / WORLD_SIZE) the same
+number of samples and so the same number of batches, whatever the shard and sample counts, as
+``DistributedSampler`` does: a DDP trainer never waits at a step that another rank does not
+reach. The epoch is the shards in an order drawn from (seed, epoch), cut into W equal contiguous
+ranges of samples, one per rank, each cut again among the rank's dataloader workers; a range may
+start or end inside a shard. ``total mod W`` samples (fewer than W) are left out of each epoch:
+the last ones of that epoch's order, so other ones each epoch. Per-shard sample counts come from
+stats.json (encode writes them), or from the shards' headers for local files.
+
+``resampled=True`` instead draws shards at random forever (each rank and worker with its own
+seed): for step-based training. Each sample is drawn from the stored posterior (mean + std *
+eps) or taken at its mean, and normalised with the per-channel statistics of stats.json, the VAE
+config's scaling/shift factors, or not at all.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
+import multiprocessing as mp
 import random
 from pathlib import Path
 
@@ -27,7 +38,7 @@ import torch
 import webdataset as wds
 
 from .latents import npy_load
-from .shards import tar_samples
+from .shards import shard_keys, tar_samples
 
 NORMALIZE = ("channel", "vae", "none")
 
@@ -46,70 +57,193 @@ def _expand(shards) -> list[str]:
     return out
 
 
-def _normalizer(normalize: str, stats, vae_config, inverse: bool = False):
+class _Affine:
+    """z -> (z - shift) * scale, or with ``inverse`` back; shift and scale are floats or [C, 1, 1]
+    tensors. A class, not a closure: dataloader workers started by spawn must pickle it."""
+
+    def __init__(self, shift, scale, inverse: bool = False):
+        self.shift, self.scale, self.inverse = shift, scale, inverse
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.shift, self.scale
+        if isinstance(shift, torch.Tensor):
+            shift, scale = shift.to(z.device), scale.to(z.device)
+        return z / scale + shift if self.inverse else (z - shift) * scale
+
+
+def _normalizer(normalize: str, stats, vae_config, inverse: bool = False) -> _Affine:
     """z -> normalised z (or, with ``inverse``, back to the raw latent the VAE decodes)."""
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize={normalize!r}: allowed: {', '.join(NORMALIZE)}")
     if normalize == "none":
-        return lambda z: z
+        return _Affine(0.0, 1.0)
     if normalize == "channel":
         if stats is None:
             raise ValueError("normalize='channel' needs stats= (stats.json path or dict)")
         st = json.loads(Path(stats).read_text()) if isinstance(stats, (str, Path)) else stats
         mean = torch.tensor(st["channel_mean"], dtype=torch.float32)[:, None, None]  # [C, 1, 1]
         std = torch.tensor(st["channel_std"], dtype=torch.float32)[:, None, None]
-        if inverse:
-            return lambda z: z * std.to(z.device) + mean.to(z.device)
-        return lambda z: (z - mean) / std
+        return _Affine(mean, 1.0 / std, inverse)
     if vae_config is None:
         raise ValueError("normalize='vae' needs vae_config= (the VAE's config dict or folder)")
     cfg = vae_config
     if isinstance(cfg, (str, Path)):
         cfg = json.loads((Path(cfg) / "config.json").read_text())
-    shift, scale = cfg.get("shift_factor") or 0.0, cfg["scaling_factor"]
-    if inverse:
-        return lambda z: z / scale + shift
-    return lambda z: (z - shift) * scale
+    return _Affine(cfg.get("shift_factor") or 0.0, cfg["scaling_factor"], inverse)
 
 
-def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, normalize: str = "channel",
-                   stats=None, vae_config=None, shuffle: int = 1000, resampled: bool = False,
-                   seed: int = 0) -> wds.DataPipeline:
-    """A webdataset pipeline of dicts {latent [C, h, w] float32, key, caption, label}."""
-    urls = _expand(shards)
-    norm = _normalizer(normalize, stats, vae_config)
+class _ToItem:
+    """A stored sample -> {latent [C, h, w] float32, key, caption, label} (picklable, as above)."""
 
-    def to_item(sample: dict) -> dict:
+    def __init__(self, sample_posterior: bool, flip: bool, norm: _Affine):
+        self.sample_posterior, self.flip, self.norm = sample_posterior, flip, norm
+
+    def __call__(self, sample: dict) -> dict:
         suffix = ""
-        if flip and "mean_flip.npy" in sample and random.random() < 0.5:
+        if self.flip and "mean_flip.npy" in sample and random.random() < 0.5:
             suffix = "_flip"
         mean = torch.from_numpy(npy_load(sample[f"mean{suffix}.npy"]).astype(np.float32))
         z = mean
-        if sample_posterior:
+        if self.sample_posterior:
             std = torch.from_numpy(npy_load(sample[f"std{suffix}.npy"]).astype(np.float32))
             z = torch.addcmul(mean, std, torch.randn_like(std))  # mean + std * eps, one pass
         return {
-            "latent": norm(z),
+            "latent": self.norm(z),
             "key": sample["__key__"],
             "caption": sample["txt"].decode() if "txt" in sample else "",
             "label": int(sample["cls"]) if "cls" in sample else -1,
         }
 
-    stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)] if resampled else [
-        wds.SimpleShardList(urls),
-        wds.split_by_node,
-        wds.split_by_worker,
-    ]
-    stages.append(tar_samples)
+
+def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, normalize: str = "channel",
+                   stats=None, vae_config=None, shuffle: int = 1000, resampled: bool = False,
+                   seed: int = 0, counts: dict[str, int] | None = None) -> wds.DataPipeline:
+    """A webdataset pipeline of dicts {latent [C, h, w] float32, key, caption, label}.
+
+    Epoch mode: ``set_epoch(epoch)`` on the result (or the loader) before each epoch. ``counts``
+    (shard file name -> samples) overrides stats.json's; URL shards need one or the other.
+    """
+    urls = _expand(shards)
+    to_item = _ToItem(sample_posterior, flip, _normalizer(normalize, stats, vae_config))
+    if resampled:
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True), tar_samples]
+        if shuffle:
+            stages.append(wds.shuffle(shuffle, seed=seed))
+        stages.append(wds.map(to_item))
+        return wds.DataPipeline(*stages)
+    plan = EpochPlan(urls, shard_counts(urls, stats, counts), seed)
+    stages = [plan, _read_slices]
     if shuffle:
-        stages.append(wds.shuffle(shuffle, seed=seed))
+        stages.append(_EpochShuffle(shuffle, seed, plan))
     stages.append(wds.map(to_item))
-    return wds.DataPipeline(*stages)
+    pipeline = wds.DataPipeline(*stages)
+    pipeline.set_epoch = plan.set_epoch
+    return pipeline
 
 
-def latent_loader(shards, batch_size: int, num_workers: int = 2, **kwargs) -> torch.utils.data.DataLoader:
+class EpochPlan(torch.utils.data.IterableDataset):
+    """The first stage in epoch mode: {"url", "skip", "take"} for this rank's and worker's part of
+    the epoch (see the module's docstring). The epoch, rank and world size live in shared memory:
+    ``set_epoch`` reaches persistent dataloader workers, and workers (where torch.distributed is
+    not initialised) use the rank of the process that made the loader or last set the epoch."""
+
+    def __init__(self, urls: list[str], counts: list[int], seed: int):
+        self.urls, self.counts, self.seed = urls, counts, seed
+        self._state = mp.get_context("spawn").Array("q", [0, *_node()], lock=False)  # epoch, rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        self._state[:] = [int(epoch), *_node()]
+
+    @property
+    def epoch(self) -> int:
+        return self._state[0]
+
+    def __iter__(self):
+        if torch.utils.data.get_worker_info() is None:
+            self._state[1:] = list(_node())  # in the trainer's own process: ask now
+        rank, world = self._state[1:]
+        _, _, worker, workers = wds.utils.pytorch_worker_info()
+        order = list(range(len(self.urls)))
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)  # the same on every rank and worker
+        per_rank = sum(self.counts) // world  # the remainder (< world samples) sits out this epoch
+        base, extra = divmod(per_rank, workers)  # workers' shares differ by one sample at most
+        lo = rank * per_rank + worker * base + min(worker, extra)
+        hi = lo + base + (worker < extra)
+        pos = 0
+        for i in order:
+            n = self.counts[i]
+            if pos < hi and pos + n > lo:
+                yield {"url": self.urls[i], "skip": max(0, lo - pos), "take": min(hi, pos + n) - max(lo, pos)}
+            pos += n
+
+
+def _node() -> tuple[int, int]:
+    """(rank, world size): RANK / WORLD_SIZE, else torch.distributed, else (0, 1)."""
+    rank, world, _, _ = wds.utils.pytorch_worker_info()
+    return rank, world
+
+
+def _read_slices(entries):
+    """Samples [skip, skip + take) of each shard; fewer than promised is an error (a rank with
+    fewer batches than the others would leave DDP waiting)."""
+    for entry in entries:
+        reader = tar_samples([{"url": entry["url"]}])
+        got = 0
+        try:
+            for sample in itertools.islice(reader, entry["skip"], entry["skip"] + entry["take"]):
+                got += 1
+                yield sample
+        finally:
+            reader.close()
+        if got < entry["take"]:
+            raise ValueError(f"{entry['url']}: has fewer samples than its count says ({entry['skip'] + got} "
+                             f"< {entry['skip'] + entry['take']}): stats.json is stale, re-run encode")
+
+
+class _EpochShuffle:
+    """A shuffle buffer seeded by (seed, epoch, rank, worker): another order every epoch."""
+
+    def __init__(self, size: int, seed: int, plan: EpochPlan):
+        self.size, self.seed, self.plan = size, seed, plan
+
+    def __call__(self, src):
+        _, _, worker, _ = wds.utils.pytorch_worker_info()
+        rank = self.plan._state[1]
+        return wds.shuffle(self.size, seed=f"{self.seed}:{self.plan.epoch}:{rank}:{worker}")(src)
+
+
+def shard_counts(urls: list[str], stats=None, counts: dict[str, int] | None = None) -> list[int]:
+    """Samples per shard: ``counts``, then stats.json's ``shard_counts``, then (local files) the
+    shard's own headers; by file name."""
+    known: dict[str, int] = {}
+    if stats is not None:
+        st = json.loads(Path(stats).read_text()) if isinstance(stats, (str, Path)) else stats
+        for split in st.get("splits", {}).values():
+            known.update({Path(k).name: int(v) for k, v in split.get("shard_counts", {}).items()})
+    known.update({Path(k).name: int(v) for k, v in (counts or {}).items()})
+    out = []
+    for url in urls:
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        if name in known:
+            out.append(known[name])
+        elif "://" in url or url.startswith("pipe:"):
+            raise ValueError(f"{url}: epoch mode needs each shard's sample count: pass stats= (stats.json "
+                             "lists them) or counts=, or use resampled=True")
+        else:
+            out.append(len(shard_keys(url)))
+    return out
+
+
+class LatentLoader(torch.utils.data.DataLoader):
+    """A DataLoader with ``set_epoch`` (epoch mode)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def latent_loader(shards, batch_size: int, num_workers: int = 2, **kwargs) -> LatentLoader:
     """A DataLoader over :func:`latent_dataset` (default collation: tensors stacked, strings listed)."""
-    return torch.utils.data.DataLoader(
+    return LatentLoader(
         latent_dataset(shards, **kwargs), batch_size=batch_size, num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )

@@ -34,6 +34,9 @@ def test_every_prepared_sample_encoded_exactly_once(pipeline_dir, encoded):
         assert sorted(latent) == sorted(prepared) and len(set(latent)) == len(latent)
         assert stats["splits"][split]["count"] == len(prepared)
         assert all(n.startswith(f"{split}/{split}-r000-") for n in stats["splits"][split]["shards"])
+        counts = stats["splits"][split]["shard_counts"]  # the loader's per-shard sample counts
+        assert set(counts) == set(stats["splits"][split]["shards"])
+        assert counts == {n: len(list(iter_samples([str(out / n)]))) for n in counts}
 
 
 def test_latent_sample_contract(pipeline_dir, encoded):

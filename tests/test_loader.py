@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,18 +66,59 @@ def regroup(latents_dir, dst, n_shards):
 
 
 @pytest.mark.parametrize("n_shards", [3, 7])
-def test_two_ranks_two_workers_every_sample_once_even_with_few_shards(latents, tmp_path, monkeypatch, n_shards):
+def test_two_ranks_two_workers_equal_batches_every_sample_at_most_once(latents, tmp_path, monkeypatch, n_shards):
     out, _ = latents
     keys = regroup(out / "train", tmp_path, n_shards)  # 3 shards < 2 ranks x 2 workers
-    seen = []
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        loader = latent_loader(str(tmp_path / "*.tar"), batch_size=4, num_workers=2, normalize="none", shuffle=20)
-        mine = [k for batch in loader for k in batch["key"]]
-        assert mine  # both ranks get work
-        seen += mine
-    assert sorted(seen) == sorted(keys)  # each sample exactly once per epoch over all ranks and workers
+    left_out = []
+    for epoch in range(2):
+        seen, batches = [], []
+        for rank in range(2):
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            loader = latent_loader(str(tmp_path / "*.tar"), batch_size=4, num_workers=2, normalize="none", shuffle=20)
+            loader.set_epoch(epoch)
+            mine = [list(batch["key"]) for batch in loader]
+            batches.append(len(mine))
+            seen += [k for b in mine for k in b]
+        assert batches[0] == batches[1]  # DDP: no rank waits at a step the other never reaches
+        assert len(seen) == len(set(seen)) == len(keys) - len(keys) % 2  # each sample at most once
+        left_out.append(set(keys) - set(seen))
+    if len(keys) % 2:
+        assert left_out[0] != left_out[1]  # the sample left out changes with the epoch
+
+
+def test_epoch_order_changes_with_set_epoch_and_repeats_with_it(latents):
+    out, _ = latents
+    loader = latent_loader(str(out / "train" / "*.tar"), batch_size=8, num_workers=2, normalize="none", shuffle=50,
+                           stats=out / "stats.json")
+    orders = []
+    for epoch in (0, 1, 0):
+        loader.set_epoch(epoch)  # persistent workers see it
+        orders.append([k for batch in loader for k in batch["key"]])
+    assert orders[0] == orders[2] != orders[1]
+    assert sorted(orders[0]) == sorted(orders[1])
+
+
+def test_uneven_shards_in_real_ddp_finish(latents, tmp_path):
+    """Two gloo processes, an all-reduce per batch (what DDP does), shards of 1 and up to 40 samples:
+    the ranks must get the same number of batches, or one would wait for ever."""
+    import subprocess
+    import sys
+    from ldm_vae.shards import ShardWriter, iter_samples, shard_paths
+
+    samples = list(iter_samples(shard_paths(out_dir := latents[0] / "train")))[:41]
+    for name, part in (("a", samples[:1]), ("b", samples[1:])):
+        with ShardWriter(tmp_path / "shards", name, 1000) as w:
+            for s in part:
+                w.write({k: v for k, v in s.items() if k == "__key__" or "." in k})
+    assert out_dir.exists()
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_consumer.py")), str(tmp_path / "shards")],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(reports) == 2 and reports[0]["batches"] == reports[1]["batches"] > 0
+    total = len(samples)
+    assert total >= 9 and reports[0]["seen"] + reports[1]["seen"] == total - total % 2  # an odd one sits out
 
 
 def test_resampled_mode_is_endless(latents):
