@@ -17,8 +17,10 @@ naming the param and how to get them, when they are not there.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +30,10 @@ VGG_FILE = "vgg16-397923af.pth"
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LIN_FILE = "lpips_vgg_v0.1.pth"
 LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+# Downloads are checked before they are kept: VGG's file name carries the start of its sha256
+# (torch hub's convention); the linear layers' file does not, so its digest is pinned here (the
+# file in the lpips 0.1.4 wheel, identical to the repository's v0.1 weights).
+LIN_SHA256 = "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"
 # torchvision's VGG16 "D" layout; "M" is a 2x2 max-pool. Indices of nn.Sequential match its
 # `features.N` state-dict keys, so the published file loads as is.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -75,14 +81,35 @@ def fetch_weights(timeout: float = 10.0) -> None:
     for name, url in ((VGG_FILE, VGG_URL), (LIN_FILE, LIN_URL)):
         if name not in missing_weights():
             continue
+        if not url.lower().startswith(("https://", "http://")):
+            raise ValueError(f"{url}: only http(s) downloads")
         target = weights_dir() / name
         tmp = target.with_name(name + ".part")
-        with requests.get(url, stream=True, timeout=(timeout, 60)) as r:
-            r.raise_for_status()
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
-        os.replace(tmp, target)
+        digest = hashlib.sha256()
+        try:
+            with requests.get(url, stream=True, timeout=(timeout, 60)) as r:
+                r.raise_for_status()
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_content(1 << 20):
+                        digest.update(chunk)
+                        f.write(chunk)
+            expected = expected_sha256(name)
+            if not digest.hexdigest().startswith(expected):
+                raise ValueError(f"{url}: sha256 {digest.hexdigest()} does not match the expected {expected}: "
+                                 "not the published file (a proxy's page, a changed or tampered file); not kept")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def expected_sha256(name: str) -> str:
+    """The digest (or, torch hub style, its start) a weight file must have."""
+    if name == LIN_FILE:
+        return LIN_SHA256
+    found = re.search(r"-([a-f0-9]{8,})\.", name)
+    if not found:
+        raise ValueError(f"{name}: no hash in the file name to check a download against")
+    return found.group(1)
 
 
 def require_weights(param: str, download: bool = True) -> None:

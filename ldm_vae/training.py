@@ -53,12 +53,20 @@ def lr_lambda(cfg):
     return f
 
 
+# The train stage's own code: the ldm_vae modules its script imports (dvc.yaml lists the same,
+# a test checks). Editing anything else (the URL downloader, the evaluator) keeps checkpoints.
+TRAIN_CODE = ("training", "checkpoints", "trainlog", "launch", "model", "losses", "discriminator", "lpips",
+              "data", "export", "images", "shards", "metrics", "viz")
+
+
 def run_hash(params: Params, train_shards: list[str]) -> str:
     """What shapes a run: its model/loss/train params, the exact training data (names, sizes) and
-    the code. With the code in it, a run re-done by ``dvc repro`` because the training code
-    changed starts afresh instead of resuming (or re-exporting) what the old code trained."""
+    the train stage's code. With the code in it, a run re-done by ``dvc repro`` because the
+    training code changed starts afresh instead of resuming (or re-exporting) what the old code
+    trained."""
     data_id = [(Path(p).name, Path(p).stat().st_size) for p in train_shards]
-    code = [(f.name, hashlib.sha256(f.read_bytes()).hexdigest()) for f in sorted(Path(__file__).parent.glob("*.py"))]
+    here = Path(__file__).parent
+    code = [(name, hashlib.sha256((here / f"{name}.py").read_bytes()).hexdigest()) for name in TRAIN_CODE]
     return "-".join([stage_hash(params.model, params.loss, params.train), stage_hash_of(data_id), stage_hash_of(code)])
 
 
@@ -96,10 +104,10 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
     if tcfg.ema_decay > 0:
         ema = EMAModel(inner.vae.parameters(), decay=tcfg.ema_decay)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     progress = Progress()
-    accelerator.register_for_checkpointing(progress)
-    resumed = resume_latest(accelerator, ckpt_dir, tag)
+    # Not registered with accelerate: it would pickle them (and unpickle on resume); they are
+    # saved as safetensors and JSON beside its files instead.
+    resumed = resume_latest(accelerator, ckpt_dir, tag, progress, ema)
 
     loader = torch.utils.data.DataLoader(
         train_stream(train_shards, seed=tcfg.seed, crop=tcfg.crop_size, color_augment=tcfg.color_augment,
@@ -188,7 +196,7 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
                 log.grid(step, val_images[:n], rec_val[:n])
         if step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
             progress.seconds = seconds_before + time.perf_counter() - t_start
-            save_checkpoint(accelerator, ckpt_dir, tag, step)
+            save_checkpoint(accelerator, ckpt_dir, tag, step, progress, ema)
         bar.update(1)
     bar.close()
 
@@ -210,7 +218,7 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
                   "val_psnr": round(val_psnr, 3), "resumed": resumed, "processes": accelerator.num_processes,
                   "skipped_steps": progress.skipped, **factors}
         log.finish(result)
-    save_checkpoint(accelerator, ckpt_dir, tag, progress.step)
+    save_checkpoint(accelerator, ckpt_dir, tag, progress.step, progress, ema)
     return result
 
 

@@ -122,3 +122,14 @@ def test_every_stage_depends_on_the_code_it_runs():
                 todo.append(ROOT / mod)
         missing = seen - set(stage["deps"]) - {"ldm_vae/config.py"}
         assert script in stage["deps"] and not missing, f"{name}: dvc.yaml deps lack {sorted(missing)}"
+
+
+def test_checkpoint_tag_hashes_exactly_the_train_stage_code():
+    """The tag that decides whether training resumes hashes the modules the train stage runs
+    (dvc.yaml's deps): editing the downloader must not throw a run's checkpoints away."""
+    import yaml
+
+    from ldm_vae.training import TRAIN_CODE
+
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    assert {f"ldm_vae/{m}.py" for m in TRAIN_CODE} == {d for d in deps if d.startswith("ldm_vae/")}

@@ -67,3 +67,32 @@ def test_train_stage_with_lpips_but_no_weights_exits_in_seconds(pipeline_dir, tm
     assert proc.returncode != 0 and time.perf_counter() - t0 < 30
     assert "loss.perceptual_weight" in proc.stderr and lp.VGG_FILE in proc.stderr
     assert not (tmp_path / "vae").exists() and not (tmp_path / "logs").exists()
+
+
+def test_downloads_are_kept_only_with_the_published_hash(tmp_path, monkeypatch):
+    import hashlib
+
+    from httpserver import ImageServer, Route
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(lp.importlib.util, "find_spec", lambda name: None)
+    good_vgg, good_lin = b"vgg weights" * 100, b"lin weights" * 10
+    vgg_name = f"vgg16-{hashlib.sha256(good_vgg).hexdigest()[:8]}.pth"  # torch hub's naming
+    server = ImageServer()
+    try:
+        server.routes["/vgg.pth"] = Route(b"<html>a proxy's login page</html>")
+        server.routes["/lin.pth"] = Route(good_lin)
+        monkeypatch.setattr(lp, "VGG_FILE", vgg_name)
+        monkeypatch.setattr(lp, "VGG_URL", f"{server.url}/vgg.pth")
+        monkeypatch.setattr(lp, "LIN_URL", f"{server.url}/lin.pth")
+        monkeypatch.setattr(lp, "LIN_SHA256", hashlib.sha256(good_lin).hexdigest())
+        with pytest.raises(ValueError, match="does not match the expected"):
+            lp.fetch_weights()
+        assert sorted(p.name for p in lp.weights_dir().iterdir()) == []  # nothing kept, no .part left
+        server.routes["/vgg.pth"] = Route(good_vgg)
+        lp.fetch_weights()
+        assert (lp.weights_dir() / vgg_name).read_bytes() == good_vgg
+        assert (lp.weights_dir() / lp.LIN_FILE).read_bytes() == good_lin
+        assert lp.missing_weights() == []
+    finally:
+        server.close()

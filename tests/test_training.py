@@ -66,6 +66,63 @@ def test_checkpoint_from_other_params_is_never_resumed(pipeline_dir, tmp_path):
     assert [s for s, _ in curve(tmp_path / "logs", "train/loss")] == [2, 4, 6]  # trained from step 0
 
 
+class _Payload:
+    """A pickle that, if ever unpickled, creates a file: proof that code ran."""
+
+    def __init__(self, proof):
+        self.proof = str(proof)
+
+    def __reduce__(self):
+        return (open, (self.proof, "w"))
+
+
+def test_resume_never_unpickles_crafted_files(pipeline_dir, tmp_path):
+    import pickle
+
+    import pytest
+
+    params = make_params(data={"source": "folder:unused"})
+    tr, va = shard_paths(pipeline_dir / "prepared" / "train"), shard_paths(pipeline_dir / "prepared" / "val")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(pipeline_dir / "checkpoints" / "step-00000004", ckpt / "step-00000004")
+    proof = tmp_path / "payload-ran"
+    # accelerate's custom-object files (the old way to save the EMA and the counter) are refused...
+    for i in range(2):
+        (ckpt / "step-00000004" / f"custom_checkpoint_{i}.pkl").write_bytes(pickle.dumps(_Payload(proof)))
+    with pytest.raises(RuntimeError, match="custom checkpoints in folder .*step-00000004"):
+        train(params, tr, va, tmp_path / "vae", tmp_path / "logs", ckpt)
+    assert not proof.exists()
+    # ...the folder without them resumes...
+    for i in range(2):
+        (ckpt / "step-00000004" / f"custom_checkpoint_{i}.pkl").unlink()
+    assert train(params, tr, va, tmp_path / "vae", tmp_path / "logs", ckpt)["resumed"] is True
+    # ...and a crafted optimizer file beside a matching run.json is refused, not run.
+    shutil.rmtree(ckpt)
+    shutil.copytree(pipeline_dir / "checkpoints" / "step-00000004", ckpt / "step-00000004")
+    torch.save({"state": _Payload(proof)}, ckpt / "step-00000004" / "optimizer.bin")
+    with pytest.raises(Exception, match="[Ww]eights only|weights_only|Unsupported global"):
+        train(params, tr, va, tmp_path / "vae2", tmp_path / "logs2", ckpt)
+    assert not proof.exists()
+
+
+def test_a_fresh_run_deletes_only_its_own_step_folders(pipeline_dir, tmp_path):
+    params = make_params(train={"lr": 5e-4})  # not the run that wrote the checkpoints
+    tr, va = shard_paths(pipeline_dir / "prepared" / "train"), shard_paths(pipeline_dir / "prepared" / "val")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(pipeline_dir / "checkpoints", ckpt)
+    (ckpt / "notes.txt").write_text("the user's")
+    (ckpt / "step-99999999").mkdir()
+    (ckpt / "step-99999999" / "weights.bin").write_bytes(b"not ours")
+    old_tag = json.loads((ckpt / "step-00000006" / "run.json").read_text())["params_hash"]
+    result = train(params, tr, va, tmp_path / "vae", tmp_path / "logs", ckpt)
+    assert result["resumed"] is False
+    assert (ckpt / "notes.txt").read_text() == "the user's"
+    assert (ckpt / "step-99999999" / "weights.bin").read_bytes() == b"not ours"
+    tags = {json.loads((p / "run.json").read_text())["params_hash"] for p in ckpt.glob("step-0*")}
+    assert len(tags) == 1 and old_tag not in tags  # the other run's folders went, this run's are there
+    assert (ckpt / "step-00000006" / "ema.safetensors").is_file() and (ckpt / "step-00000006" / "progress.json").is_file()
+
+
 def test_training_fits_a_small_set(tmp_path):
     """Not a toy loop: on four fixed images, a few dozen steps must clearly improve reconstructions."""
     from conftest import photo
@@ -242,7 +299,9 @@ def test_exported_weights_are_the_ema_weights_and_the_checkpoint_keeps_the_train
     from safetensors.torch import load_file
 
     ckpt = pipeline_dir / "checkpoints" / "step-00000006"
-    ema = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)["shadow_params"]
+    shadow = load_file(ckpt / "ema.safetensors")  # shadow.<i>: the i-th parameter's average
+    ema = [shadow[f"shadow.{i:05d}"] for i in range(len(shadow))]
+    assert not list(ckpt.glob("*.pkl")) or all("random_states" in p.name for p in ckpt.glob("*.pkl"))
     trained = load_file(ckpt / "model.safetensors")  # TrainedAutoencoder: vae.* + output_logvar
     exported = AutoencoderKL.from_pretrained(pipeline_dir / "vae").state_dict()
     names = [k for k, _ in AutoencoderKL.from_pretrained(pipeline_dir / "vae").named_parameters()]
