@@ -1,5 +1,8 @@
 """Typed, validated params: the one place that knows what params.yaml may hold.
 
+The dataclass defaults below are the one set of defaults, and the shipped params.yaml writes
+exactly them out (a test holds the two equal): a key deleted from params.yaml keeps its value.
+
 Every stage calls :func:`load_params` first, before importing torch, so a wrong value fails in
 about a second with the key, the value and what is allowed. The whole file is validated by every
 stage (cheap), even though each stage only *uses* its own sections: a typo in ``model`` should not
@@ -11,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +61,9 @@ class DataConfig:
     max_pixels: int = 64_000_000  # decompression-bomb cap (width * height)
     resolution: int = 64  # side of the square training images, a multiple of 8
     val_fraction: float = 0.15  # share of source images (not crops) held out for validation
-    crops_per_image: int = 1  # >1: random multi-scale crops per train image (small collections)
-    val_crops_per_image: int = 1
-    min_crop_scale: float = 0.15  # smallest crop side as a fraction of the image's shorter side
+    crops_per_image: int = 90  # >1: random multi-scale crops per train image (small collections)
+    val_crops_per_image: int = 24
+    min_crop_scale: float = 0.3  # smallest crop side as a fraction of the image's shorter side
     # multiscale: a centred square, then random squares of 0.3-1.0 of the shorter side (small
     # collections); adm: ADM's center_crop_arr (DiT, SiT, REPA, EDM2 ImageNet latents), one per
     # image; random: squares of the whole shorter side at random places.
@@ -72,6 +77,9 @@ class DataConfig:
         _allowed("data.source", kind, SOURCE_KINDS, shown=self.source)
         if kind in ("folder", "hf", "urls") and not self.source_target:
             raise ParamError(f"data.source: {self.source!r}: {kind} needs a target, e.g. {kind}:<path>")
+        if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:%+]+", self.split):
+            raise ParamError(f"data.split: {self.split!r}: a split name (letters, digits, _ . -) or datasets' "
+                             "slicing syntax ('train[:10%]', 'train+validation')")
         if kind == "hf" and not self.image_column:
             raise ParamError("data.image_column: '': an hf source needs the name of its image column")
         _at_least("data.max_images", self.max_images, 0)
@@ -113,14 +121,14 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     latent_channels: int = 4
-    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
     layers_per_block: int = 1
-    norm_num_groups: int = 32
+    norm_num_groups: int = 1
     mid_block_attention: bool = True
     # Initial bias of the encoder's log-variance outputs. 0 (diffusers' default) starts every
     # posterior at std 1, which drowns a freshly initialised encoder's mean in noise; a negative
     # value starts with a usable signal and lets the KL term raise the variance where it can.
-    logvar_init: float = 0.0
+    logvar_init: float = -10.0
     # Start from an existing diffusers AutoencoderKL: a local folder (or its `vae` sub-folder) or,
     # online, a hub id, optionally with a sub-folder: "stabilityai/stable-diffusion-2-1/vae".
     # The architecture keys above must match its config (checked before any work).
@@ -149,10 +157,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    rec_loss: str = "l1"  # l1 | l2 | log_l2 (mean per-image log MSE: what mean PSNR measures)
+    rec_loss: str = "l2"  # l1 | l2 | log_l2 (mean per-image log MSE: what mean PSNR measures)
     # Relative to the per-image SUM of the reconstruction loss, as in LDM's configs (SD: 1e-6);
     # see losses.py for how the two are scaled.
-    kl_weight: float = 1e-6
+    kl_weight: float = 3e-3
     kl_anneal_steps: int = 0  # ramp the KL weight linearly from 0 over this many steps (0: off)
     perceptual_weight: float = 0.0  # LPIPS-VGG weight (LDM: 1.0); needs the LPIPS weights (lpips.py)
     learn_logvar: bool = False  # learn the output log-variance s of nll = rec / exp(s) + s
@@ -181,30 +189,30 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 8
+    max_steps: int = 7000
+    batch_size: int = 16
     # Train on random crop_size x crop_size windows of the prepared images (0: whole images).
     # Cheaper steps, so more of them in a fixed budget; validation always uses whole images.
-    crop_size: int = 0
+    crop_size: int = 32
     # Random RGB channel permutation of training images, meant to show a small collection colours
     # it lacks. Measured on the embedded demo it costs 1.5 dB of validation PSNR, so it is off.
     color_augment: bool = False
     # Probability of blending a training image towards a random solid colour (data.fade_to_colour):
     # teaches flat, low-contrast regions of any tint, which a per-image GroupNorm otherwise greys.
     # Measured on the embedded demo over the full 7,000 steps: 0.4 gives +1.2 to 1.45 dB (two runs; 0.2: +0.9 dB).
-    fade_augment: float = 0.0
-    lr: float = 1e-3
+    fade_augment: float = 0.4
+    lr: float = 2e-3
     lr_min_ratio: float = 0.05  # cosine decays to lr * this
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     weight_decay: float = 0.0
     adam_beta1: float = 0.9  # LDM's autoencoder and discriminator: (0.5, 0.9)
     adam_beta2: float = 0.99
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # 0 disables EMA
-    checkpoint_every: int = 250
-    log_every: int = 10
-    val_every: int = 250
-    sample_every: int = 250
+    checkpoint_every: int = 1000
+    log_every: int = 25
+    val_every: int = 500
+    sample_every: int = 1000
     num_workers: int = 0
     cache_mb: int = 1024  # decoded training images kept in memory per data process (0: decode every time)
     # Processes (accelerate, one per GPU) the stage launches: auto = every visible GPU, or the CPU
@@ -242,7 +250,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    batch_size: int = 64
+    batch_size: int = 32
     samples_per_shard: int = 1000
     num_processes: str = "auto"  # auto (one per visible GPU, one on CPU) or a number
     flip: bool = False  # also store the horizontally flipped image's mean_flip.npy / std_flip.npy
@@ -337,13 +345,18 @@ def _coerce(key: str, value, hint):
             return value
     elif hint is float:
         # YAML reads 1e-6 (no dot) as a string; accept it when it parses as a number.
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .nan / .inf pass every < and > check: refuse them here
+                raise ParamError(f"{key}: {value!r}: must be a finite number")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

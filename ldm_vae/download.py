@@ -21,11 +21,9 @@ import collections
 import hashlib
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
-from PIL import Image
 
 from .config import DataConfig
 from .images import ImageRejected, image_ext, load_rgb
@@ -34,12 +32,6 @@ from .shards import ShardWriter, tar_members
 from .sources import iter_unit, plan_source
 
 SHARDS = "shards"
-# PIL hands each decoded image's memory back to the OS and maps it afresh for the next one (page
-# faults on every image); keeping a few blocks (16 MB at most each) made a worker's decoding
-# steady from its first image: the first 5,000-image unit of a process took 9.6-10 s, the
-# others 6.1-7.6 s (bench/scale.py, BENCHMARKS.md). PILLOW_BLOCKS_MAX, when set, wins.
-if not os.environ.get("PILLOW_BLOCKS_MAX"):
-    Image.core.set_blocks_max(4)
 CODE = ("download", "sources", "urls", "hf_source", "images", "shards", "runner")
 
 

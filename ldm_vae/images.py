@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 import re
 import warnings
@@ -18,6 +19,17 @@ from PIL import Image, ImageOps
 
 # Alpha is composited on white: the convention of most photo tools, and what a viewer shows.
 ALPHA_BACKGROUND = (255, 255, 255)
+# The formats the project reads (sources.IMAGE_EXTENSIONS): no other PIL plugin ever parses
+# untrusted bytes (a camera's multi-picture JPEG opens through JPEG, as format MPO).
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ROWS_PER_BLOCK = 256  # 16-bit to 8-bit conversion in row blocks: memory stays near the image's own
+
+# PIL hands each decoded image's memory back to the OS and maps it afresh for the next one (page
+# faults on every image); keeping a few blocks (16 MB at most each) made a worker's decoding
+# steady from its first image: the first 5,000-image unit of a process took 9.6-10 s, the
+# others 6.1-7.6 s (bench/scale.py, BENCHMARKS.md). PILLOW_BLOCKS_MAX, when set, wins.
+if not os.environ.get("PILLOW_BLOCKS_MAX"):
+    Image.core.set_blocks_max(4)
 
 
 class ImageRejected(Exception):
@@ -39,12 +51,14 @@ def load_rgb(data: bytes, max_pixels: int, min_size: int = 1) -> Image.Image:
         with warnings.catch_warnings():
             # PIL warns (not raises) above its own bomb limit; our cap below is the one that counts.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:
         raise ImageRejected("too_many_pixels", str(e)) from e
     except Exception as e:  # PIL raises many types for garbage input
         # Without the buffer's address: a rejection reads the same on every run and process.
         detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the bytes", str(e))
+        if isinstance(e, Image.UnidentifiedImageError):
+            detail = f"not a {', '.join(FORMATS)} image, or damaged beyond its header"
         raise ImageRejected("not_an_image", f"{type(e).__name__}: {detail}") from e
     w, h = img.size
     if w * h > max_pixels:
@@ -54,7 +68,7 @@ def load_rgb(data: bytes, max_pixels: int, min_size: int = 1) -> Image.Image:
     except Exception as e:
         raise ImageRejected("truncated", f"{type(e).__name__}: {e}") from e
     try:
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
     except Exception as e:
         raise ImageRejected("bad_exif", f"{type(e).__name__}: {e}") from e
     img = to_rgb(img)
@@ -63,13 +77,13 @@ def load_rgb(data: bytes, max_pixels: int, min_size: int = 1) -> Image.Image:
     return img
 
 
-FORMAT_EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+FORMAT_EXT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
 def image_ext(data: bytes) -> str:
     """The file extension of an image's actual format (a URL or a cell says nothing reliable)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             return FORMAT_EXT.get(img.format, "." + (img.format or "img").lower())
     except Exception:
         return ".img"
@@ -80,17 +94,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale the full 16-bit range to 8 bits instead of clipping at 255.
-        arr = np.asarray(img, dtype=np.float64)
-        arr = np.clip(arr / 257.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        return _grey16_to_8(img).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))  # in place: no second RGBA copy
+        return out
     return img.convert("RGB")  # L, P, CMYK, YCbCr, LAB, 1, F ...
+
+
+def _grey16_to_8(img: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit integer) greyscale -> 8-bit L, the full 0-65535 range scaled to 0-255
+    (round(v / 257)) instead of clipped at 255. In row blocks of uint32: a 64-megapixel image
+    costs its own 2 bytes per pixel plus the 1-byte result, not gigabytes of float64."""
+    src = np.asarray(img)  # [H, W] uint16 or int32
+    out = np.empty(src.shape, np.uint8)
+    for r in range(0, src.shape[0], ROWS_PER_BLOCK):
+        block = np.clip(src[r: r + ROWS_PER_BLOCK], 0, 65535).astype(np.uint32)
+        out[r: r + ROWS_PER_BLOCK] = (block * 255 + 32767) // 65535
+    return Image.fromarray(out, "L")
 
 
 def square_crops(

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
-from PIL import Image
 
 from .config import DataConfig
 from .images import adm_center_crop, crop_resize, encode_image, load_rgb, random_squares, square_crops
@@ -26,12 +24,6 @@ from .runner import Unit, atomic_write, code_hash, iter_records, resolve_workers
 from .shards import ShardWriter, tar_members
 
 SPLITS = ("train", "val")
-# PIL hands each decoded image's memory back to the OS and maps it afresh for the next one (page
-# faults on every image); keeping a few blocks (16 MB at most each) made a worker's decoding
-# steady from its first image: the first 5,000-image unit of a process took 9.6-10 s, the
-# others 6.1-7.6 s (bench/scale.py, BENCHMARKS.md). PILLOW_BLOCKS_MAX, when set, wins.
-if not os.environ.get("PILLOW_BLOCKS_MAX"):
-    Image.core.set_blocks_max(4)
 SHUFFLE_BUFFER = 4096  # samples held before writing, so crops of one photograph spread over shards
 CODE = ("prepare", "images", "shards", "runner")
 PARAMS = ("max_pixels", "resolution", "val_fraction", "crops_per_image", "val_crops_per_image", "min_crop_scale",

@@ -47,11 +47,13 @@ def image_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:
 
 TINY = {
         "data": {"resolution": 32, "crops_per_image": 3, "val_crops_per_image": 2, "val_fraction": 0.3,
-                 "samples_per_shard": 5},
+                 "samples_per_shard": 5, "min_crop_scale": 0.15},
         "model": {"latent_channels": 4, "block_out_channels": [8, 8, 16, 16], "norm_num_groups": 2,
                   "logvar_init": -6.0},
+        "loss": {"rec_loss": "l1", "kl_weight": 1e-6},
         "train": {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "log_every": 2, "val_every": 3,
-                  "sample_every": 3, "checkpoint_every": 2, "scale_samples": 8},
+                  "sample_every": 3, "checkpoint_every": 2, "scale_samples": 8, "crop_size": 0,
+                  "fade_augment": 0.0, "lr": 1e-3},
         "encode": {"batch_size": 4, "samples_per_shard": 4},
         "evaluate": {"batch_size": 4, "grid_images": 3},
 }

@@ -27,7 +27,7 @@ def test_shipped_params_are_valid():
         ({"train": {"batch_size": "8"}}, ["train.batch_size", "'8'", "expected int"]),
         ({"train": {"max_steps": 1.5}}, ["train.max_steps", "expected int"]),
         ({"model": {"block_out_channels": [32, 64]}}, ["model.block_out_channels", "4 entries"]),
-        ({"model": {"block_out_channels": [32, 48, 64, 64]}}, ["norm_num_groups"]),
+        ({"model": {"block_out_channels": [32, 48, 64, 64], "norm_num_groups": 32}}, ["norm_num_groups"]),
         ({"loss": {"rec_loss": "l3"}}, ["loss.rec_loss", "l3", "l1, l2, log_l2"]),
         ({"optim": {}}, ["optim", "unknown params section"]),
         ({"data": {"source": "folder:"}}, ["data.source", "needs a target"]),
@@ -36,6 +36,13 @@ def test_shipped_params_are_valid():
         ({"train": {"num_processes": "all"}}, ["train.num_processes", "'all'", "auto or a number"]),
         ({"train": {"grad_accum_steps": 0}}, ["train.grad_accum_steps", ">= 1"]),
         ({"model": {"reinit_latent_layers": "yes"}}, ["model.reinit_latent_layers", "expected bool"]),
+        ({"loss": {"kl_weight": float("nan")}}, ["loss.kl_weight", "nan", "finite"]),
+        ({"train": {"lr": float("inf")}}, ["train.lr", "inf", "finite"]),
+        ({"data": {"read_timeout": "-inf"}}, ["data.read_timeout", "finite"]),
+        ({"data": {"fetch_deadline": "nan"}}, ["data.fetch_deadline", "finite"]),
+        ({"data": {"split": "train/../x"}}, ["data.split", "slicing syntax"]),
+        ({"data": {"split": ""}}, ["data.split"]),
+        ({"data": {"split": "a\x00b"}}, ["data.split"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(raw, names):
@@ -49,6 +56,9 @@ def test_yaml_quirks_are_read_as_meant():
     p = params_from_dict(yaml.safe_load("loss: {kl_weight: 1e-6}\ntrain: {mixed_precision: no}"))
     assert p.loss.kl_weight == 1e-6
     assert p.train.mixed_precision == "no"
+    for text in ("loss: {kl_weight: .nan}", "train: {lr: .inf}", "data: {read_timeout: -.inf}"):
+        with pytest.raises(ParamError, match="finite"):
+            params_from_dict(yaml.safe_load(text))
 
 
 def test_stage_fails_fast_on_bad_params(tmp_path):
@@ -133,3 +143,40 @@ def test_checkpoint_tag_hashes_exactly_the_train_stage_code():
 
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
     assert {f"ldm_vae/{m}.py" for m in TRAIN_CODE} == {d for d in deps if d.startswith("ldm_vae/")}
+
+
+def test_every_float_param_refuses_nan_and_inf():
+    """NaN passes every < and > check: each float key must refuse it (and both infinities)."""
+    import dataclasses
+    import typing
+
+    from ldm_vae.config import Params
+
+    for section in dataclasses.fields(Params):
+        cls = section.default_factory().__class__
+        for key, hint in typing.get_type_hints(cls).items():
+            if hint is not float:
+                continue
+            for bad in (float("nan"), float("inf"), float("-inf"), "nan", "1e999"):
+                with pytest.raises(ParamError, match=f"{section.name}.{key}.*finite"):
+                    params_from_dict({section.name: {key: bad}})
+
+
+def test_one_set_of_defaults():
+    """params.yaml writes out the dataclass defaults: a key deleted from it keeps its value."""
+    import dataclasses
+
+    from ldm_vae.config import Params
+
+    shipped = load_params(ROOT / "params.yaml")
+    assert dataclasses.asdict(shipped) == dataclasses.asdict(Params())
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in raw.items():
+        for key in values:
+            fewer = {s: {k: v for k, v in vals.items() if (s, k) != (section, key)} for s, vals in raw.items()}
+            assert params_from_dict(fewer) == shipped, f"deleting {section}.{key} changed a value"
+
+
+def test_split_names_datasets_accepts_are_accepted():
+    for split in ("train", "validation", "train[:10%]", "train[100:200]+test", "train.clean.100"):
+        assert params_from_dict({"data": {"split": split}}).data.split == split

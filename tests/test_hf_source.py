@@ -39,7 +39,7 @@ EXPECTED_REJECTED = {"train-00000005": "truncated", "train-00000006": "missing_i
 
 def cfg_for(target, **kw):
     return DataConfig(source=f"hf:{target}", caption_column="text", label_column="label",
-                      crops_per_image=1, val_fraction=0.2, resolution=32, **kw)
+                      crops_per_image=1, val_crops_per_image=1, val_fraction=0.2, resolution=32, **kw)
 
 
 def test_local_parquet_with_captions_and_labels_down_to_the_shards(tmp_path):

@@ -44,7 +44,7 @@ def test_learned_output_logvar_gets_a_gradient_and_lowers_the_loss_where_errors_
     model = TrainedAutoencoder(build_vae(make_params().model, 16), logvar_init=0.0, learn_logvar=True)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     rec, mean, logvar = model(x)
-    loss, logs = VAELoss(LossConfig(learn_logvar=True))(rec, x, mean, logvar, model.output_logvar)
+    loss, logs = VAELoss(LossConfig(rec_loss="l1", learn_logvar=True))(rec, x, mean, logvar, model.output_logvar)
     loss.backward()
     # d/ds (r e^-s + s) = 1 - r at s = 0: with a reconstruction error r < 1 it pushes s down.
     r = float(logs["train/rec_l1"])

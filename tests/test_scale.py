@@ -74,7 +74,7 @@ def test_two_machines_download_and_prepare_into_one_folder(one_process, tmp_path
     cfg, base, summary, counts = one_process
     params = write_params(tmp_path / "params.yaml", data={
         "source": cfg.source, "unit_images": 3, "resolution": 32, "crops_per_image": 3, "val_crops_per_image": 2,
-        "val_fraction": 0.3, "samples_per_shard": 4, "num_workers": "auto"})
+        "val_fraction": 0.3, "samples_per_shard": 4, "num_workers": "auto", "min_crop_scale": cfg.min_crop_scale})
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     for script, paths in (("download", ["--out", tmp_path / "raw"]),
                           ("prepare", ["--raw", tmp_path / "raw", "--out", tmp_path / "prepared"])):
@@ -143,11 +143,11 @@ def test_adm_crop_matches_the_reference_pixel_for_pixel(size, res):
 
 def test_crop_methods_through_prepare(tmp_path):
     folder = make_photo_folder(tmp_path / "photos")
-    base = dict(source=f"folder:{folder}", resolution=32, val_fraction=0.3, num_workers="1")
+    base = dict(source=f"folder:{folder}", resolution=32, val_fraction=0.3, num_workers="1", val_crops_per_image=1)
     run_download(DataConfig(**base), tmp_path / "raw")
     rows = {r["key"]: r for r in read_manifest(tmp_path / "raw")}
     images = raw_images(tmp_path / "raw")
-    run_prepare(DataConfig(**base, crop="adm"), tmp_path / "raw", tmp_path / "adm")
+    run_prepare(DataConfig(**base, crop="adm", crops_per_image=1), tmp_path / "raw", tmp_path / "adm")
     for s in iter_samples(shard_paths(tmp_path / "adm" / "train")):
         ref = reference_center_crop_arr(load_rgb(images[s["__key__"]], 10**7), 32)
         assert np.array_equal(np.asarray(load_rgb(s["png"], 10**6)), ref)
