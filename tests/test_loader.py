@@ -135,7 +135,7 @@ def test_random_flip_choice_and_decode_helper(pipeline_dir, tmp_path):
     from ldm_vae.loader import decode_latents
 
     vae = load_vae(pipeline_dir / "vae")
-    stats = run_encode(vae, pipeline_dir / "prepared", tmp_path, EncodeConfig(flip=True))
+    run_encode(vae, pipeline_dir / "prepared", tmp_path, EncodeConfig(flip=True))
     means = {}
     for seed in range(6):
         for item in latent_dataset(str(tmp_path / "val" / "*.tar"), sample_posterior=False, normalize="none",
@@ -156,3 +156,14 @@ def test_random_flip_choice_and_decode_helper(pipeline_dir, tmp_path):
     with torch.no_grad():
         direct = (vae.decode(z).sample.clamp(-1, 1) + 1) / 2
     assert torch.allclose(images[:1], direct, atol=1e-4)  # normalise -> decode_latents == decoding the raw latent
+
+
+def test_a_stale_count_fails_naming_the_shard(latents):
+    """A shard with fewer samples than its count would give one rank fewer batches (a DDP hang
+    later): the loader stops at once, naming it."""
+    out, stats = latents
+    name = stats["splits"]["val"]["shards"][0].rsplit("/", 1)[-1]
+    real = stats["splits"]["val"]["shard_counts"][stats["splits"]["val"]["shards"][0]]
+    ds = latent_dataset(str(out / "val" / "*.tar"), normalize="none", shuffle=0, counts={name: real + 5})
+    with pytest.raises(ValueError, match=f"{name}.*fewer samples than its count"):
+        list(ds)
