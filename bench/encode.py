@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ldm_vae.config import EncodeConfig  # noqa: E402
-from ldm_vae.data import image_bytes  # noqa: E402
-from ldm_vae.encoding import run_encode  # noqa: E402
+from ldm_vae.samples import image_bytes  # noqa: E402
+from ldm_vae.encode.encoding import run_encode  # noqa: E402
 from ldm_vae.export import load_vae  # noqa: E402
 from ldm_vae.shards import ShardWriter, iter_samples, shard_paths  # noqa: E402
 
@@ -122,8 +122,8 @@ def _builtin_prepared(params, images: int, tmp: Path) -> Path:
     """At least ``images`` prepared crops of the builtin photos at params.data.resolution."""
     from dataclasses import replace
 
-    from ldm_vae.download import read_manifest, run_download
-    from ldm_vae.prepare import run_prepare
+    from ldm_vae.ingest.download import read_manifest, run_download
+    from ldm_vae.ingest.prepare import run_prepare
 
     data = replace(params.data, source="builtin", max_images=0, val_fraction=0.15, crop="multiscale")
     run_download(data, tmp / "raw")

@@ -19,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldm_vae.latents import npy_bytes  # noqa: E402
+from ldm_vae.samples import npy_bytes  # noqa: E402
 from ldm_vae.loader import latent_loader  # noqa: E402
 from ldm_vae.shards import ShardWriter  # noqa: E402
 

@@ -38,7 +38,7 @@ def make_photo(args: tuple[int, str]) -> None:
     i, folder = args
     from PIL import Image
 
-    from ldm_vae.sources import builtin_files
+    from ldm_vae.ingest.sources import builtin_files
 
     rng = random.Random(i)
     files = [f for f in builtin_files() if f[1]]

@@ -5,7 +5,7 @@
 Both sides use the default params (params.yaml: model, loss, batch and crop size). The baseline
 is the bare per-step compute on synthetic tensors already in memory: forward through the trained
 module, the loss, backward, clipping, the AdamW step and the EMA step. The real side is
-``ldm_vae.training.train`` on the prepared shards (decode, crop, flip and fade of every image,
+``ldm_vae.train.training.train`` on the prepared shards (decode, crop, flip and fade of every image,
 batching, logging). Their ratio is the data pipeline's (and the loop's) overhead; the target is
 under 5%. The two run interleaved in one process (a bare segment every ``--segment`` real steps),
 because this machine's speed drifts by 15% between minutes. The first ``--skip`` steps are not
@@ -35,7 +35,7 @@ class BareLoop:
     def __init__(self, params, perceptual=None):
         from diffusers.training_utils import EMAModel
 
-        from ldm_vae.losses import VAELoss
+        from ldm_vae.train.losses import VAELoss
         from ldm_vae.model import TrainedAutoencoder, build_vae
 
         t = self.t = params.train
@@ -76,7 +76,7 @@ def interleaved(params, prepared: Path, steps: int, skip: int, segment: int, tmp
     Real steps are timed from one callback's return to the next callback, so the bare segments
     are not counted in them; both sides then see the same machine state, minute by minute.
     """
-    from ldm_vae.training import train
+    from ldm_vae.train.training import train
 
     bare = BareLoop(params, perceptual)
     bare.run(skip)
@@ -127,8 +127,8 @@ def main() -> None:
         tmp = Path(tmp)
         prepared = args.prepared
         if not shard_paths(prepared / "train"):
-            from ldm_vae.download import run_download
-            from ldm_vae.prepare import run_prepare
+            from ldm_vae.ingest.download import run_download
+            from ldm_vae.ingest.prepare import run_prepare
 
             run_download(params.data, tmp / "raw")
             run_prepare(params.data, tmp / "raw", tmp / "prepared")

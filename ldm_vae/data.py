@@ -9,17 +9,8 @@ import torch
 import webdataset as wds
 
 from .images import decode_uint8
+from .samples import image_bytes
 from .shards import iter_samples, tar_samples
-
-IMAGE_KEYS = ("png", "jpg")
-
-
-def image_bytes(sample: dict) -> bytes:
-    for ext in IMAGE_KEYS:
-        if ext in sample:
-            return sample[ext]
-    raise KeyError(f"sample {sample.get('__key__')!r} holds no image ({', '.join(IMAGE_KEYS)})")
-
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1].

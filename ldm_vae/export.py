@@ -8,12 +8,12 @@ has zero mean and unit variance over the training images (posterior samples, not
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
+from .files import atomic_path
 from .model import LatentMoments
 
 
@@ -33,13 +33,9 @@ def export_vae(vae: AutoencoderKL, images: torch.Tensor, out: Path, batch_size: 
     """Measure the latent scale on ``images``, store it in the config, save_pretrained to ``out``."""
     stats = measure_moments(vae, images, batch_size).summary()
     vae.register_to_config(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "latent_stats.json").write_text(json.dumps({**stats, "num_images": len(images)}, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_path(out) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "latent_stats.json").write_text(json.dumps({**stats, "num_images": len(images)}, indent=2) + "\n")
     return {"scaling_factor": stats["scaling_factor"], "shift_factor": stats["shift_factor"]}
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from .latents import npy_load
+from .samples import npy_load
 from .shards import shard_keys, tar_samples
 
 NORMALIZE = ("channel", "vae", "none")

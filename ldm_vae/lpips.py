@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import atomic_path
+
 VGG_FILE = "vgg16-397923af.pth"
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LIN_FILE = "lpips_vgg_v0.1.pth"
@@ -83,10 +85,8 @@ def fetch_weights(timeout: float = 10.0) -> None:
             continue
         if not url.lower().startswith(("https://", "http://")):
             raise ValueError(f"{url}: only http(s) downloads")
-        target = weights_dir() / name
-        tmp = target.with_name(name + ".part")
         digest = hashlib.sha256()
-        try:
+        with atomic_path(weights_dir() / name) as tmp:  # kept only if the block ends without an error
             with requests.get(url, stream=True, timeout=(timeout, 60)) as r:
                 r.raise_for_status()
                 with open(tmp, "wb") as f:
@@ -97,9 +97,6 @@ def fetch_weights(timeout: float = 10.0) -> None:
             if not digest.hexdigest().startswith(expected):
                 raise ValueError(f"{url}: sha256 {digest.hexdigest()} does not match the expected {expected}: "
                                  "not the published file (a proxy's page, a changed or tampered file); not kept")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def expected_sha256(name: str) -> str:

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
+from .files import atomic_write
+
 RECORDS = ".done"
 
 # Rank 0 waits at the final barrier for the slowest rank's last unit; a unit on a slow node is
@@ -81,20 +83,12 @@ def resolve_workers(setting: str) -> int:
 
 
 def code_hash(*modules: str) -> str:
-    """A short hash of ldm_vae modules' sources: outputs of other code are never kept."""
+    """A short hash of ldm_vae modules' sources (``"ingest/download"``, ``"shards"``): outputs of
+    other code are never kept."""
     h = hashlib.sha256()
     for name in modules:
-        h.update((Path(__file__).with_name(f"{name}.py")).read_bytes())
+        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
     return h.hexdigest()[:16]
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write under a temporary name, then rename: a kill never leaves a short file under ``path``
-    (and a DVC cache hard link to the old file is replaced, never written through)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def run_units(out: Path, plan: Callable[[], list[Unit]], work: Callable[[Unit], dict], *, clean: list[str],

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .files import atomic_path
 
 
 def save_grid(rows: list[torch.Tensor], path: Path, unit: bool = False, pad: int = 2) -> None:
@@ -26,9 +27,8 @@ def save_grid(rows: list[torch.Tensor], path: Path, unit: bool = False, pad: int
             grid[y : y + h, x : x + w] = arr[i]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
 
 
 def pyplot():
@@ -43,8 +43,6 @@ def pyplot():
 
 def save_figure(fig, path: Path) -> None:
     """Save a matplotlib figure as PNG under a temporary name, then rename; close it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     pyplot().close(fig)
-    os.replace(tmp, path)

@@ -22,7 +22,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params_or_exit(args.params)
 
-    from ldm_vae.download import run_download
+    from ldm_vae.ingest.download import run_download
     from ldm_vae.runner import UnitFailed
 
     try:

@@ -5,7 +5,7 @@ under ``accelerate launch``, each rank on its own input shards. Several nodes: s
 node yourself with the output folder on a shared filesystem, e.g. ``accelerate launch
 --num_machines 2 --machine_rank R --main_process_ip H --num_processes 16 stages/encode.py ...``;
 rank 0 checks coverage and writes stats.json once every rank is done. A killed run, run again,
-keeps what it finished (see ldm_vae/encoding.py).
+keeps what it finished (see ldm_vae/encode/encoding.py).
 
     python stages/encode.py --vae data/vae --prepared data/prepared --out data/latents
 """
@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params_or_exit(args.params)
 
-    from ldm_vae.encoding import CoverageError, check_dtype, run_encode
+    from ldm_vae.encode.encoding import CoverageError, check_dtype, run_encode
     from ldm_vae.export import load_vae
     from ldm_vae.launch import launched, relaunch, resolve_processes
     from ldm_vae.runner import UnitFailed

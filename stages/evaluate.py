@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="metrics.json, per_image.csv, recon_grid.png")
     args = ap.parse_args()
     params = load_params_or_exit(args.params)
-    from ldm_vae.perceptual import MetricUnavailable, check_available
+    from ldm_vae.evaluate.perceptual import MetricUnavailable, check_available
 
     try:
         check_available(params.evaluate)  # before any heavy work: asked-for metrics must exist
@@ -30,7 +30,7 @@ def main() -> None:
 
     import torch
 
-    from ldm_vae.evaluation import run_evaluate
+    from ldm_vae.evaluate.evaluation import run_evaluate
     from ldm_vae.export import load_vae
 
     vae = load_vae(args.vae, "cuda" if torch.cuda.is_available() else "cpu")

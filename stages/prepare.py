@@ -21,7 +21,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params_or_exit(args.params)
 
-    from ldm_vae.prepare import run_prepare
+    from ldm_vae.ingest.prepare import run_prepare
 
     try:
         counts = run_prepare(params.data, args.raw, args.out)

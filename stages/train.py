@@ -45,7 +45,7 @@ def main() -> None:
     if processes > 1 and not launched():
         sys.exit(relaunch(processes, params.train.mixed_precision, sys.argv))
 
-    from ldm_vae.training import TrainingDiverged, train
+    from ldm_vae.train.training import TrainingDiverged, train
 
     perceptual = load_lpips("loss.perceptual_weight", download=False) if params.loss.perceptual_weight > 0 else None
 

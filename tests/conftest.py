@@ -110,10 +110,10 @@ def pipeline_dir(tmp_path_factory):
     Returns the folder holding raw/, prepared/, vae/, train/, checkpoints/; tests that modify
     anything copy what they need first.
     """
-    from ldm_vae.download import run_download
-    from ldm_vae.prepare import run_prepare
+    from ldm_vae.ingest.download import run_download
+    from ldm_vae.ingest.prepare import run_prepare
     from ldm_vae.shards import shard_paths
-    from ldm_vae.training import train
+    from ldm_vae.train.training import train
 
     base = tmp_path_factory.mktemp("pipeline")
     folder = make_photo_folder(base / "photos")

@@ -26,7 +26,7 @@ def main() -> None:
 
     from conftest import make_params
     from ldm_vae.shards import shard_paths
-    from ldm_vae.training import train
+    from ldm_vae.train.training import train
 
     rank = int(os.environ["RANK"])
     record = {"batch": [], "weights": [], "wrapper": None, "ddp_forwards": 0}

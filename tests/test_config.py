@@ -100,21 +100,29 @@ def test_presets_are_sd_kl_f8_at_256(channels):
 
 
 def _ldm_vae_imports(path: Path) -> set[str]:
-    """ldm_vae modules a file imports (absolute or relative), as repository paths."""
+    """ldm_vae modules a file imports (absolute or relative, at any depth, also inside
+    functions), as repository paths."""
     import ast
 
-    found = set()
+    rel = path.relative_to(ROOT).with_suffix("")
+    package = list(rel.parts[:-1]) if rel.parts[-1] != "__init__" else list(rel.parts[:-1])
+    dotted = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.module and node.module.startswith("ldm_vae."):
-                found.add(node.module.split(".")[1])
-            elif node.module == "ldm_vae":
-                found.update(a.name for a in node.names)
+            base = node.module.split(".") if node.module else []
+            if node.level:
+                base = package[: len(package) - node.level + 1] + base
+            if base[:1] == ["ldm_vae"]:
+                dotted.add(".".join(base))
+                dotted.update(".".join(base + [a.name]) for a in node.names)  # `from . import x`
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("ldm_vae."))
-    return {f"ldm_vae/{m}.py" for m in found if (ROOT / "ldm_vae" / f"{m}.py").is_file()}
+            dotted.update(a.name for a in node.names if a.name.startswith("ldm_vae."))
+    found = set()
+    for d in dotted:
+        for candidate in (ROOT / (d.replace(".", "/") + ".py"), ROOT / d.replace(".", "/") / "__init__.py"):
+            if candidate.is_file() and candidate != path:
+                found.add(candidate.relative_to(ROOT).as_posix())
+    return found
 
 
 def test_every_stage_depends_on_the_code_it_runs():
@@ -130,7 +138,7 @@ def test_every_stage_depends_on_the_code_it_runs():
             for mod in _ldm_vae_imports(todo.pop()) - seen:
                 seen.add(mod)
                 todo.append(ROOT / mod)
-        missing = seen - set(stage["deps"]) - {"ldm_vae/config.py"}
+        missing = seen - set(stage["deps"]) - {"ldm_vae/config.py"} - {m for m in seen if m.endswith("__init__.py")}
         assert script in stage["deps"] and not missing, f"{name}: dvc.yaml deps lack {sorted(missing)}"
 
 
@@ -139,10 +147,47 @@ def test_checkpoint_tag_hashes_exactly_the_train_stage_code():
     (dvc.yaml's deps): editing the downloader must not throw a run's checkpoints away."""
     import yaml
 
-    from ldm_vae.training import TRAIN_CODE
+    from ldm_vae.train.training import TRAIN_CODE
 
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
     assert {f"ldm_vae/{m}.py" for m in TRAIN_CODE} == {d for d in deps if d.startswith("ldm_vae/")}
+
+
+WINGS = ("ingest", "train", "encode", "evaluate")
+
+
+def _floor(module: str) -> tuple[int, str]:
+    """(level, wing) of a repository path: the ground floor 0, a stage's wing 1, the top 2."""
+    parts = Path(module).relative_to("ldm_vae").parts
+    if parts[0] in WINGS:
+        return 1, parts[0]
+    return (2, "") if parts[0] in ("loader.py", "__init__.py") else (0, "")
+
+
+def test_the_layout_only_imports_downwards_and_has_no_circles():
+    """Ground floor (config, shards, runner, images, model, ...) imports only the ground floor; a
+    stage's wing imports the ground floor and itself, never another wing or the top (the loader);
+    and no module reaches itself through its imports."""
+    modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "ldm_vae").rglob("*.py"))
+    graph = {m: _ldm_vae_imports(ROOT / m) - {"ldm_vae/__init__.py"} - {
+        f"ldm_vae/{w}/__init__.py" for w in WINGS} for m in modules}
+    for module, imported in graph.items():
+        level, wing = _floor(module)
+        for target in imported:
+            t_level, t_wing = _floor(target)
+            assert t_level < level or (t_level == level and t_wing == wing), f"{module} imports {target}"
+
+    def reach(start):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph.get(m, ()))
+        return seen
+
+    circles = [m for m in modules if m in reach(m)]
+    assert not circles, f"import circles through {circles}"
 
 
 def test_every_float_param_refuses_nan_and_inf():
@@ -180,3 +225,13 @@ def test_one_set_of_defaults():
 def test_split_names_datasets_accepts_are_accepted():
     for split in ("train", "validation", "train[:10%]", "train[100:200]+test", "train.clean.100"):
         assert params_from_dict({"data": {"split": split}}).data.split == split
+
+
+def test_every_package_is_installed():
+    """pyproject lists the packages explicitly: a new sub-package must be listed, or a plain
+    (non-editable) install would leave it out."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in (ROOT / "ldm_vae").rglob("__init__.py")}
+    assert listed == found

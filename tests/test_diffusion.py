@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from conftest import make_params
-from ldm_vae.encoding import run_encode
+from ldm_vae.encode.encoding import run_encode
 from ldm_vae.export import load_vae
 from ldm_vae.loader import latent_loader
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, curve, make_params
-from ldm_vae.training import lr_lambda
+from ldm_vae.train.training import lr_lambda
 
 
 def test_two_process_training_syncs_weights_splits_data_and_writes_once(pipeline_dir, tmp_path):

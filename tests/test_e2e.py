@@ -100,7 +100,7 @@ def test_channel_change_reruns_only_model_stages(repo):
 
     import webdataset as wds
 
-    from ldm_vae.latents import npy_load
+    from ldm_vae.samples import npy_load
 
     sample = next(iter(wds.WebDataset(sorted(map(str, (dst / "data/latents/train").glob("*.tar")))[0], shardshuffle=False)))
     assert npy_load(sample["mean.npy"]).shape == (8, 4, 4)

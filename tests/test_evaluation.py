@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_params
-from ldm_vae.evaluation import run_evaluate
+from ldm_vae.evaluate.evaluation import run_evaluate
 from ldm_vae.export import load_vae
-from ldm_vae.encoding import run_encode
+from ldm_vae.encode.encoding import run_encode
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_fp32_reencode_and_what_fp16_storage_costs(evaluated):
 def test_worst_grid_shows_the_lowest_psnr_images_first(evaluated, pipeline_dir):
     import numpy as np
 
-    from ldm_vae.data import image_bytes
+    from ldm_vae.samples import image_bytes
     from ldm_vae.images import decode_uint8
     from ldm_vae.shards import iter_samples, shard_paths
 

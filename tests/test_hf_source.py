@@ -2,8 +2,8 @@ import pytest
 
 from conftest import image_bytes, photo, rejections
 from ldm_vae.config import DataConfig
-from ldm_vae.download import raw_images, read_manifest, run_download
-from ldm_vae.prepare import run_prepare
+from ldm_vae.ingest.download import raw_images, read_manifest, run_download
+from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.shards import iter_samples, shard_paths
 
 datasets = pytest.importorskip("datasets")

@@ -9,12 +9,13 @@ import torch
 
 from conftest import ROOT, make_params, write_params
 from ldm_vae.config import EncodeConfig
-from ldm_vae.data import image_bytes, to_tensor
+from ldm_vae.data import to_tensor
+from ldm_vae.samples import image_bytes
 from ldm_vae.export import load_vae
 from ldm_vae.images import decode_uint8
 from ldm_vae.launch import _free_port
-from ldm_vae.encoding import run_encode
-from ldm_vae.latents import npy_load
+from ldm_vae.encode.encoding import run_encode
+from ldm_vae.samples import npy_load
 from ldm_vae.shards import iter_samples, shard_paths
 
 
@@ -130,16 +131,16 @@ def test_two_node_encode_on_a_shared_folder_matches_one_process(pipeline_dir, en
 KILLED = """
 import sys, os, time
 sys.path.insert(0, {root!r})
-import ldm_vae.latents as L
+import ldm_vae.encode.latents as L
 from ldm_vae.config import EncodeConfig
-from ldm_vae.encoding import run_encode
+from ldm_vae.encode.encoding import run_encode
 from ldm_vae.export import load_vae
 real = L.encode_shard
 def slow(*a, **k):
     r = real(*a, **k)
     time.sleep(3)  # the parent kills us during a pause after at least one finished input
     return r
-import ldm_vae.encoding as E
+import ldm_vae.encode.encoding as E
 E.encode_shard = slow
 run_encode(load_vae({vae!r}), __import__('pathlib').Path({prepared!r}), __import__('pathlib').Path({out!r}),
            EncodeConfig(batch_size=2, samples_per_shard=2))
@@ -191,14 +192,14 @@ def test_new_vae_invalidates_old_shards_and_flip_is_stored(pipeline_dir, encoded
     before = set(p.name for p in (tmp_path / "val").glob("*.tar"))
     run_encode(other, pipeline_dir / "prepared", tmp_path, cfg)
     records = [json.loads(p.read_text()) for p in (tmp_path / ".done").glob("val-*.json")]
-    from ldm_vae.latents import vae_fingerprint
+    from ldm_vae.encode.latents import vae_fingerprint
 
     assert records and all(r["ident"]["vae"] == vae_fingerprint(other) for r in records)
     assert set(p.name for p in (tmp_path / "val").glob("*.tar")) == before  # same names, rewritten
 
 
 def test_coverage_check_names_gaps_and_duplicates(pipeline_dir, encoded):
-    from ldm_vae.encoding import CoverageError, check_coverage
+    from ldm_vae.encode.encoding import CoverageError, check_coverage
 
     _, one, _ = encoded
     inputs = shard_paths(pipeline_dir / "prepared" / "train")
@@ -233,7 +234,7 @@ def test_shard_keys_reads_ustar_pax_and_long_names(tmp_path):
                                  np.asfortranarray(np.random.default_rng(1).random((3, 5))),
                                  np.arange(7), np.zeros((0, 3), np.float16)])
 def test_npy_load_round_trips_with_its_header_cache(arr):
-    from ldm_vae.latents import npy_bytes
+    from ldm_vae.samples import npy_bytes
 
     for _ in range(2):  # the second read takes the cached-header path
         back = npy_load(npy_bytes(arr))
@@ -244,7 +245,7 @@ def test_ordered_map_keeps_order_runs_in_parallel_raises_errors_and_stops_when_l
     import threading
     import time
 
-    from ldm_vae.latents import ordered_map
+    from ldm_vae.encode.latents import ordered_map
 
     def slow_square(i):
         time.sleep(0.02 if i % 3 else 0.05)  # later items often finish first
@@ -279,7 +280,7 @@ def test_cpu_encode_uses_every_core_and_restores_the_thread_count(pipeline_dir, 
     thread count is what it was (the rest of the process is unaffected)."""
     import threading
 
-    import ldm_vae.latents as L
+    import ldm_vae.encode.latents as L
 
     vae, one, _ = encoded
     seen = set()

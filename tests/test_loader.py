@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_params
 from ldm_vae.export import load_vae
-from ldm_vae.encoding import run_encode
+from ldm_vae.encode.encoding import run_encode
 from ldm_vae.loader import latent_dataset, latent_loader
 
 
@@ -147,7 +147,7 @@ def test_random_flip_choice_and_decode_helper(pipeline_dir, tmp_path):
                                     sample_posterior=False, flip=False, stats=tmp_path / "stats.json")))
     images = decode_latents(vae, batch["latent"], "channel", tmp_path / "stats.json")
     assert images.shape == (4, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
-    from ldm_vae.latents import npy_load
+    from ldm_vae.samples import npy_load
     from ldm_vae.shards import iter_samples, shard_paths
     import numpy as np
 

@@ -44,7 +44,7 @@ def test_resize_baseline_keeps_smooth_images_and_blurs_detail():
 def test_channel_stats_kl_and_collapse_math():
     import torch
 
-    from ldm_vae.health import ChannelStats, health_metrics
+    from ldm_vae.evaluate.health import ChannelStats, health_metrics
 
     g = torch.Generator().manual_seed(0)
     mean = torch.stack([torch.randn(50, 4, 4, generator=g) * 2 + 1, torch.zeros(50, 4, 4)], 1)  # [50, 2, 4, 4]

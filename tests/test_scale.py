@@ -13,10 +13,10 @@ from PIL import Image
 
 from conftest import ROOT, image_bytes, make_photo_folder, photo, write_params
 from ldm_vae.config import DataConfig
-from ldm_vae.download import raw_images, read_manifest, run_download
+from ldm_vae.ingest.download import raw_images, read_manifest, run_download
 from ldm_vae.images import adm_center_crop, load_rgb
 from ldm_vae.launch import _free_port
-from ldm_vae.prepare import run_prepare
+from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.shards import iter_samples, shard_paths
 
 

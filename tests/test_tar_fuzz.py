@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ldm_vae.shards import ShardWriter, check_key, iter_samples, shard_keys, tar_members
-from ldm_vae.sources import folder_key, safe_key, unique_key
+from ldm_vae.ingest.items import folder_key, safe_key, unique_key
 
 TIME_LIMIT_S = 5
 
@@ -308,7 +308,7 @@ def test_every_derived_key_is_safe():
 
 
 def test_url_list_keys_are_safe_and_distinct(tmp_path):
-    from ldm_vae.urls import read_url_list
+    from ldm_vae.ingest.urls import read_url_list
 
     raw = ["a.b", "a b", "a_b", "a.b", "../etc/passwd", "x\0y", "img.001.jpg", "img.002.jpg"]
     listing = tmp_path / "list.jsonl"

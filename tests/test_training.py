@@ -6,7 +6,7 @@ from diffusers import AutoencoderKL
 
 from conftest import curve, make_params
 from ldm_vae.shards import shard_paths
-from ldm_vae.training import lr_lambda, train
+from ldm_vae.train.training import lr_lambda, train
 
 
 def test_train_exports_a_diffusers_vae_with_measured_scale(pipeline_dir):
@@ -151,9 +151,9 @@ GAN = {"disc_weight": 0.5, "disc_start": 2, "disc_channels": 8, "disc_layers": 2
 
 
 def test_every_trainable_parameter_is_in_exactly_one_optimizer():
-    from ldm_vae.losses import build_discriminator
+    from ldm_vae.train.losses import build_discriminator
     from ldm_vae.model import TrainedAutoencoder, build_vae
-    from ldm_vae.training import build_optimizers
+    from ldm_vae.train.training import build_optimizers
 
     for learn_logvar in (False, True):
         params = make_params(loss={**GAN, "learn_logvar": learn_logvar})
@@ -170,9 +170,9 @@ def test_every_trainable_parameter_is_in_exactly_one_optimizer():
 def test_discriminator_step_sees_detached_reconstructions_and_never_touches_the_autoencoder():
     from accelerate import Accelerator
 
-    from ldm_vae.losses import VAELoss, build_discriminator
+    from ldm_vae.train.losses import VAELoss, build_discriminator
     from ldm_vae.model import TrainedAutoencoder, build_vae
-    from ldm_vae.training import _generator_pass
+    from ldm_vae.train.training import _generator_pass
 
     params = make_params(loss=GAN)
     accelerator = Accelerator(cpu=True)
@@ -253,7 +253,7 @@ def test_nan_guard_skips_bad_steps_and_finishes(pipeline_dir, tmp_path):
 def test_nan_guard_stops_a_diverged_run_with_a_clear_message(pipeline_dir, tmp_path):
     import pytest
 
-    from ldm_vae.training import TrainingDiverged
+    from ldm_vae.train.training import TrainingDiverged
 
     params = make_params(loss={"perceptual_weight": 1.0}, train={"max_bad_steps": 3})
     with pytest.raises(TrainingDiverged, match=r"3 non-finite steps in a row at step 3 \(train.max_bad_steps: 3\)"):

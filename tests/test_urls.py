@@ -10,8 +10,8 @@ import pytest
 from conftest import image_bytes, photo, rejections
 from httpserver import ImageServer, Route
 from ldm_vae.config import DataConfig
-from ldm_vae.download import raw_images, read_manifest, run_download
-from ldm_vae.urls import Fetcher, FetchError, read_url_list, url_key
+from ldm_vae.ingest.download import raw_images, read_manifest, run_download
+from ldm_vae.ingest.urls import Fetcher, FetchError, read_url_list, url_key
 
 FAST = dict(connect_timeout=2.0, read_timeout=0.5, retries=2, retry_backoff=0.05)
 
@@ -125,7 +125,7 @@ KILLED_RUN = """
 import sys
 sys.path.insert(0, {root!r})
 from ldm_vae.config import DataConfig
-from ldm_vae.download import run_download
+from ldm_vae.ingest.download import run_download
 run_download(DataConfig(source={source!r}, download_workers=1, num_workers="1", unit_images=3, read_timeout=30.0),
              __import__('pathlib').Path({out!r}))
 """
@@ -223,6 +223,6 @@ def test_a_drip_feed_stops_at_the_deadline(server):
 @pytest.mark.parametrize("value,seconds", [("2", 2.0), ("0", 0.0), ("abc", None), ("", None), ("-1", None),
                                            ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0), ("Wed, 99 Oct", None)])
 def test_retry_after_values(value, seconds):
-    from ldm_vae.urls import _retry_after
+    from ldm_vae.ingest.urls import _retry_after
 
     assert _retry_after(value) == seconds

@@ -18,14 +18,15 @@ import random
 from pathlib import Path
 
 
-from .config import DataConfig
-from .images import adm_center_crop, crop_resize, encode_image, load_rgb, random_squares, square_crops
-from .runner import Unit, atomic_write, code_hash, iter_records, resolve_workers, run_units, tick
-from .shards import ShardWriter, tar_members
+from ..config import DataConfig
+from ..images import adm_center_crop, crop_resize, encode_image, load_rgb, random_squares, square_crops
+from ..files import atomic_write
+from ..runner import Unit, code_hash, iter_records, resolve_workers, run_units, tick
+from ..shards import ShardWriter, tar_members
 
 SPLITS = ("train", "val")
 SHUFFLE_BUFFER = 4096  # samples held before writing, so crops of one photograph spread over shards
-CODE = ("prepare", "images", "shards", "runner")
+CODE = ("ingest/prepare", "images", "shards", "runner")
 PARAMS = ("max_pixels", "resolution", "val_fraction", "crops_per_image", "val_crops_per_image", "min_crop_scale",
           "crop", "image_format", "samples_per_shard", "seed")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .viz import pyplot, save_figure
+from ..viz import pyplot, save_figure
 
 # A channel whose mean KL per latent element is below this (nats) carries essentially nothing:
 # its posterior is within ~0.3 std of N(0, 1) on average. Used channels of a trained VAE cost

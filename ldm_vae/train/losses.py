@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import LossConfig
+from ..config import LossConfig
 from .discriminator import PatchDiscriminator, discriminator_loss, generator_adv_loss
 
 # Floor of the per-image MSE in the log_l2 loss (in [-1, 1] units: 46 dB PSNR on [0, 1]), so a

@@ -28,12 +28,12 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from .checkpoints import Progress, resume_latest, save_checkpoint
-from .config import Params, stage_hash, stage_hash_of
-from .data import load_images, train_stream
-from .export import export_vae
+from ..config import Params, stage_hash, stage_hash_of
+from ..data import load_images, train_stream
+from ..export import export_vae
 from .losses import VAELoss, build_discriminator, reconstruction_loss
-from .metrics import psnr, to_unit
-from .model import TrainedAutoencoder, build_vae
+from ..metrics import psnr, to_unit
+from ..model import TrainedAutoencoder, build_vae
 from .trainlog import TrainLog
 
 VAL_IMAGES = 128  # fixed validation images scored during training (the full set is evaluate's job)
@@ -55,8 +55,8 @@ def lr_lambda(cfg):
 
 # The train stage's own code: the ldm_vae modules its script imports (dvc.yaml lists the same,
 # a test checks). Editing anything else (the URL downloader, the evaluator) keeps checkpoints.
-TRAIN_CODE = ("training", "checkpoints", "trainlog", "launch", "model", "losses", "discriminator", "lpips",
-              "data", "export", "images", "shards", "metrics", "viz")
+TRAIN_CODE = ("train/training", "train/checkpoints", "train/trainlog", "train/losses", "train/discriminator",
+              "launch", "model", "lpips", "data", "samples", "export", "images", "shards", "files", "metrics", "viz")
 
 
 def run_hash(params: Params, train_shards: list[str]) -> str:
@@ -65,7 +65,7 @@ def run_hash(params: Params, train_shards: list[str]) -> str:
     training code changed starts afresh instead of resuming (or re-exporting) what the old code
     trained."""
     data_id = [(Path(p).name, Path(p).stat().st_size) for p in train_shards]
-    here = Path(__file__).parent
+    here = Path(__file__).parents[1]  # ldm_vae/
     code = [(name, hashlib.sha256((here / f"{name}.py").read_bytes()).hexdigest()) for name in TRAIN_CODE]
     return "-".join([stage_hash(params.model, params.loss, params.train), stage_hash_of(data_id), stage_hash_of(code)])
 

@@ -1,6 +1,6 @@
 """The download stage's work: take every item of a source, keep the good ones, record the rest.
 
-Output (the raw contract of DESIGN.md):
+Output (the raw contract, docs/design.md):
   <out>/shards/raw-<unit>-00000.tar  the kept images of one unit: member ``<key>.<ext>`` holds the
                                      source's bytes, unchanged (the manifest's sha256 is of these)
   <out>/manifest.jsonl      one line per kept image: key, sha256, width, height, source, shard,
@@ -8,7 +8,7 @@ Output (the raw contract of DESIGN.md):
   <out>/rejected.jsonl      one line per rejected input: key, source, reason, detail
   <out>/.done/<unit>.json   the runner's per-unit records (what a re-run keeps)
 
-The source is cut into units (:func:`ldm_vae.sources.plan_source`) that a pool of worker
+The source is cut into units (:func:`ldm_vae.ingest.sources.plan_source`) that a pool of worker
 processes reads, hashes and decodes independently (:mod:`ldm_vae.runner`); one raw shard per unit,
 so DVC tracks a file per few thousand images instead of one per image. Exact duplicates are
 rejected globally: within a unit as it runs, across units when rank 0 merges the records in unit
@@ -25,14 +25,15 @@ import shutil
 from pathlib import Path
 
 
-from .config import DataConfig
-from .images import ImageRejected, image_ext, load_rgb
-from .runner import Unit, code_hash, iter_records, resolve_workers, run_units, tick
-from .shards import ShardWriter, tar_members
+from ..config import DataConfig
+from ..files import atomic_path
+from ..images import ImageRejected, image_ext, load_rgb
+from ..runner import Unit, code_hash, iter_records, resolve_workers, run_units, tick
+from ..shards import ShardWriter, tar_members
 from .sources import iter_unit, plan_source
 
 SHARDS = "shards"
-CODE = ("download", "sources", "urls", "hf_source", "images", "shards", "runner")
+CODE = ("ingest/download", "ingest/items", "ingest/sources", "ingest/urls", "ingest/hf_source", "images", "shards", "runner")
 
 
 def run_download(cfg: DataConfig, out: Path) -> dict | None:
@@ -129,8 +130,8 @@ def merge(out: Path, units: list[Unit]) -> dict:
     by_sha: dict[bytes, str] = {}
     reasons: collections.Counter = collections.Counter()
     kept = 0
-    manifest, rejected = out / ".manifest.jsonl.tmp", out / ".rejected.jsonl.tmp"
-    with open(manifest, "w") as man, open(rejected, "w") as rej:
+    with atomic_path(out / "manifest.jsonl") as manifest, atomic_path(out / "rejected.jsonl") as rejected, \
+            open(manifest, "w") as man, open(rejected, "w") as rej:
         for record in iter_records(out, units):
             for row in record["rows"]:
                 if "reason" not in row:
@@ -145,8 +146,6 @@ def merge(out: Path, units: list[Unit]) -> dict:
                 else:
                     kept += 1
                     man.write(json.dumps(row, sort_keys=True) + "\n")
-    manifest.replace(out / "manifest.jsonl")
-    rejected.replace(out / "rejected.jsonl")
     return {"kept": kept, "rejected": sum(reasons.values()), "reasons": dict(sorted(reasons.items()))}
 
 

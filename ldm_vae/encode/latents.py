@@ -1,6 +1,6 @@
 """The encode stage's work: prepared images -> latent shards (posterior mean/std) + stats.json.
 
-Latent sample (DESIGN.md contract): ``__key__`` as in the prepared shard; ``mean.npy`` and
+Latent sample (docs/design.md, ldm_vae/samples.py): ``__key__`` as in the prepared shard; ``mean.npy`` and
 ``std.npy`` float16 [C, H/8, W/8], raw (unscaled); ``json`` metadata; ``txt`` / ``cls`` when the
 source has them. Output shards are named ``<split>-r<rank>-s<input>-<n>.tar`` so that parallel
 encoders (one per rank) never write the same file. Within a process, batches go through threads:
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,44 +20,15 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from .config import EncodeConfig
-from .data import image_bytes, to_tensor
-from .images import decode_uint8
-from .model import LatentMoments
-from .runner import cpu_share
-from .shards import ShardWriter, iter_samples
+from ..config import EncodeConfig
+from ..data import to_tensor
+from ..images import decode_uint8
+from ..model import LatentMoments
+from ..runner import cpu_share
+from ..samples import image_bytes, npy_bytes
+from ..shards import ShardWriter, iter_samples
 
 SPLITS = ("train", "val")
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-_NPY_HEADERS: dict[bytes, tuple] = {}  # header bytes -> (dtype, shape, data offset, order)
-
-
-def npy_load(data: bytes) -> np.ndarray:
-    """An .npy file's array (read-only view of ``data``), no pickles.
-
-    Every latent of a set has the same header, and numpy parses headers with ``ast`` (tens of
-    microseconds, as much as the rest of a loader step): parsed once per distinct header here.
-    """
-    if data[:6] == b"\x93NUMPY" and data[6:7] in (b"\x01", b"\x02"):
-        head_len = int.from_bytes(data[8:10], "little") if data[6] == 1 else int.from_bytes(data[8:12], "little")
-        start = (10 if data[6] == 1 else 12) + head_len
-        key = data[:start]
-        if key not in _NPY_HEADERS:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-            if arr.dtype.hasobject or arr.dtype.byteorder not in ("=", "|", "<") or len(_NPY_HEADERS) >= 64:
-                return arr  # a set has a few distinct headers: a crafted shard cannot grow the cache
-            order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-            _NPY_HEADERS[key] = (arr.dtype, arr.shape, start, order)
-        dtype, shape, offset, order = _NPY_HEADERS[key]
-        return np.frombuffer(data, dtype=dtype, offset=offset, count=int(np.prod(shape))).reshape(shape, order=order)
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _batches(samples, batch_size: int):
@@ -108,7 +78,7 @@ def vae_fingerprint(vae: AutoencoderKL) -> str:
 def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, index: int, cfg: EncodeConfig,
                  rank: int, fingerprint: str, progress=None) -> dict:
     """Encode one prepared shard into ``<split>-r<rank>-s<index>-<n>.tar``; return its done-record
-    (output shards, count, exact moments), which :mod:`ldm_vae.encoding` writes once they are complete.
+    (output shards, count, exact moments), which :mod:`ldm_vae.encode.encoding` writes once they are complete.
     """
     device = next(vae.parameters()).device
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32

@@ -16,15 +16,15 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from .config import EvaluateConfig
-from .data import image_bytes
-from .images import decode_uint8
-from .latents import npy_load
+from ..config import EvaluateConfig
+from ..files import atomic_write
+from ..images import decode_uint8
+from ..samples import image_bytes, npy_load
 from .health import ChannelStats, health_metrics, write_health
-from .metrics import psnr, resize_baseline, ssim, to_unit
+from ..metrics import psnr, resize_baseline, ssim, to_unit
 from .perceptual import Lpips, RFid
-from .shards import iter_samples, shard_paths
-from .viz import save_grid
+from ..shards import iter_samples, shard_paths
+from ..viz import save_grid
 
 ERROR_GAIN = 4  # |error| is shown 4x brighter in the grid so small errors are visible
 
@@ -114,7 +114,7 @@ def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out:
         "shift_factor": stats["shift_factor"],
     })
     metrics.update(health_metrics(channel_rows))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

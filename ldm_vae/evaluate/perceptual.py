@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .lpips import WeightsUnavailable, load_lpips, require_weights
+from ..lpips import WeightsUnavailable, load_lpips, require_weights
 
 HOW_TO_GET = "install the metrics extra: pip install -e '.[metrics]' (torch-fidelity; Inception downloads on first use)"
 

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from .config import EncodeConfig
+from ..config import EncodeConfig
 from .latents import SPLITS, encode_shard, vae_fingerprint
-from .model import LatentMoments
-from .runner import Unit, atomic_write, code_hash, group, iter_records, run_units, tick
-from .shards import shard_keys, shard_paths
+from ..model import LatentMoments
+from ..files import atomic_write
+from ..runner import Unit, code_hash, group, iter_records, run_units, tick
+from ..shards import shard_keys, shard_paths
 
-CODE = ("encoding", "latents", "data", "images", "shards", "model", "runner")
+CODE = ("encode/encoding", "encode/latents", "data", "samples", "images", "shards", "model", "runner")
 
 
 class CoverageError(RuntimeError):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dvclive import Live
 
-from .viz import save_grid
+from ..viz import save_grid
 
 
 class _FilesOnlyLive(Live):

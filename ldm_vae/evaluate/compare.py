@@ -12,7 +12,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from .viz import pyplot, save_figure
+from ..viz import pyplot, save_figure
 
 COLUMNS = ["run", "latent_channels", "compression_ratio", "psnr", "ssim", "psnr_fp32", "psnr_bicubic",
            "lpips", "rfid", "collapsed_channels", "num_images"]

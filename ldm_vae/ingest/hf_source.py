@@ -20,8 +20,8 @@ import itertools
 from pathlib import Path
 from typing import Iterator
 
-from .runner import Unit
-from .sources import SourceItem, fingerprint, safe_key
+from ..runner import Unit
+from .items import SourceItem, fingerprint, safe_key
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from .runner import Unit
-from .sources import SourceItem, chunks, fingerprint, folder_key, unique_key
+from ..runner import Unit
+from .items import SourceItem, chunks, fingerprint, folder_key, unique_key
 
 RETRY_STATUS = {429, 500, 502, 503, 504}  # and any other 5xx
 CHUNK = 1 << 16

@@ -9,16 +9,13 @@ set so that download records it as a rejection instead of losing it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .runner import Unit
+from ..runner import Unit
+from .items import SourceItem, chunks, fingerprint, folder_key, unique_key
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -44,17 +41,6 @@ BUILTIN_PHOTOS = [
     ("sklearn", "datasets/images/flower.jpg", "sklearn-flower"),
     ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "matplotlib-grace_hopper"),
 ]
-
-
-@dataclass
-class SourceItem:
-    key: str  # stable and unique within the source; [A-Za-z0-9_-] only (webdataset splits on dots)
-    source: str  # where it came from, for the manifest
-    data: bytes | None = None
-    error: str | None = None  # set when the item was found but could not be read
-    caption: str | None = None
-    label: int | str | None = None
-    final_url: str | None = None  # urls: where the redirects ended, when not at ``source``
 
 
 def plan_source(cfg) -> list[Unit]:
@@ -98,14 +84,6 @@ def iter_unit(cfg, task, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
     return iter_hf_unit(cfg, task)
 
 
-def chunks(items: list, size: int) -> list[list]:
-    return [items[i: i + size] for i in range(0, len(items), size)]
-
-
-def fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def builtin_files() -> list[tuple]:
     """(key, path, source, error) of every builtin photograph."""
     files = []
@@ -137,26 +115,6 @@ def folder_files(root: Path) -> list[tuple]:
             rel = path.relative_to(root).as_posix()
             files.append((unique_key(folder_key(rel), rel, seen), str(path), rel, None))
     return files
-
-
-def folder_key(rel: str) -> str:
-    """'cats/Tabby 01.jpg' -> 'cats_Tabby_01': readable, stable, safe in a tar member name."""
-    return safe_key(rel.rsplit(".", 1)[0], "image")
-
-
-def safe_key(text: str, empty: str = "item") -> str:
-    """Any text -> [A-Za-z0-9_-]+ (what :func:`ldm_vae.shards.check_key` accepts, and more: no
-    slash either, so a key is one flat name): runs of anything else become one '_'."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or empty
-
-
-def unique_key(key: str, raw: str, seen: dict[str, str]) -> str:
-    """``key``, or ``key-<hash of raw>`` when another ``raw`` ('a.jpg' and 'a.png', 'a b' and
-    'a_b') already took it: different inputs never share a key."""
-    if key in seen and seen[key] != raw:
-        key = f"{key}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
-    seen[key] = raw
-    return key
 
 
 def _stat(path: str | None) -> tuple:

@@ -1,0 +1,1 @@
+"""The evaluate stage: reconstruction metrics, latent health, perceptual metrics, channel comparison."""

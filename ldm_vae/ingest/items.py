@@ -1,0 +1,51 @@
+"""What every source yields and the rules every source shares: the item, its key, the units.
+
+Kept apart from the sources themselves (sources.py, hf_source.py, urls.py) so that each of them
+imports this and none imports another: no import circle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+
+@dataclass
+class SourceItem:
+    key: str  # stable and unique within the source; [A-Za-z0-9_-] only (webdataset splits on dots)
+    source: str  # where it came from, for the manifest
+    data: bytes | None = None
+    error: str | None = None  # set when the item was found but could not be read
+    caption: str | None = None
+    label: int | str | None = None
+    final_url: str | None = None  # urls: where the redirects ended, when not at ``source``
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def folder_key(rel: str) -> str:
+    """'cats/Tabby 01.jpg' -> 'cats_Tabby_01': readable, stable, safe in a tar member name."""
+    return safe_key(rel.rsplit(".", 1)[0], "image")
+
+
+def safe_key(text: str, empty: str = "item") -> str:
+    """Any text -> [A-Za-z0-9_-]+ (what :func:`ldm_vae.shards.check_key` accepts, and more: no
+    slash either, so a key is one flat name): runs of anything else become one '_'."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or empty
+
+
+def unique_key(key: str, raw: str, seen: dict[str, str]) -> str:
+    """``key``, or ``key-<hash of raw>`` when another ``raw`` ('a.jpg' and 'a.png', 'a b' and
+    'a_b') already took it: different inputs never share a key."""
+    if key in seen and seen[key] != raw:
+        key = f"{key}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
+    seen[key] = raw
+    return key

@@ -1,0 +1,1 @@
+"""The train stage: the LDM autoencoder objective under accelerate, checkpoints, curves."""
