@@ -292,8 +292,15 @@ class _Source:
 
     def read(self, n: int, final_ok: bool = False) -> bytes | None:
         """``n`` bytes, or None at a clean end of the stream when ``final_ok``."""
-        if final_ok and self.size is not None and self.pos == self.size:
-            return None
+        if self.size is not None:  # a file: the common case, kept short (it runs per member)
+            if self.pos + n <= self.size:
+                data = self.stream.read(n)
+                if len(data) == n:
+                    self.pos += n
+                    return data
+                self.stream.seek(self.pos)  # the file shrank under us: the careful path below
+            elif final_ok and self.pos == self.size:
+                return None
         self._check(n)
         parts, got = [], 0
         while got < n:  # pipes and sockets return short reads
@@ -315,13 +322,16 @@ class _Source:
         self.pos += n
 
 
+_OCTAL = re.compile(rb" *([0-7]+)[ \0]*")
+
+
 def _octal(field: bytes, what: str) -> int:
     """A tar numeric field: octal digits, optionally space-led, NUL/space-terminated; nothing else
-    (int() alone would take '0o17', '1_0', '-1' or '+7')."""
-    digits = field.strip(b" \0")
-    if not digits or not all(0x30 <= c <= 0x37 for c in digits):
+    (int() alone would take '0o17', '1_0', '-1' or '+7'). A regex: this runs twice per member."""
+    match = _OCTAL.fullmatch(field)
+    if match is None:
         raise ValueError(f"corrupt tar header: {what} field {field!r} is not an octal number")
-    return int(digits, 8)
+    return int(match.group(1), 8)
 
 
 def _size(header: bytes) -> int:
