@@ -158,6 +158,10 @@ class EpochPlan(torch.utils.data.IterableDataset):
     def epoch(self) -> int:
         return self._state[0]
 
+    @property
+    def rank(self) -> int:
+        return self._state[1]
+
     def __iter__(self):
         if torch.utils.data.get_worker_info() is None:
             self._state[1:] = list(_node())  # in the trainer's own process: ask now
@@ -208,8 +212,7 @@ class _EpochShuffle:
 
     def __call__(self, src):
         _, _, worker, _ = wds.utils.pytorch_worker_info()
-        rank = self.plan._state[1]
-        return wds.shuffle(self.size, seed=f"{self.seed}:{self.plan.epoch}:{rank}:{worker}")(src)
+        return wds.shuffle(self.size, seed=f"{self.seed}:{self.plan.epoch}:{self.plan.rank}:{worker}")(src)
 
 
 def shard_counts(urls: list[str], stats=None, counts: dict[str, int] | None = None) -> list[int]:
