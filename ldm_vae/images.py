@@ -14,8 +14,12 @@ import random
 import re
 import warnings
 
-import numpy as np
+from typing import TYPE_CHECKING
+
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # numpy is imported where it is used: download's workers never need it
+    import numpy as np
 
 # Alpha is composited on white: the convention of most photo tools, and what a viewer shows.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -109,6 +113,8 @@ def _grey16_to_8(img: Image.Image) -> Image.Image:
     """16-bit (or 32-bit integer) greyscale -> 8-bit L, the full 0-65535 range scaled to 0-255
     (round(v / 257)) instead of clipped at 255. In row blocks of uint32: a 64-megapixel image
     costs its own 2 bytes per pixel plus the 1-byte result, not gigabytes of float64."""
+    import numpy as np
+
     src = np.asarray(img)  # [H, W] uint16 or int32
     out = np.empty(src.shape, np.uint8)
     for r in range(0, src.shape[0], ROWS_PER_BLOCK):
@@ -190,6 +196,8 @@ def decode_uint8(data: bytes) -> np.ndarray:
     On the training hot path: the format is named (no probing of every PIL plugin) and the pixels
     go from PIL's buffer into a writable array in one copy (torch.from_numpy needs writable).
     """
+    import numpy as np
+
     with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as img:
         if img.mode != "RGB":
             img = img.convert("RGB")

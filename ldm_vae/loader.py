@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from .samples import npy_load
+from .samples import LATENT
 from .shards import shard_keys, tar_samples
 
 NORMALIZE = ("channel", "vae", "none")
@@ -102,17 +102,17 @@ class _ToItem:
         suffix = ""
         if self.flip and "mean_flip.npy" in sample and random.random() < 0.5:
             suffix = "_flip"
-        mean = torch.from_numpy(npy_load(sample[f"mean{suffix}.npy"]).astype(np.float32))
+        mean = torch.from_numpy(LATENT.get(sample, f"mean{suffix}").astype(np.float32))
         z = mean
         if self.sample_posterior:
-            std = torch.from_numpy(npy_load(sample[f"std{suffix}.npy"]).astype(np.float32))
+            std = torch.from_numpy(LATENT.get(sample, f"std{suffix}").astype(np.float32))
             z = torch.addcmul(mean, std, torch.randn_like(std))  # mean + std * eps, one pass
-        return {
-            "latent": self.norm(z),
-            "key": sample["__key__"],
-            "caption": sample["txt"].decode() if "txt" in sample else "",
-            "label": int(sample["cls"]) if "cls" in sample else -1,
-        }
+        label = LATENT.get(sample, "label", -1)
+        if not isinstance(label, int):
+            raise ValueError(f"latent sample {sample['__key__']!r}: label {label!r} is text; the loader returns "
+                             "class indices, so the source's label column must hold integers")
+        return {"latent": self.norm(z), "key": sample["__key__"], "caption": LATENT.get(sample, "caption", ""),
+                "label": label}
 
 
 def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, normalize: str = "channel",

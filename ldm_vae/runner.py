@@ -25,6 +25,7 @@ through gloo, only for one broadcast and the barriers.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import datetime
 import hashlib
 import json
@@ -34,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tqdm import tqdm
 
 from .files import atomic_write
 
@@ -105,6 +105,11 @@ def run_units(out: Path, plan: Callable[[], list[Unit]], work: Callable[[Unit], 
     work can reuse what it finished.
     """
     rank, world = group()
+    with _helpers(workers, work) as helpers:  # their start-up overlaps rank 0's planning
+        return _run(out, plan, work, clean, helpers, desc, item, agree, redo, rank, world)
+
+
+def _run(out, plan, work, clean, helpers, desc, item, agree, redo, rank, world) -> list[Unit] | None:
     units = todo = None
     if rank == 0:
         units = plan()
@@ -126,7 +131,7 @@ def run_units(out: Path, plan: Callable[[], list[Unit]], work: Callable[[Unit], 
         if shared[1] != agree:
             raise RuntimeError(f"rank {rank} disagrees with rank 0 ({agree} vs {shared[1]}): "
                                "were the inputs changed while the ranks started?")
-    _execute(out, todo[rank::world], work, workers, f"{desc} rank {rank}" if world > 1 else desc, item)
+    _execute(out, todo[rank::world], work, helpers, f"{desc} rank {rank}" if world > 1 else desc, item)
     if world > 1:
         import torch.distributed as dist
 
@@ -155,7 +160,8 @@ def tick(n: int = 1) -> None:
         _tick(n)
 
 
-def _pool_init(counter) -> None:
+def _pool_init(counter, work) -> None:
+    """Each pool process, as it starts; ``work`` is unused here: unpickling it imported its modules."""
     global _tick
 
     def add(n: int) -> None:
@@ -172,13 +178,39 @@ def _call(work: Callable[[Unit], dict], unit: Unit) -> dict:
         raise UnitFailed(f"unit {unit.name} ({unit.about or 'no input'}): {type(e).__name__}: {e}") from e
 
 
-def _execute(out: Path, mine: list[Unit], work, workers: int, desc: str, item: str) -> None:
+@contextlib.contextmanager
+def _helpers(workers: int, work) -> Iterator[tuple | None]:
+    """(pool, counter) of ``workers`` processes, started at once (None for one worker).
+
+    spawn: a fresh interpreter per worker, safe whatever threads this process runs (tqdm's monitor,
+    gloo). Its start and imports cost a few tenths of a second, so the processes start before
+    rank 0 plans (listing a million files takes seconds) rather than after; ``work`` goes in the
+    initializer's arguments, so that each one imports the work's modules as it starts. A run with
+    one unit to do pays for starts it does not use: a fraction of a second.
+    """
+    if workers <= 1:
+        yield None
+        return
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("q", 0)
+    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init, initargs=(counter, work))
+    try:
+        for _ in range(workers):
+            pool.submit(int)  # a process is spawned per submit while none is idle
+        yield pool, counter
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _execute(out: Path, mine: list[Unit], work, helpers: tuple | None, desc: str, item: str) -> None:
     global _tick
+    from tqdm import tqdm  # here: the pool's processes never draw a bar
+
     total = sum(u.size for u in mine)
     bar = tqdm(total=total or None, desc=desc, unit=item, dynamic_ncols=True, mininterval=1.0,
                position=int(os.environ.get("LOCAL_RANK", "0")))
     try:
-        if workers <= 1 or len(mine) <= 1:
+        if helpers is None or len(mine) <= 1:
             _tick = bar.update
             failed = []
             for n, unit in enumerate(mine):
@@ -189,34 +221,26 @@ def _execute(out: Path, mine: list[Unit], work, workers: int, desc: str, item: s
                     failed.append(e)  # the other units go on: none of their work is lost
             _raise_first(failed)
         else:
-            _run_pool(out, mine, work, min(workers, len(mine)), bar)
+            _run_pool(out, mine, work, *helpers, bar)
     finally:
         _tick = None
         bar.close()
 
 
-def _run_pool(out: Path, mine: list[Unit], work, workers: int, bar) -> None:
-    # spawn: a fresh interpreter per worker, safe whatever threads this process runs (tqdm's
-    # monitor, gloo); its imports cost a few tenths of a second, once per worker.
-    ctx = mp.get_context("spawn")
-    counter = ctx.Value("q", 0)
-    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init, initargs=(counter,))
+def _run_pool(out: Path, mine: list[Unit], work, pool: cf.ProcessPoolExecutor, counter, bar) -> None:
     futures = {pool.submit(_call, work, u): u for u in mine}
     finished, failed = 0, []
-    try:
-        pending = set(futures)
-        while pending:
-            ready, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
-            for f in ready:
-                if f.exception() is not None:
-                    failed.append(f.exception())  # the other units go on: none of their work is lost
-                    continue
-                _stamp(out, futures[f], f.result())
-                finished += 1
-            bar.set_postfix_str(f"units {finished}/{len(mine)}", refresh=False)
-            bar.update(counter.value - bar.n)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    pending = set(futures)
+    while pending:  # on an interrupt, _helpers' shutdown cancels what has not started
+        ready, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+        for f in ready:
+            if f.exception() is not None:
+                failed.append(f.exception())  # the other units go on: none of their work is lost
+                continue
+            _stamp(out, futures[f], f.result())
+            finished += 1
+        bar.set_postfix_str(f"units {finished}/{len(mine)}", refresh=False)
+        bar.update(counter.value - bar.n)
     _raise_first(failed)
 
 

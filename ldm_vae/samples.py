@@ -1,32 +1,136 @@
-"""The samples of the three shard kinds, and the one place their members are encoded and decoded.
+"""The samples of the three shard kinds, defined once: :data:`RAW`, :data:`PREPARED`, :data:`LATENT`.
 
 All three are webdataset tar shards (``shards.py`` writes and reads the tar format): a sample is
-the members that share a key, ``<key>.<ext>``.
-
-- **raw** (``data/raw/shards/raw-u<unit>-00000.tar``, download): ``<key>.<jpg|png|webp|gif|bmp|tif>``,
-  the source's bytes unchanged; what each key is lives in ``manifest.jsonl``.
-- **prepared** (``data/prepared/<split>/*.tar``, prepare): ``png`` (or ``jpg``) an RGB square at
-  ``data.resolution``; ``json`` {raw_key, source, width, height (of the raw image), crop_box,
-  crop, resolution}; ``txt`` the caption and ``cls`` the label when the source has them.
-- **latent** (``data/latents/<split>/*.tar``, encode): ``mean.npy`` and ``std.npy`` float16
-  ``[C, H/8, W/8]``, the raw (unscaled) posterior; with ``encode.flip`` also ``mean_flip.npy`` /
-  ``std_flip.npy``; ``json`` the prepared sample's metadata; ``txt`` / ``cls`` as above.
+the members that share a key, ``<key>.<ext>``. Each kind below lists its members: the member's
+extension, its type, whether every sample has it, and what it means; a ``json`` member lists its
+own fields the same way. Writers build samples with :meth:`Kind.build` (which refuses a missing,
+unknown or mistyped field) and readers take fields with :meth:`Kind.get`, so a format change is
+made here, once. ``docs/design.md`` shows the same tables (:meth:`Kind.describe`; a test keeps
+them equal).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import re
+from dataclasses import dataclass
 
 import numpy as np
 
+# Raw members carry the source's own format; prepared images are PNG (lossless) or JPEG.
+RAW_IMAGE_EXTS = ("jpg", "png", "webp", "gif", "bmp", "tif")
 IMAGE_KEYS = ("png", "jpg")
 
 
-def image_bytes(sample: dict) -> bytes:
-    for ext in IMAGE_KEYS:
-        if ext in sample:
-            return sample[ext]
-    raise KeyError(f"sample {sample.get('__key__')!r} holds no image ({', '.join(IMAGE_KEYS)})")
+@dataclass(frozen=True)
+class Field:
+    """One member of a sample (or one field of its ``json``)."""
+
+    ext: str  # the member's extension ("mean.npy"); an image: one of ``exts``
+    type: str  # image | npy | json | text | label (members); str | int | ints | label (json fields)
+    meaning: str
+    required: bool = True
+    exts: tuple[str, ...] = ()  # an image's possible formats, the first the default
+
+
+class Kind:
+    """A shard kind's sample: its members (name -> :class:`Field`) and its json's fields."""
+
+    def __init__(self, name: str, where: str, fields: dict[str, Field], meta: dict[str, Field] | None = None):
+        self.name, self.where, self.fields, self.meta = name, where, fields, meta or {}
+        self._by_ext = {f.ext: n for n, f in fields.items() if f.type != "image"}
+
+    def build(self, key: str, fmt: str | None = None, **values) -> dict:
+        """The sample dict for :class:`ldm_vae.shards.ShardWriter`: every field encoded. ``fmt``:
+        the image member's extension (its format). None values are absent optional fields."""
+        values = {n: v for n, v in values.items() if v is not None}
+        unknown = sorted(set(values) - set(self.fields))
+        missing = sorted(n for n, f in self.fields.items() if f.required and n not in values)
+        if unknown or missing:
+            raise ValueError(f"{self.name} sample {key!r}: unknown fields {unknown}, missing fields {missing}")
+        sample = {"__key__": key}
+        for name, value in values.items():
+            field = self.fields[name]
+            ext = field.ext
+            if field.type == "image":
+                ext = fmt or field.exts[0]
+                if ext not in field.exts:
+                    raise ValueError(f"{self.name} sample {key!r}: image format {ext!r} is not one of {field.exts}")
+            sample[ext] = self._encode(key, name, field, value)
+        return sample
+
+    def get(self, sample: dict, name: str, default=None):
+        """Field ``name`` of a stored sample, decoded (an image stays its encoded bytes); ``default``
+        when an optional field is absent."""
+        field = self.fields[name]
+        exts = field.exts if field.type == "image" else (field.ext,)
+        for ext in exts:
+            if ext in sample:
+                return _DECODE[field.type](sample[ext])
+        if field.required:
+            raise KeyError(f"{self.name} sample {sample.get('__key__')!r} has no {name} "
+                           f"(member {' or '.join('.' + e for e in exts)})")
+        return default
+
+    def read(self, sample: dict) -> dict:
+        """Every field the sample holds, decoded; ValueError for a member this kind does not have."""
+        known = {e for f in self.fields.values() for e in (f.exts if f.type == "image" else (f.ext,))}
+        extra = sorted(e for e in sample if not e.startswith("__") and e not in known)
+        if extra:
+            raise ValueError(f"{self.name} sample {sample.get('__key__')!r}: unknown members {extra}")
+        return {n: v for n in self.fields if (v := self.get(sample, n)) is not None}
+
+    def describe(self) -> str:
+        """The kind as markdown tables (docs/design.md holds the same)."""
+        lines = [f"**{self.name}** ({self.where})", "", "| member | type | always | meaning |", "|---|---|---|---|"]
+        for f in self.fields.values():
+            ext = "|".join(f.exts) if f.type == "image" else f.ext
+            lines.append(f"| `{ext}` | {f.type} | {'yes' if f.required else 'no'} | {f.meaning} |")
+        if self.meta:
+            lines += ["", "| json field | type | always | meaning |", "|---|---|---|---|"]
+            lines += [f"| `{n}` | {f.type} | {'yes' if f.required else 'no'} | {f.meaning} |" for n, f in self.meta.items()]
+        return "\n".join(lines)
+
+    def _encode(self, key: str, name: str, field: Field, value) -> bytes:
+        ok = {"image": lambda v: isinstance(v, bytes), "text": lambda v: isinstance(v, str),
+              "label": _is_label,
+              "npy": lambda v: isinstance(v, np.ndarray) and v.dtype == np.float16 and v.ndim == 3,
+              "json": lambda v: isinstance(v, dict)}[field.type](value)
+        if not ok:
+            raise ValueError(f"{self.name} sample {key!r}: field {name} must be {field.type}, got {type(value).__name__}"
+                             + (f" {value.dtype} {value.shape}" if isinstance(value, np.ndarray) else ""))
+        if field.type == "json":
+            self._check_meta(key, value)
+            return json.dumps(value, sort_keys=True).encode()
+        if field.type == "npy":
+            return npy_bytes(value)
+        return value if field.type == "image" else str(value).encode()
+
+    def _check_meta(self, key: str, meta: dict) -> None:
+        unknown = sorted(set(meta) - set(self.meta))
+        missing = sorted(n for n, f in self.meta.items() if f.required and n not in meta)
+        wrong = sorted(n for n, v in meta.items() if n in self.meta and not _META_TYPES[self.meta[n].type](v))
+        if unknown or missing or wrong:
+            raise ValueError(f"{self.name} sample {key!r} json: unknown fields {unknown}, missing {missing}, "
+                             f"wrong type {wrong}")
+
+
+def _ints(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+
+def _is_label(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _label(b: bytes) -> int | str:
+    text = bytes(b).decode("utf-8")
+    return int(text) if re.fullmatch(r"-?[0-9]+", text) else text
+
+
+_META_TYPES = {"str": lambda v: isinstance(v, str), "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+               "ints": _ints, "label": _is_label}
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -59,3 +163,53 @@ def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+_DECODE = {"image": bytes, "npy": npy_load, "json": json.loads, "text": lambda b: bytes(b).decode("utf-8"),
+           "label": _label}
+
+_CAPTION = Field("txt", "text", "the caption, UTF-8 (sources with a caption column)", required=False)
+_LABEL = Field("cls", "label", "the label (sources with a label column): an integer as decimal digits, "
+               "else the text as given", required=False)
+
+RAW = Kind("raw", "data/raw/shards/raw-u<unit>-00000.tar, written by download", {
+    "image": Field("image", "image", "the source's bytes, unchanged (sha256 in manifest.jsonl); the extension "
+                   "is the real format. What the key is (caption, label, size) lives in manifest.jsonl",
+                   exts=RAW_IMAGE_EXTS),
+})
+
+_PREPARED_META = {
+    "key": Field("key", "str", "the sample's key"),
+    "raw_key": Field("raw_key", "str", "the raw image it was cut from (several crops share it)"),
+    "source": Field("source", "str", "where the raw image came from (path, URL, dataset row)"),
+    "width": Field("width", "int", "the raw image's width, after EXIF orientation"),
+    "height": Field("height", "int", "the raw image's height, after EXIF orientation"),
+    "crop_box": Field("crop_box", "ints", "[left, top, right, bottom] of the crop in the raw image"),
+    "resolution": Field("resolution", "int", "the side of the stored square (data.resolution)"),
+    "caption": Field("caption", "str", "the caption, as in txt", required=False),
+    "label": Field("label", "label", "the label, as in cls", required=False),
+}
+
+PREPARED = Kind("prepared", "data/prepared/{train,val}/<split>-u<unit>-<n>.tar, written by prepare", {
+    "image": Field("image", "image", "an RGB square of data.resolution pixels (data.image_format)", exts=IMAGE_KEYS),
+    "meta": Field("json", "json", "where the crop came from (fields below)"),
+    "caption": _CAPTION,
+    "label": _LABEL,
+}, _PREPARED_META)
+
+_LATENT_SHAPE = "[C, H/8, W/8]"
+LATENT = Kind("latent", "data/latents/{train,val}/<split>-r<rank>-s<input>-<n>.tar, written by encode", {
+    "mean": Field("mean.npy", "npy", f"float16 {_LATENT_SHAPE}: the posterior's mean, raw (not scaled or shifted)"),
+    "std": Field("std.npy", "npy", f"float16 {_LATENT_SHAPE}: the posterior's standard deviation"),
+    "mean_flip": Field("mean_flip.npy", "npy", "as mean, of the image flipped left-right (encode.flip)",
+                       required=False),
+    "std_flip": Field("std_flip.npy", "npy", "as std, of the flipped image (encode.flip)", required=False),
+    "meta": Field("json", "json", "the prepared sample's json, plus latent_shape"),
+    "caption": _CAPTION,
+    "label": _LABEL,
+}, {**_PREPARED_META, "latent_shape": Field("latent_shape", "ints", f"{_LATENT_SHAPE} of mean and std")})
+
+KINDS = (RAW, PREPARED, LATENT)
+
+
+def image_bytes(sample: dict) -> bytes:
+    """The encoded image of a prepared sample."""
+    return PREPARED.get(sample, "image")

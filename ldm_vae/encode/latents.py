@@ -25,7 +25,7 @@ from ..data import to_tensor
 from ..images import decode_uint8
 from ..model import LatentMoments
 from ..runner import cpu_share
-from ..samples import image_bytes, npy_bytes
+from ..samples import LATENT, PREPARED, image_bytes
 from ..shards import ShardWriter, iter_samples
 
 SPLITS = ("train", "val")
@@ -40,6 +40,15 @@ def _batches(samples, batch_size: int):
             batch = []
     if batch:
         yield batch
+
+
+def latent_sample(prepared: dict, stored: dict[str, tuple[torch.Tensor, torch.Tensor]], shape: list[int]) -> dict:
+    """The latent sample of a prepared one: ``stored`` {"": (mean, std)[, "_flip": ...]}, float16
+    [C, H/8, W/8] each; the json, caption and label carried over."""
+    meta = {**PREPARED.get(prepared, "meta"), "latent_shape": shape}
+    arrays = {f"{name}{suffix}": t.numpy() for suffix, pair in stored.items() for name, t in zip(("mean", "std"), pair)}
+    return LATENT.build(prepared["__key__"], meta=meta, caption=PREPARED.get(prepared, "caption"),
+                        label=PREPARED.get(prepared, "label"), **arrays)
 
 
 def _pixels(batch: list[dict]) -> torch.Tensor:
@@ -121,16 +130,7 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
                 moments.update(mean16.float(), std16.float())
                 shape = list(mean16.shape[1:])
                 for i, s in enumerate(batch):
-                    meta = json.loads(s["json"]) if "json" in s else {"key": s["__key__"]}
-                    meta["latent_shape"] = shape
-                    out = {"__key__": s["__key__"], "json": json.dumps(meta, sort_keys=True).encode()}
-                    for suffix, (m, sd) in stored.items():
-                        out[f"mean{suffix}.npy"] = npy_bytes(m[i].numpy())
-                        out[f"std{suffix}.npy"] = npy_bytes(sd[i].numpy())
-                    for ext in ("txt", "cls"):
-                        if ext in s:
-                            out[ext] = s[ext]
-                    writer.write(out)
+                    writer.write(latent_sample(s, {k: (m[i], sd[i]) for k, (m, sd) in stored.items()}, shape))
                 if progress is not None:
                     progress(len(batch))
     finally:

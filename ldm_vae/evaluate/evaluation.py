@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from ..config import EvaluateConfig
 from ..files import atomic_write
 from ..images import decode_uint8
-from ..samples import image_bytes, npy_load
+from ..samples import LATENT, image_bytes
 from .health import ChannelStats, health_metrics, write_health
 from ..metrics import psnr, resize_baseline, ssim, to_unit
 from .perceptual import Lpips, RFid
@@ -33,44 +34,23 @@ ERROR_GAIN = 4  # |error| is shown 4x brighter in the grid so small errors are v
 def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out: Path, cfg: EvaluateConfig,
                  stats: dict) -> dict:
     """Score every validation latent; write metrics.json, per_image.csv, grids and latent health."""
-    device = next(vae.parameters()).device
     # Reference images by key (uint8). Validation splits are small; a very large one would want an
     # index of (shard, offset) instead.
     refs = {s["__key__"]: decode_uint8(image_bytes(s)) for s in iter_samples(shard_paths(prepared_val))}
-    lpips_net = Lpips(device) if cfg.lpips else None
-    rfid = RFid() if cfg.rfid else None
-    health = ChannelStats()
-    rows: list[dict] = []
-    first: list[tuple[torch.Tensor, torch.Tensor]] = []  # the grid: the first images, as a sample
-    worst: list[tuple[float, str, torch.Tensor, torch.Tensor]] = []  # the lowest-PSNR images
+    scorer = _Scorer(vae, cfg)
+    kept = _Kept(cfg.grid_images)
+    for batch in _batches(latents_val, prepared_val, refs, cfg.batch_size):
+        keys = [s["__key__"] for s in batch]
+        ref = torch.stack([torch.from_numpy(refs[k]).permute(2, 0, 1) for k in keys]).float() / 255  # [B, 3, H, W]
+        rec, scores = scorer(batch, ref)
+        kept.add(keys, ref, rec, scores)
+    return _write(out, kept, scorer, stats)
+
+
+def _batches(latents_val: Path, prepared_val: Path, refs: dict, batch_size: int) -> Iterator[list[dict]]:
+    """The validation latent samples in batches; each key exactly once, each with its image."""
     seen: set[str] = set()
     batch: list[dict] = []
-
-    def flush():
-        keys = [s["__key__"] for s in batch]
-        z = torch.stack([torch.from_numpy(npy_load(s["mean.npy"]).astype(np.float32)) for s in batch])  # [B, C, h, w]
-        std = torch.stack([torch.from_numpy(npy_load(s["std.npy"]).astype(np.float32)) for s in batch])
-        health.update(z, std)
-        rec = to_unit(vae.decode(z.to(device)).sample).cpu()  # [B, 3, H, W] in [0, 1]
-        ref = torch.stack([torch.from_numpy(refs[k]).permute(2, 0, 1) for k in keys]).float() / 255
-        # What float16 storage costs: the same images through a fresh fp32 encode -> decode.
-        z32 = vae.encode((ref * 2 - 1).to(device)).latent_dist.mean
-        rec32 = to_unit(vae.decode(z32).sample).cpu()
-        base = resize_baseline(ref)
-        scores = {"psnr": psnr(rec, ref), "ssim": ssim(rec, ref), "psnr_fp32": psnr(rec32, ref),
-                  "ssim_fp32": ssim(rec32, ref), "psnr_bicubic": psnr(base, ref), "ssim_bicubic": ssim(base, ref)}
-        if lpips_net is not None:
-            scores["lpips"] = lpips_net(rec, ref)
-        if rfid is not None:
-            rfid.add(ref, rec)
-        for i, k in enumerate(keys):
-            rows.append({"key": k, **{name: float(v[i]) for name, v in scores.items()}})
-            worst.append((float(scores["psnr"][i]), k, ref[i], rec[i]))
-        worst.sort(key=lambda t: t[0])
-        del worst[cfg.grid_images:]
-        first.extend(list(zip(ref, rec))[: max(0, cfg.grid_images - len(first))])
-        batch.clear()
-
     for sample in tqdm(iter_samples(shard_paths(latents_val)), total=len(refs), desc="evaluate",
                        unit="img", dynamic_ncols=True):
         key = sample["__key__"]
@@ -80,29 +60,82 @@ def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out:
             raise RuntimeError(f"validation latent {key!r} has no prepared image in {prepared_val}")
         seen.add(key)
         batch.append(sample)
-        if len(batch) == cfg.batch_size:
-            flush()
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
     if batch:
-        flush()
+        yield batch
     missing = sorted(set(refs) - seen)
     if missing:
         raise RuntimeError(f"{len(missing)} validation images have no latent, e.g. {missing[:3]}")
 
+
+class _Scorer:
+    """One batch's reconstruction from its stored latents and its per-image scores; accumulates
+    the latent health and the rFID statistics over batches."""
+
+    def __init__(self, vae: AutoencoderKL, cfg: EvaluateConfig):
+        self.vae, self.device = vae, next(vae.parameters()).device
+        self.lpips = Lpips(self.device) if cfg.lpips else None
+        self.rfid = RFid() if cfg.rfid else None
+        self.health = ChannelStats()
+
+    def __call__(self, batch: list[dict], ref: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(reconstructions [B, 3, H, W] in [0, 1], name -> per-image scores [B])."""
+        z = torch.stack([torch.from_numpy(LATENT.get(s, "mean").astype(np.float32)) for s in batch])  # [B, C, h, w]
+        std = torch.stack([torch.from_numpy(LATENT.get(s, "std").astype(np.float32)) for s in batch])
+        self.health.update(z, std)
+        rec = to_unit(self.vae.decode(z.to(self.device)).sample).cpu()  # [B, 3, H, W] in [0, 1]
+        # What float16 storage costs: the same images through a fresh fp32 encode -> decode.
+        z32 = self.vae.encode((ref * 2 - 1).to(self.device)).latent_dist.mean
+        rec32 = to_unit(self.vae.decode(z32).sample).cpu()
+        base = resize_baseline(ref)
+        scores = {"psnr": psnr(rec, ref), "ssim": ssim(rec, ref), "psnr_fp32": psnr(rec32, ref),
+                  "ssim_fp32": ssim(rec32, ref), "psnr_bicubic": psnr(base, ref), "ssim_bicubic": ssim(base, ref)}
+        if self.lpips is not None:
+            scores["lpips"] = self.lpips(rec, ref)
+        if self.rfid is not None:
+            self.rfid.add(ref, rec)
+        return rec, scores
+
+
+class _Kept:
+    """What the outputs need of every batch: a row per image, the first images for the grid, and
+    the ``n`` lowest-PSNR ones (only those are held)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.rows: list[dict] = []
+        self.first: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ref, rec) [3, H, W] each
+        self.worst: list[tuple[float, str, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, keys: list[str], ref: torch.Tensor, rec: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
+        for i, k in enumerate(keys):
+            self.rows.append({"key": k, **{name: float(v[i]) for name, v in scores.items()}})
+            self.worst.append((float(scores["psnr"][i]), k, ref[i], rec[i]))
+        self.worst.sort(key=lambda t: t[0])
+        del self.worst[self.n:]
+        self.first.extend(list(zip(ref, rec))[: max(0, self.n - len(self.first))])
+
+
+def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
+    """per_image.csv, the grids, latent health and metrics.json; returns the metrics."""
+    rows = kept.rows
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "per_image.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
-    save_recon_grid(first, out / "recon_grid.png")
-    save_recon_grid([(ref, rec) for _, _, ref, rec in worst], out / "recon_worst.png")
-    channel_rows = health.result()
+    save_recon_grid(kept.first, out / "recon_grid.png")
+    save_recon_grid([(ref, rec) for _, _, ref, rec in kept.worst], out / "recon_worst.png")
+    channel_rows = scorer.health.result()
     write_health(channel_rows, out)
 
     metrics = {name: float(np.mean([r[name] for r in rows])) for name in rows[0] if name != "key"}
     metrics["psnr_fp16_cost"] = metrics["psnr_fp32"] - metrics["psnr"]
-    if rfid is not None:
-        metrics["rfid"] = rfid.compute()
-    h, w = first[0][0].shape[-2:]
+    if scorer.rfid is not None:
+        metrics["rfid"] = scorer.rfid.compute()
+    h, w = kept.first[0][0].shape[-2:]
     c = stats["channels"]
     metrics.update({
         "num_images": len(rows),

@@ -28,12 +28,13 @@ from pathlib import Path
 from ..config import DataConfig
 from ..files import atomic_path
 from ..images import ImageRejected, image_ext, load_rgb
+from ..samples import RAW
 from ..runner import Unit, code_hash, iter_records, resolve_workers, run_units, tick
 from ..shards import ShardWriter, tar_members
 from .sources import iter_unit, plan_source
 
 SHARDS = "shards"
-CODE = ("ingest/download", "ingest/items", "ingest/sources", "ingest/urls", "ingest/hf_source", "images", "shards", "runner")
+CODE = ("ingest/download", "ingest/items", "ingest/sources", "ingest/urls", "ingest/hf_source", "images", "samples", "shards", "runner")
 
 
 def run_download(cfg: DataConfig, out: Path) -> dict | None:
@@ -83,7 +84,7 @@ class _Work:
                 row = judge(self.cfg, item, by_sha)
                 if "reason" not in row:
                     ext = image_ext(item.data).lstrip(".")
-                    writer.write({"__key__": item.key, ext: item.data})
+                    writer.write(RAW.build(item.key, fmt=ext, image=item.data))
                     row["member"] = f"{item.key}.{ext}"
                 rows.append(row)
                 tick()

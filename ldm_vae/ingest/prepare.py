@@ -21,12 +21,13 @@ from pathlib import Path
 from ..config import DataConfig
 from ..images import adm_center_crop, crop_resize, encode_image, load_rgb, random_squares, square_crops
 from ..files import atomic_write
+from ..samples import PREPARED
 from ..runner import Unit, code_hash, iter_records, resolve_workers, run_units, tick
 from ..shards import ShardWriter, tar_members
 
 SPLITS = ("train", "val")
 SHUFFLE_BUFFER = 4096  # samples held before writing, so crops of one photograph spread over shards
-CODE = ("ingest/prepare", "images", "shards", "runner")
+CODE = ("ingest/prepare", "images", "samples", "shards", "runner")
 PARAMS = ("max_pixels", "resolution", "val_fraction", "crops_per_image", "val_crops_per_image", "min_crop_scale",
           "crop", "image_format", "samples_per_shard", "seed")
 
@@ -196,12 +197,9 @@ def crop_samples(cfg: DataConfig, row: dict, data: bytes, n: int) -> list[dict]:
         key = row["key"] if n == 1 else f"{row['key']}-c{i:0{width}d}"
         meta = {"key": key, "raw_key": row["key"], "source": row["source"], "width": img.width,
                 "height": img.height, "crop_box": list(box), "resolution": cfg.resolution}
-        sample = {"__key__": key, cfg.image_format: encode_image(crop, cfg.image_format)}
-        if "caption" in row:
-            meta["caption"] = sample["txt"] = row["caption"]
-        if "label" in row:
-            meta["label"] = row["label"]
-            sample["cls"] = str(row["label"]).encode()
-        sample["json"] = meta
-        samples.append(sample)
+        for name in ("caption", "label"):
+            if name in row:
+                meta[name] = row[name]
+        samples.append(PREPARED.build(key, fmt=cfg.image_format, image=encode_image(crop, cfg.image_format),
+                                      meta=meta, caption=row.get("caption"), label=row.get("label")))
     return samples

@@ -101,19 +101,24 @@ def iter_builtin() -> Iterator[SourceItem]:
 
 
 def folder_files(root: Path) -> list[tuple]:
-    """(key, path, relative path, None) of every image file under ``root`` (recursive, sorted)."""
+    """(key, path, relative path, None) of every image file under ``root`` (recursive, sorted).
+
+    Plain string operations, not pathlib: this runs once per file before any work starts, and
+    pathlib's parsing made it 36 us a file (45 s for ImageNet's 1.28 M)."""
     if not root.is_dir():
         raise FileNotFoundError(f"data.source: folder {str(root)!r} does not exist or is not a folder")
+    top = os.fspath(root)
     seen: dict[str, str] = {}
     files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
         dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, top)
+        prefix = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
         for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
-            rel = path.relative_to(root).as_posix()
-            files.append((unique_key(folder_key(rel), rel, seen), str(path), rel, None))
+            rel = prefix + name
+            files.append((unique_key(folder_key(rel), rel, seen), os.path.join(dirpath, name), rel, None))
     return files
 
 

@@ -77,149 +77,205 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
     ``perceptual``: the LPIPS net when loss.perceptual_weight > 0 (the stage loads it, see lpips.py).
     ``on_step(step, batch, accelerator, model)``: called after every optimizer step (tests, benches).
     """
-    tcfg, lcfg = params.train, params.loss
+    tcfg = params.train
     accelerator = Accelerator(
         mixed_precision=tcfg.mixed_precision, cpu=not torch.cuda.is_available(),
         # The schedule is written in optimizer steps; by default accelerate would step it once per
         # process per call, so 8 GPUs would run the warm-up and the cosine 8x too fast.
         step_scheduler_with_optimizer=False,
     )
+    # The order of what follows is the order of the random draws (weights, then the loader's
+    # worker seeds after a resume restored the RNG): changing it changes every trained VAE.
     set_seed(tcfg.seed, device_specific=True)  # per-rank posterior noise; weights come from rank 0
     tag = run_hash(params, train_shards)
     _, val_images = load_images(val_shards, limit=VAL_IMAGES)  # [N, 3, H, W]
-
-    model = TrainedAutoencoder(build_vae(params.model, sample_size=val_images.shape[-1]),
-                               lcfg.logvar_init, lcfg.learn_logvar)
-    disc = build_discriminator(lcfg)
-    opt_ae, opt_d = build_optimizers(model, disc, params)
-    sched_ae = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(tcfg))
-    if disc is not None:
-        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(tcfg))
-        model, disc, opt_ae, opt_d, sched_ae, sched_d = accelerator.prepare(model, disc, opt_ae, opt_d, sched_ae, sched_d)
-    else:
-        sched_d = None
-        model, opt_ae, sched_ae = accelerator.prepare(model, opt_ae, sched_ae)
-    inner = accelerator.unwrap_model(model)
-    ema = None
-    if tcfg.ema_decay > 0:
-        ema = EMAModel(inner.vae.parameters(), decay=tcfg.ema_decay)
-        ema.to(accelerator.device)
-    progress = Progress()
-    # Not registered with accelerate: it would pickle them (and unpickle on resume); they are
-    # saved as safetensors and JSON beside its files instead.
-    resumed = resume_latest(accelerator, ckpt_dir, tag, progress, ema)
-
+    run = _Trainer(params, accelerator, sample_size=val_images.shape[-1])
+    resumed = resume_latest(accelerator, ckpt_dir, tag, run.progress, run.ema)
     loader = torch.utils.data.DataLoader(
         train_stream(train_shards, seed=tcfg.seed, crop=tcfg.crop_size, color_augment=tcfg.color_augment,
                      fade_augment=tcfg.fade_augment, cache_mb=tcfg.cache_mb),
         batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, persistent_workers=tcfg.num_workers > 0,
     )
-    loss_fn = VAELoss(lcfg, perceptual.to(accelerator.device) if perceptual is not None else None)
-    log = TrainLog(log_dir, accelerator.is_main_process, resume_step=progress.step if resumed else None)
-    ae_params = [p for p in model.parameters() if p.requires_grad]
-
+    run.start(perceptual, TrainLog(log_dir, accelerator.is_main_process,
+                                   resume_step=run.progress.step if resumed else None))
     batches = iter(loader)
-    bar = tqdm(total=tcfg.max_steps, initial=progress.step, desc="train", unit="step",
+    bar = tqdm(total=tcfg.max_steps, initial=run.progress.step, desc="train", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
-    t_start = t_window = time.perf_counter()
-    seconds_before = progress.seconds  # trained before this (resumed) run
-    images_window, bad_in_row, val_psnr = 0, 0, float("nan")
-    while progress.step < tcfg.max_steps:
-        step = progress.step  # optimizer steps done so far
-        model.train()
-        logs = {}
-        log_now = (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.max_steps
-        for micro in range(tcfg.grad_accum_steps):
-            x = next(batches).to(accelerator.device)  # [B, 3, H, W] in [-1, 1]
-            last = micro == tcfg.grad_accum_steps - 1
-            with _no_sync(accelerator, [model, disc], not last):
-                logs_g, rec = _generator_pass(accelerator, model, disc, loss_fn, x, step, tcfg.grad_accum_steps)
-                logs_d = {}
-                if disc is not None and loss_fn.adversarial_on(step):
-                    with accelerator.autocast():
-                        d_loss, logs_d = loss_fn.discriminator_loss(disc, x, rec)
-                    accelerator.backward(d_loss / tcfg.grad_accum_steps)
-            if log_now:  # means over the micro-batches of the logged step only (a few tensor ops each)
-                for k, v in {**logs_g, **logs_d}.items():
-                    logs[k] = logs.get(k, 0.0) + v.float() / tcfg.grad_accum_steps
-            images_window += x.shape[0] * accelerator.num_processes
-
-        # Clipping returns the norm of the (already all-reduced) gradients: the same on every
-        # rank, so every rank takes the same skip decision and DDP never falls out of step.
-        grad_norm = accelerator.clip_grad_norm_(ae_params, tcfg.grad_clip or float("inf"))
-        d_norm = torch.zeros(())
-        if disc is not None and loss_fn.adversarial_on(step):
-            d_norm = accelerator.clip_grad_norm_(disc.parameters(), tcfg.grad_clip or float("inf"))
-        if not (torch.isfinite(grad_norm) and torch.isfinite(d_norm)):
-            bad_in_row += 1
-            progress.skipped += 1
-            _zero_grads(opt_ae, opt_d)
-            accelerator.print(f"step {step + 1}: non-finite gradient (autoencoder {float(grad_norm):.3g}, "
-                              f"discriminator {float(d_norm):.3g}); step skipped ({bad_in_row} in a row)")
-            if bad_in_row >= tcfg.max_bad_steps:
-                raise TrainingDiverged(
-                    f"train: {bad_in_row} non-finite steps in a row at step {step + 1} (train.max_bad_steps: "
-                    f"{tcfg.max_bad_steps}); loss {float(logs_g['train/loss']):.4g}. Try a lower train.lr, "
-                    "train.mixed_precision: no, or a smaller loss.disc_weight; the last checkpoint is kept.")
-            continue
-        bad_in_row = 0
-        opt_ae.step()
-        sched_ae.step()
-        if opt_d is not None and loss_fn.adversarial_on(step):
-            opt_d.step()
-            sched_d.step()  # the discriminator's warm-up + cosine counts from loss.disc_start
-        _zero_grads(opt_ae, opt_d)
-        if ema is not None:
-            ema.step(inner.vae.parameters())
-        progress.step += 1
-        step = progress.step
+    run.start_clock()
+    while run.progress.step < tcfg.max_steps:
+        step = run.progress.step + 1  # the optimizer step this iteration makes
+        log_now = step % tcfg.log_every == 0 or step == tcfg.max_steps
+        x, logs = run.accumulate(batches, log_now)
+        if not run.optimizer_step(logs):
+            continue  # a non-finite gradient: skipped, the same batch count is drawn again
         if on_step is not None:
-            on_step(step, x, accelerator, model)
-
+            on_step(step, x, accelerator, run.model)
         if log_now:
-            values = {k: accelerator.reduce(v.to(accelerator.device), "mean").item() for k, v in logs.items()}
-            now = time.perf_counter()
-            values.update({"train/lr": sched_ae.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-                           "train/images_per_s": images_window / max(now - t_window, 1e-9),
-                           "train/skipped_steps": progress.skipped})
-            if opt_d is not None:
-                values["train/d_grad_norm"] = float(d_norm)
-            t_window, images_window = now, 0
-            log.log(step, values)
-            bar.set_postfix(loss=f"{values['train/loss']:.4f}", val_psnr=f"{val_psnr:.2f}")
-        if (step % tcfg.val_every == 0 or step == tcfg.max_steps) and accelerator.is_main_process:
-            rec_val, val_psnr = _validate(accelerator, inner.vae, ema, val_images)
-            log.log(step, {"val/psnr": val_psnr,
-                           f"val/rec_{lcfg.rec_loss}": float(reconstruction_loss(lcfg.rec_loss, rec_val, val_images))})
-            if step % tcfg.sample_every == 0 or step == tcfg.max_steps:
-                n = min(8, len(val_images))
-                log.grid(step, val_images[:n], rec_val[:n])
+            bar.set_postfix(loss=f"{run.log_train(step, logs):.4f}", val_psnr=f"{run.val_psnr:.2f}")
+        if step % tcfg.val_every == 0 or step == tcfg.max_steps:
+            run.validate(step, val_images, grid=step % tcfg.sample_every == 0 or step == tcfg.max_steps)
         if step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
-            progress.seconds = seconds_before + time.perf_counter() - t_start
-            save_checkpoint(accelerator, ckpt_dir, tag, step, progress, ema)
+            run.checkpoint(ckpt_dir, tag)
         bar.update(1)
     bar.close()
-
     accelerator.wait_for_everyone()
-    progress.seconds = seconds_before + time.perf_counter() - t_start
-    result = {}
-    if accelerator.is_main_process:
-        if math.isnan(val_psnr):  # resumed from the final checkpoint: no step ran, the curves are complete
-            _, val_psnr = _validate(accelerator, inner.vae, ema, val_images)
-        vae = inner.vae
-        if ema is not None:
-            ema.store(vae.parameters())
-            ema.copy_to(vae.parameters())  # the exported weights are the EMA weights
-        _, scale_images = load_images(train_shards, limit=tcfg.scale_samples)
-        factors = export_vae(vae, scale_images, vae_dir)
-        if ema is not None:
-            ema.restore(vae.parameters())  # the final checkpoint keeps the training weights
-        result = {"steps": progress.step, "train_seconds": round(progress.seconds, 1),
-                  "val_psnr": round(val_psnr, 3), "resumed": resumed, "processes": accelerator.num_processes,
-                  "skipped_steps": progress.skipped, **factors}
-        log.finish(result)
-    save_checkpoint(accelerator, ckpt_dir, tag, progress.step, progress, ema)
+    run.stop_clock()
+    result = run.export(vae_dir, val_images, train_shards, resumed) if accelerator.is_main_process else {}
+    run.save(ckpt_dir, tag)
     return result
+
+
+class _Trainer:
+    """One run's state and its steps: the prepared autoencoder and discriminator, their optimizers
+    and schedules, the EMA, the step counter, the loss and the log. ``train`` drives it."""
+
+    def __init__(self, params: Params, accelerator: Accelerator, sample_size: int):
+        self.params, self.accelerator = params, accelerator
+        self.tcfg, lcfg = params.train, params.loss
+        model = TrainedAutoencoder(build_vae(params.model, sample_size=sample_size), lcfg.logvar_init, lcfg.learn_logvar)
+        disc = build_discriminator(lcfg)
+        opt_ae, opt_d = build_optimizers(model, disc, params)
+        sched_ae = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(self.tcfg))
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(self.tcfg)) if disc is not None else None
+        if disc is not None:
+            model, disc, opt_ae, opt_d, sched_ae, sched_d = accelerator.prepare(model, disc, opt_ae, opt_d, sched_ae, sched_d)
+        else:
+            model, opt_ae, sched_ae = accelerator.prepare(model, opt_ae, sched_ae)
+        self.model, self.disc, self.opt_ae, self.opt_d, self.sched_ae, self.sched_d = model, disc, opt_ae, opt_d, sched_ae, sched_d
+        self.inner = accelerator.unwrap_model(model)
+        self.ae_params = [p for p in model.parameters() if p.requires_grad]
+        self.ema = None
+        if self.tcfg.ema_decay > 0:
+            self.ema = EMAModel(self.inner.vae.parameters(), decay=self.tcfg.ema_decay)
+            self.ema.to(accelerator.device)
+        # Not registered with accelerate: it would pickle them (and unpickle on resume); they are
+        # saved as safetensors and JSON beside its files instead.
+        self.progress = Progress()
+        self.val_psnr = float("nan")
+        self.bad_in_row = 0
+        self.norms = (torch.zeros(()), torch.zeros(()))  # the last step's gradient norms (ae, disc)
+
+    def start(self, perceptual: torch.nn.Module | None, log: TrainLog) -> None:
+        self.loss_fn = VAELoss(self.params.loss, perceptual.to(self.accelerator.device) if perceptual is not None else None)
+        self.log = log
+
+    def start_clock(self) -> None:
+        """Time spent before a resume is in ``progress.seconds`` already."""
+        self.t_start = self.t_window = time.perf_counter()
+        self.seconds_before = self.progress.seconds
+        self.images_window = 0
+
+    def stop_clock(self) -> None:
+        self.progress.seconds = self.seconds_before + time.perf_counter() - self.t_start
+
+    def accumulate(self, batches, log_now: bool) -> tuple[torch.Tensor, dict]:
+        """Forward + backward over ``train.grad_accum_steps`` micro-batches (synced on the last).
+        Returns the last batch and the logs: means over the micro-batches when ``log_now``, else
+        the last micro-batch's generator logs (the guard's message uses its loss)."""
+        accum, step = self.tcfg.grad_accum_steps, self.progress.step
+        self.model.train()
+        logs: dict = {}
+        for micro in range(accum):
+            x = next(batches).to(self.accelerator.device)  # [B, 3, H, W] in [-1, 1]
+            with _no_sync(self.accelerator, [self.model, self.disc], micro < accum - 1):
+                logs_g, rec = _generator_pass(self.accelerator, self.model, self.disc, self.loss_fn, x, step, accum)
+                logs_d = {}
+                if self.disc is not None and self.loss_fn.adversarial_on(step):
+                    with self.accelerator.autocast():
+                        d_loss, logs_d = self.loss_fn.discriminator_loss(self.disc, x, rec)
+                    self.accelerator.backward(d_loss / accum)
+            if log_now:  # means over the micro-batches of the logged step only (a few tensor ops each)
+                for k, v in {**logs_g, **logs_d}.items():
+                    logs[k] = logs.get(k, 0.0) + v.float() / accum
+            self.images_window += x.shape[0] * self.accelerator.num_processes
+        return x, (logs if log_now else logs_g)
+
+    def optimizer_step(self, logs: dict) -> bool:
+        """Clip, guard, step both optimizers and schedules, EMA. False: a non-finite gradient, the
+        step skipped (``train.max_bad_steps`` in a row raise)."""
+        step, grad_clip = self.progress.step, self.tcfg.grad_clip or float("inf")
+        # Clipping returns the norm of the (already all-reduced) gradients: the same on every
+        # rank, so every rank takes the same skip decision and DDP never falls out of step.
+        grad_norm = self.accelerator.clip_grad_norm_(self.ae_params, grad_clip)
+        d_norm = torch.zeros(())
+        adversarial = self.disc is not None and self.loss_fn.adversarial_on(step)
+        if adversarial:
+            d_norm = self.accelerator.clip_grad_norm_(self.disc.parameters(), grad_clip)
+        self.norms = (grad_norm, d_norm)
+        if not (torch.isfinite(grad_norm) and torch.isfinite(d_norm)):
+            self._skip(step, logs)
+            return False
+        self.bad_in_row = 0
+        self.opt_ae.step()
+        self.sched_ae.step()
+        if self.opt_d is not None and adversarial:
+            self.opt_d.step()
+            self.sched_d.step()  # the discriminator's warm-up + cosine counts from loss.disc_start
+        _zero_grads(self.opt_ae, self.opt_d)
+        if self.ema is not None:
+            self.ema.step(self.inner.vae.parameters())
+        self.progress.step += 1
+        return True
+
+    def _skip(self, step: int, logs: dict) -> None:
+        self.bad_in_row += 1
+        self.progress.skipped += 1
+        _zero_grads(self.opt_ae, self.opt_d)
+        grad_norm, d_norm = self.norms
+        self.accelerator.print(f"step {step + 1}: non-finite gradient (autoencoder {float(grad_norm):.3g}, "
+                               f"discriminator {float(d_norm):.3g}); step skipped ({self.bad_in_row} in a row)")
+        if self.bad_in_row >= self.tcfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"train: {self.bad_in_row} non-finite steps in a row at step {step + 1} (train.max_bad_steps: "
+                f"{self.tcfg.max_bad_steps}); loss {float(logs['train/loss']):.4g}. Try a lower train.lr, "
+                "train.mixed_precision: no, or a smaller loss.disc_weight; the last checkpoint is kept.")
+
+    def log_train(self, step: int, logs: dict) -> float:
+        """The step's means over every rank, the LR, gradient norms and speed; returns the loss."""
+        values = {k: self.accelerator.reduce(v.to(self.accelerator.device), "mean").item() for k, v in logs.items()}
+        now = time.perf_counter()
+        grad_norm, d_norm = self.norms
+        values.update({"train/lr": self.sched_ae.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                       "train/images_per_s": self.images_window / max(now - self.t_window, 1e-9),
+                       "train/skipped_steps": self.progress.skipped})
+        if self.opt_d is not None:
+            values["train/d_grad_norm"] = float(d_norm)
+        self.t_window, self.images_window = now, 0
+        self.log.log(step, values)
+        return values["train/loss"]
+
+    def validate(self, step: int, val_images: torch.Tensor, grid: bool) -> None:
+        """PSNR and reconstruction loss of the fixed validation images (EMA weights; main process)."""
+        if not self.accelerator.is_main_process:
+            return
+        rec_val, self.val_psnr = _validate(self.accelerator, self.inner.vae, self.ema, val_images)
+        rec_name = self.params.loss.rec_loss
+        self.log.log(step, {"val/psnr": self.val_psnr,
+                            f"val/rec_{rec_name}": float(reconstruction_loss(rec_name, rec_val, val_images))})
+        if grid:
+            n = min(8, len(val_images))
+            self.log.grid(step, val_images[:n], rec_val[:n])
+
+    def checkpoint(self, ckpt_dir: Path, tag: str) -> None:
+        self.stop_clock()
+        self.save(ckpt_dir, tag)
+
+    def save(self, ckpt_dir: Path, tag: str) -> None:
+        save_checkpoint(self.accelerator, ckpt_dir, tag, self.progress.step, self.progress, self.ema)
+
+    def export(self, vae_dir: Path, val_images: torch.Tensor, train_shards: list[str], resumed: bool) -> dict:
+        """The EMA weights to ``vae_dir`` with the measured latent scale; the run's summary."""
+        if math.isnan(self.val_psnr):  # resumed from the final checkpoint: no step ran, the curves are complete
+            _, self.val_psnr = _validate(self.accelerator, self.inner.vae, self.ema, val_images)
+        vae = self.inner.vae
+        with _ema_weights(vae, self.ema):  # the exported weights are the EMA weights
+            _, scale_images = load_images(train_shards, limit=self.tcfg.scale_samples)
+            factors = export_vae(vae, scale_images, vae_dir)
+        result = {"steps": self.progress.step, "train_seconds": round(self.progress.seconds, 1),
+                  "val_psnr": round(self.val_psnr, 3), "resumed": resumed,
+                  "processes": self.accelerator.num_processes, "skipped_steps": self.progress.skipped, **factors}
+        self.log.finish(result)
+        return result
 
 
 def build_optimizers(model: TrainedAutoencoder, disc, params: Params):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import image_bytes, photo, rejections
+from conftest import ROOT, image_bytes, photo, rejections
 from httpserver import ImageServer, Route
 from ldm_vae.config import DataConfig
 from ldm_vae.ingest.download import raw_images, read_manifest, run_download
@@ -138,7 +138,7 @@ def test_killed_download_keeps_finished_units_and_a_rerun_completes(tmp_path, se
     listing = tmp_path / "urls.csv"
     write_csv(listing, [{"key": f"k{i:02d}", "url": f"{server.url}/{i}.png"} for i in bodies])
     out = tmp_path / "raw"
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(ROOT)
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN.format(root=root, source=f"urls:{listing}", out=str(out))])
     deadline = time.time() + 60
     while time.time() < deadline and len(list((out / ".done").glob("u*.json"))) < 1:

@@ -9,7 +9,7 @@ from ldm_vae.train.training import lr_lambda
 
 
 def test_two_process_training_syncs_weights_splits_data_and_writes_once(pipeline_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "tests/dist_worker.py", str(tmp_path), str(pipeline_dir / "prepared")],
+    proc = subprocess.run([sys.executable, "tests/train/dist_worker.py", str(tmp_path), str(pipeline_dir / "prepared")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"record{r}.json").read_text()) for r in (0, 1))

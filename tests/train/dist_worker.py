@@ -1,4 +1,4 @@
-"""A 2-process gloo training run for test_distributed.py: ``python tests/dist_worker.py OUT PREPARED``.
+"""A 2-process gloo training run for test_distributed.py: ``python tests/train/dist_worker.py OUT PREPARED``.
 
 Started plainly, it re-launches itself under accelerate through the train stage's own launcher
 (ldm_vae.launch.relaunch). Each rank trains with its own output folders under OUT/rank<r>/ (so
@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: conftest
 
 
 def main() -> None:
