@@ -12,6 +12,7 @@ wait for download and prepare to finish before it is reported.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -302,7 +303,8 @@ def params_from_dict(raw: dict) -> Params:
     sections = {f.name: f.type for f in dataclasses.fields(Params)}
     unknown = sorted(set(raw) - set(sections))
     if unknown:
-        raise ParamError(f"{unknown[0]}: unknown params section; allowed: {', '.join(sections)}")
+        raise ParamError(f"{unknown[0]}: unknown params section{_did_you_mean(unknown[0], sections)}; "
+                         f"allowed: {', '.join(sections)}")
     built = {}
     for f in dataclasses.fields(Params):
         cls = f.default_factory().__class__
@@ -328,11 +330,22 @@ def _build_section(name: str, cls, values):
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise ParamError(f"{name}.{key}: unknown key; allowed: {', '.join(allowed)}")
+            raise ParamError(f"{name}.{key}: unknown key{_did_you_mean(key, allowed, name)}; allowed: {', '.join(allowed)}")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     obj = cls(**kwargs)
     obj.check()
     return obj
+
+
+def _did_you_mean(key, allowed: list[str], section: str | None = None) -> str:
+    """" (did you mean `crops_per_image`?)": the closest allowed names, or the section that has
+    this key (``data.lr`` -> ``train.lr``)."""
+    key = str(key)
+    close = difflib.get_close_matches(key, allowed, n=2, cutoff=0.6)
+    if section is not None:
+        close += [f"{f.name}.{key}" for f in dataclasses.fields(Params) if f.name != section
+                  and key in {g.name for g in dataclasses.fields(f.default_factory().__class__)}]
+    return f" (did you mean {' or '.join(f'`{c}`' for c in close)}?)" if close else ""
 
 
 def _coerce(key: str, value, hint):

@@ -48,9 +48,11 @@ class ImageRejected(Exception):
 def load_rgb(data: bytes, max_pixels: int, min_size: int = 1) -> Image.Image:
     """Decode ``data`` fully into an RGB image with EXIF orientation applied.
 
-    Raises ImageRejected with reason ``not_an_image``, ``too_many_pixels``, ``truncated`` or
-    ``too_small``.
+    Raises ImageRejected with reason ``empty``, ``not_an_image``, ``too_many_pixels``,
+    ``truncated`` or ``too_small``.
     """
+    if not data:
+        raise ImageRejected("empty", "0 bytes")
     try:
         with warnings.catch_warnings():
             # PIL warns (not raises) above its own bomb limit; our cap below is the one that counts.

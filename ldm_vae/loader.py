@@ -244,11 +244,15 @@ class LatentLoader(torch.utils.data.DataLoader):
         self.dataset.set_epoch(epoch)
 
 
-def latent_loader(shards, batch_size: int, num_workers: int = 2, **kwargs) -> LatentLoader:
-    """A DataLoader over :func:`latent_dataset` (default collation: tensors stacked, strings listed)."""
+def latent_loader(shards, batch_size: int, num_workers: int = 2, drop_last: bool = False, **kwargs) -> LatentLoader:
+    """A DataLoader over :func:`latent_dataset` (default collation: tensors stacked, strings listed).
+
+    ``drop_last``: only full batches. Each loader worker drops its own last partial batch, so an
+    epoch loses fewer than ``max(1, num_workers) * batch_size`` samples per rank, and every rank
+    still gets the same number of batches (their worker shares are equal)."""
     return LatentLoader(
         latent_dataset(shards, **kwargs), batch_size=batch_size, num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, drop_last=drop_last,
     )
 
 

@@ -5,7 +5,8 @@ shard). Every process of a launcher group runs :func:`run_units` (alone, a proce
 group):
 
 1. Rank 0 plans. It lists the units, keeps those whose done-record (``<out>/.done/<unit>.json``)
-   still matches the unit's ``ident`` (its inputs, params and code) and whose outputs all exist,
+   still matches the unit's ``ident`` (its inputs, params and code) and whose outputs are all
+   still the files it wrote (size and mtime),
    deletes everything else in the stage's output folders (half-written ``.tmp`` shards, outputs of
    other params, of a unit a kill interrupted), and broadcasts the units left to do.
 2. Rank r of W takes units r, r+W, r+2W, ... of that list and runs them on a pool of ``workers``
@@ -251,7 +252,10 @@ def _raise_first(failed: list[BaseException]) -> None:
 
 
 def _stamp(out: Path, unit: Unit, record: dict) -> None:
-    record = {"unit": unit.name, "ident": unit.ident, **record}
+    # The outputs' sizes and mtimes: the records are not part of what DVC stores (.dvcignore), so
+    # a `dvc checkout` can put other outputs under them; such outputs no longer match and are redone.
+    record = {"unit": unit.name, "ident": unit.ident, **record,
+              "written": {p: _stat(Path(out) / p) for p in record["outputs"]}}
     path = record_path(out, unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(record, sort_keys=True))
@@ -265,10 +269,20 @@ def _valid(out: Path, units: list[Unit]) -> dict[str, dict]:
             rec = json.loads(record_path(out, unit).read_text())
         except (OSError, ValueError):
             continue
+        written = rec.get("written", {})
         if rec.get("ident") == json.loads(json.dumps(unit.ident)) and all(
-                (Path(out) / p).is_file() for p in rec.get("outputs", [])):
+                p in written and _stat(Path(out) / p) == written[p] for p in rec.get("outputs", [])):
             done[unit.name] = rec
     return done
+
+
+def _stat(path: Path) -> list[int] | None:
+    """[size, mtime_ns] of a file; None when it is missing or not a file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns] if path.is_file() else None
 
 
 def _remove_unrecorded(out: Path, clean: list[str], done: dict[str, dict]) -> None:

@@ -11,24 +11,56 @@ from PIL import Image
 from .files import atomic_path
 
 
-def save_grid(rows: list[torch.Tensor], path: Path, unit: bool = False, pad: int = 2) -> None:
-    """Save images as a grid: one *column* per tensor in ``rows``, one row per image.
+# Tiles are enlarged (nearest neighbour, whole pixels) to at least this many pixels a side: a
+# 64 px reconstruction at its native size is too small to judge by eye.
+MIN_TILE = 192
+FONT_SIZE = 14
 
-    Each tensor is [N, 3, H, W], in [-1, 1] (or [0, 1] with ``unit=True``); column i of the
-    picture is rows[i], so [originals, reconstructions, errors] reads left to right.
+
+def save_grid(columns: list[torch.Tensor], path: Path, *, titles: list[str], captions: list[list[str]] | None = None,
+              unit: bool = False, pad: int = 4) -> None:
+    """Save images as a labelled grid: one *column* per tensor, one row per image.
+
+    Each tensor is [N, 3, H, W], in [-1, 1] (or [0, 1] with ``unit=True``); column j is
+    ``columns[j]``, headed by ``titles[j]``, so [originals, reconstructions, errors] reads left to
+    right. ``captions[j][i]`` (optional, "" for none) is printed under tile i of column j: a
+    tile's PSNR, a key. Tiles are enlarged by a whole factor to at least ``MIN_TILE`` pixels.
     """
-    cols = [(t.float() if unit else (t.float().clamp(-1, 1) + 1) / 2).clamp(0, 1) for t in rows]
+    from PIL import ImageDraw, ImageFont
+
+    cols = [(t.float() if unit else (t.float().clamp(-1, 1) + 1) / 2).clamp(0, 1) for t in columns]
     n, _, h, w = cols[0].shape
-    grid = np.full((n * (h + pad) + pad, len(cols) * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    scale = max(1, -(-MIN_TILE // max(h, w)))  # ceil
+    th, tw = h * scale, w * scale
+    font = ImageFont.load_default(size=FONT_SIZE)
+    line = FONT_SIZE + 6
+    cap = line if captions else 0
+    canvas = Image.new("RGB", (len(cols) * (tw + pad) + pad, line + n * (th + cap + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
     for j, col in enumerate(cols):
+        x = pad + j * (tw + pad)
+        draw.text((x + tw // 2, line // 2), titles[j], fill="black", font=font, anchor="mm")
         arr = (col.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # [N, H, W, 3]
         for i in range(n):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y : y + h, x : x + w] = arr[i]
+            y = line + pad + i * (th + cap + pad)
+            canvas.paste(Image.fromarray(arr[i]).resize((tw, th), Image.NEAREST), (x, y))
+            text = captions[j][i] if captions and captions[j] else ""
+            if text:
+                draw.text((x + tw // 2, y + th + cap // 2), _fit(text, font, tw), fill="black", font=font, anchor="mm")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG")
+
+
+def _fit(text: str, font, width: int) -> str:
+    """``text``, its middle cut out ("url-3f2a...9c1d") until it fits ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    keep = len(text)
+    while keep > 2 and font.getlength(f"{text[:(keep + 1) // 2]}...{text[len(text) - keep // 2:]}") > width:
+        keep -= 1
+    return f"{text[:(keep + 1) // 2]}...{text[len(text) - keep // 2:]}"
 
 
 def pyplot():
@@ -46,3 +78,33 @@ def save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     pyplot().close(fig)
+
+
+def save_curves(panels: list[tuple[str, list[int], list[float]]], path: Path) -> None:
+    """One panel per (title, steps, values), side by side: the key training curves as a PNG, which
+    shows offline (``dvc plots show`` embeds images; its vega charts load from a CDN)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, steps, values) in zip(axes[0], panels):
+        ax.plot(steps, values, lw=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_scatter(x: list[float], y: list[float], path: Path, *, xlabel: str, ylabel: str, title: str) -> None:
+    """One point per item, with the line y = x: points above it are items where y wins."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.scatter(x, y, s=12, alpha=0.7)
+    lo, hi = min(min(x), min(y)), max(max(x), max(y))
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="y = x")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -55,8 +55,8 @@ def main() -> None:
         sys.exit(str(e))
     if result:
         print(f"train: {result['steps']} steps on {result['processes']} process(es) in {result['train_seconds']} s, "
-              f"val PSNR {result['val_psnr']:.2f} dB, scaling_factor {result['scaling_factor']:.4f}, "
-              f"shift_factor {result['shift_factor']:.4f}")
+              f"val PSNR {result['val_psnr']:.2f} dB, data/vae/config.json: scaling_factor "
+              f"{result['vae_scaling_factor']:.4f}, shift_factor {result['vae_shift_factor']:.4f}")
 
 
 if __name__ == "__main__":

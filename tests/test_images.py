@@ -57,6 +57,7 @@ def test_exif_orientation_is_applied():
     "data, reason",
     [
         (b"this is not an image", "not_an_image"),
+        (b"", "empty"),
         (image_bytes(photo(), "JPEG")[:-600], "truncated"),
         (image_bytes(photo(), "PNG")[:-300], "truncated"),
     ],

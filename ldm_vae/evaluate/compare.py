@@ -59,7 +59,7 @@ def _records(node):
 
 
 def write_report(rows: list[dict], out: Path) -> None:
-    """channels.csv (a DVC plot), channels.md (a table) and channels.png under ``out``."""
+    """channels.csv (the numbers), channels.md (a table) and channels.png under ``out``."""
     if not rows:
         raise RuntimeError(f"no run has {METRICS_FILE}: run `dvc repro` or `dvc exp run` first")
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -25,7 +26,7 @@ from .health import ChannelStats, health_metrics, write_health
 from ..metrics import psnr, resize_baseline, ssim, to_unit
 from .perceptual import Lpips, RFid
 from ..shards import iter_samples, shard_paths
-from ..viz import save_grid
+from ..viz import save_grid, save_scatter
 
 ERROR_GAIN = 4  # |error| is shown 4x brighter in the grid so small errors are visible
 
@@ -43,7 +44,7 @@ def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out:
         keys = [s["__key__"] for s in batch]
         ref = torch.stack([torch.from_numpy(refs[k]).permute(2, 0, 1) for k in keys]).float() / 255  # [B, 3, H, W]
         rec, scores = scorer(batch, ref)
-        kept.add(keys, ref, rec, scores)
+        kept.add(keys, [LATENT.get(s, "meta").get("raw_key", k) for s, k in zip(batch, keys)], ref, rec, scores)
     return _write(out, kept, scorer, stats)
 
 
@@ -101,21 +102,38 @@ class _Scorer:
 
 class _Kept:
     """What the outputs need of every batch: a row per image, the first images for the grid, and
-    the ``n`` lowest-PSNR ones (only those are held)."""
+    the worst crop of each of the ``n`` photographs whose worst crop is lowest in PSNR (only those
+    are held: photographs that drop out of the n can come back only with a worse crop)."""
 
     def __init__(self, n: int):
         self.n = n
         self.rows: list[dict] = []
-        self.first: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ref, rec) [3, H, W] each
-        self.worst: list[tuple[float, str, torch.Tensor, torch.Tensor]] = []
+        self.first: list[_Tile] = []
+        self.worst: dict[str, _Tile] = {}  # raw key -> its worst crop so far
 
-    def add(self, keys: list[str], ref: torch.Tensor, rec: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
-        for i, k in enumerate(keys):
+    def add(self, keys: list[str], raw_keys: list[str], ref: torch.Tensor, rec: torch.Tensor,
+            scores: dict[str, torch.Tensor]) -> None:
+        for i, (k, raw) in enumerate(zip(keys, raw_keys)):
             self.rows.append({"key": k, **{name: float(v[i]) for name, v in scores.items()}})
-            self.worst.append((float(scores["psnr"][i]), k, ref[i], rec[i]))
-        self.worst.sort(key=lambda t: t[0])
-        del self.worst[self.n:]
-        self.first.extend(list(zip(ref, rec))[: max(0, self.n - len(self.first))])
+            tile = _Tile(k, float(scores["psnr"][i]), ref[i], rec[i])
+            if len(self.first) < self.n:
+                self.first.append(tile)
+            if raw not in self.worst or tile.psnr < self.worst[raw].psnr:
+                self.worst[raw] = tile
+        if len(self.worst) > self.n:
+            keep = sorted(self.worst.items(), key=lambda kv: (kv[1].psnr, kv[0]))[: self.n]
+            self.worst = dict(keep)
+
+    def worst_tiles(self) -> list["_Tile"]:
+        return sorted(self.worst.values(), key=lambda t: (t.psnr, t.key))
+
+
+@dataclass
+class _Tile:
+    key: str
+    psnr: float
+    ref: torch.Tensor  # [3, H, W] in [0, 1]
+    rec: torch.Tensor
 
 
 def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
@@ -126,8 +144,11 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    save_scatter([r["psnr_bicubic"] for r in rows], [r["psnr"] for r in rows], out / "per_image_psnr.png",
+                 xlabel="8x bicubic resize baseline PSNR (dB)", ylabel="autoencoder PSNR (dB)",
+                 title=f"{len(rows)} validation images")
     save_recon_grid(kept.first, out / "recon_grid.png")
-    save_recon_grid([(ref, rec) for _, _, ref, rec in kept.worst], out / "recon_worst.png")
+    save_recon_grid(kept.worst_tiles(), out / "recon_worst.png")
     channel_rows = scorer.health.result()
     write_health(channel_rows, out)
 
@@ -135,7 +156,7 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
     metrics["psnr_fp16_cost"] = metrics["psnr_fp32"] - metrics["psnr"]
     if scorer.rfid is not None:
         metrics["rfid"] = scorer.rfid.compute()
-    h, w = kept.first[0][0].shape[-2:]
+    h, w = kept.first[0].ref.shape[-2:]
     c = stats["channels"]
     metrics.update({
         "num_images": len(rows),
@@ -143,17 +164,20 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
         "compression_ratio": (3 * h * w) / (c * (h // 8) * (w // 8)),  # input numbers per latent number
         "latent_mean": stats["mean"],
         "latent_std": stats["std"],
-        "scaling_factor": stats["scaling_factor"],
-        "shift_factor": stats["shift_factor"],
+        # Exact over every train latent (stats.json); the VAE config's are estimated at train time.
+        "exact_scaling_factor": stats["scaling_factor"],
+        "exact_shift_factor": stats["shift_factor"],
     })
     metrics.update(health_metrics(channel_rows))
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def save_recon_grid(pairs: list[tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
-    """original | reconstruction | amplified error, one row per (ref, rec) pair in [0, 1]."""
-    originals = torch.stack([p[0] for p in pairs])
-    recs = torch.stack([p[1] for p in pairs])
+def save_recon_grid(tiles: list[_Tile], path: Path) -> None:
+    """original (with its key) | reconstruction (with its PSNR) | error, amplified ERROR_GAIN times."""
+    originals = torch.stack([t.ref for t in tiles])  # [N, 3, H, W]
+    recs = torch.stack([t.rec for t in tiles])
     error = ((recs - originals).abs() * ERROR_GAIN).clamp(0, 1)
-    save_grid([originals, recs, error], path, unit=True)
+    save_grid([originals, recs, error], path, unit=True,
+              titles=["original", "reconstruction", f"|error| x{ERROR_GAIN}"],
+              captions=[[t.key for t in tiles], [f"{t.psnr:.2f} dB" for t in tiles], []])

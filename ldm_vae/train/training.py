@@ -273,7 +273,10 @@ class _Trainer:
             factors = export_vae(vae, scale_images, vae_dir)
         result = {"steps": self.progress.step, "train_seconds": round(self.progress.seconds, 1),
                   "val_psnr": round(self.val_psnr, 3), "resumed": resumed,
-                  "processes": self.accelerator.num_processes, "skipped_steps": self.progress.skipped, **factors}
+                  "processes": self.accelerator.num_processes, "skipped_steps": self.progress.skipped,
+                  # The factors written into data/vae/config.json, estimated on train.scale_samples
+                  # images; evaluate's exact_* are over every train latent (README: Scaling factors).
+                  "vae_scaling_factor": factors["scaling_factor"], "vae_shift_factor": factors["shift_factor"]}
         self.log.finish(result)
         return result
 

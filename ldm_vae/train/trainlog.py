@@ -3,21 +3,35 @@
 Only the main process writes. Layout under the log folder (``dvc plots show`` reads the curves):
 
     plots/metrics/train/<name>.tsv   loss, nll, kl, lpips, g_adv, d_weight, d_loss, logits_real,
-                                     logits_fake, lr, grad_norm, images_per_s, skipped_steps ...
+                                     logits_fake, lr, grad_norm, skipped_steps ...
     plots/metrics/val/<name>.tsv     psnr, and the validation reconstruction loss
     samples/step-<n>.png             originals | reconstructions of fixed validation images
-    metrics.json                     the last values and the run summary (steps, time, factors)
+    metrics.json                     the last values and the run summary (steps, factors)
+    curves.png                       training loss and validation PSNR, for offline eyes
+    run_info.json                    train_seconds, mean images/s, resumed (not a stage output, not in git)
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
 from dvclive import Live
 
-from ..viz import save_grid
+from ..files import atomic_write
+from ..metrics import psnr, to_unit
+from ..viz import save_curves, save_grid
+
+
+# Times and speeds differ run to run, so they stay out of the files git and DVC compare (metrics.json,
+# the curves): a re-run of the same data, params and code leaves the working tree clean.
+# run_info.json is no stage output and is ignored by git.
+RUN_INFO_FILE = "run_info.json"
+CURVES_FILE = "curves.png"
+RUN_INFO = ("train_seconds", "resumed")  # also "resumed": a re-run of a finished run only re-exports
+SPEEDS = ("train/images_per_s",)
 
 
 class _FilesOnlyLive(Live):
@@ -37,6 +51,7 @@ class TrainLog:
         """``resume_step``: the step a resumed run restarts from (None: a fresh run)."""
         self.dir = Path(log_dir)
         self.live = None
+        self.speeds: list[float] = []
         if not enabled:
             return
         if resume_step is None:
@@ -62,21 +77,45 @@ class TrainLog:
                 png.unlink()
 
     def log(self, step: int, values: dict) -> None:
-        """``values``: {"train/loss": 0.1, "val/psnr": 20.3, ...}: one row per key at ``step``."""
+        """``values``: {"train/loss": 0.1, "val/psnr": 20.3, ...}: one row per key at ``step``
+        (speeds go to run_info.json instead)."""
         if self.live is None:
             return
         self.live.step = step
         for name, value in values.items():
-            self.live.log_metric(name, round(float(value), 6))
+            if name in SPEEDS:
+                self.speeds.append(float(value))
+            else:
+                self.live.log_metric(name, round(float(value), 6))
 
     def grid(self, step: int, originals, recs) -> None:
         if self.live is not None:
-            save_grid([originals, recs], self.dir / "samples" / f"step-{step:08d}.png")
+            scores = psnr(to_unit(recs), to_unit(originals))  # [N] dB
+            save_grid([originals, recs], self.dir / "samples" / f"step-{step:08d}.png",
+                      titles=["original", f"step {step}"], captions=[[], [f"{v:.2f} dB" for v in scores.tolist()]])
+
+    def _curves_png(self) -> None:
+        """curves.png: training loss and validation PSNR over the whole run (resumes included)."""
+        panels = []
+        for name, title in (("train/loss", "training loss"), ("val/psnr", "validation PSNR (dB)")):
+            tsv = self.dir / "plots" / "metrics" / f"{name}.tsv"
+            if tsv.is_file():
+                with open(tsv, newline="") as f:
+                    rows = list(csv.reader(f, delimiter="\t"))[1:]
+                panels.append((title, [int(r[0]) for r in rows], [float(r[1]) for r in rows]))
+        if panels:
+            save_curves(panels, self.dir / CURVES_FILE)
 
     def finish(self, summary: dict) -> None:
-        """metrics.json: dvclive's last values plus ``summary`` (steps, seconds, latent factors)."""
+        """metrics.json: dvclive's last values plus ``summary`` (steps, latent factors); the
+        times to run_info.json."""
         if self.live is None:
             return
-        self.live.summary.update(summary)
+        info = {k: summary[k] for k in RUN_INFO if k in summary}
+        if self.speeds:
+            info["images_per_s"] = round(sum(self.speeds) / len(self.speeds), 1)
+        atomic_write(self.dir / RUN_INFO_FILE, json.dumps(info, indent=2) + "\n")
+        self._curves_png()
+        self.live.summary.update({k: v for k, v in summary.items() if k not in RUN_INFO})
         self.live.make_summary()
         self.live.end()

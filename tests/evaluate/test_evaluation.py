@@ -2,12 +2,16 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import make_params
-from ldm_vae.evaluate.evaluation import run_evaluate
+from ldm_vae.evaluate.evaluation import _Kept, run_evaluate
 from ldm_vae.export import load_vae
+from ldm_vae.samples import PREPARED
+from ldm_vae.shards import iter_samples, shard_paths
 from ldm_vae.encode.encoding import run_encode
 
 
@@ -28,15 +32,39 @@ def test_metrics_json_and_per_image_csv_agree(evaluated):
     rows = list(csv.DictReader(open(base / "eval" / "per_image.csv")))
     assert len(rows) == metrics["num_images"] == stats["splits"]["val"]["count"]
     assert abs(sum(float(r["psnr"]) for r in rows) / len(rows) - metrics["psnr"]) < 1e-3
-    assert {"psnr", "ssim", "psnr_bicubic", "ssim_bicubic", "num_images", "latent_std", "scaling_factor"} <= set(metrics)
+    assert {"psnr", "ssim", "psnr_bicubic", "ssim_bicubic", "num_images", "latent_std", "exact_scaling_factor"} <= set(metrics)
     assert 0 < metrics["ssim"] <= 1 and metrics["compression_ratio"] == 48.0
 
 
-def test_recon_grid_has_three_columns(evaluated):
+def test_recon_grids_are_enlarged_labelled_and_captioned(evaluated, pipeline_dir):
     base, metrics, _ = evaluated
-    img = Image.open(base / "eval" / "recon_grid.png")
-    n = min(3, metrics["num_images"])
-    assert img.size == (3 * 34 + 2, n * 34 + 2)  # 32 px tiles with 2 px gaps: original | recon | error
+    photos = {PREPARED.get(s, "meta")["raw_key"] for s in iter_samples(shard_paths(pipeline_dir / "prepared" / "val"))}
+    grid = make_params().evaluate.grid_images
+    # recon_worst.png: one row per photograph (its worst crop), so no more rows than photographs.
+    for name, n in (("recon_grid.png", min(grid, metrics["num_images"])), ("recon_worst.png", min(grid, len(photos)))):
+        img = np.asarray(Image.open(base / "eval" / name).convert("L"))
+        # 32 px tiles enlarged 6x to 192 (nearest: 6x6 blocks of one value), 4 px gaps, a title
+        # band of 20 px over the columns and a caption line of 20 px under each tile.
+        assert img.shape == (20 + n * (192 + 20 + 4) + 4, 3 * (192 + 4) + 4), name
+        tile = img[24:24 + 192, 4:4 + 192]
+        assert (tile[::6, ::6].repeat(6, 0).repeat(6, 1) == tile).all()
+        assert (img[:20] < 128).any()  # the column titles
+        for i in range(n):  # the original's key and the reconstruction's PSNR under each row
+            y = 24 + i * 216 + 192
+            assert (img[y:y + 20, 4:196] < 128).any() and (img[y:y + 20, 200:392] < 128).any()
+            assert not (img[y:y + 20, 396:588] < 128).any()  # the error column has no caption
+
+
+def test_the_worst_grid_shows_the_worst_crop_of_each_of_the_worst_photographs():
+    kept = _Kept(2)
+    t = torch.zeros(3, 3, 8, 8)
+    scores = {"psnr": torch.tensor([20.0, 18.0, 17.0])}
+    kept.add(["a-c0", "a-c1", "b-c0"], ["a", "a", "b"], t, t, scores)  # a: 18, b: 17
+    kept.add(["c-c0"], ["c"], t[:1], t[:1], {"psnr": torch.tensor([19.0])})  # c: 19, not among the 2
+    assert [x.key for x in kept.worst_tiles()] == ["b-c0", "a-c1"]
+    kept.add(["c-c1"], ["c"], t[:1], t[:1], {"psnr": torch.tensor([16.0])})  # c comes back, worse
+    assert [x.key for x in kept.worst_tiles()] == ["c-c1", "b-c0"]
+    assert len(kept.rows) == 5 and [x.key for x in kept.first] == ["a-c0", "a-c1"]
 
 
 def test_missing_latent_fails_loudly(evaluated, pipeline_dir, tmp_path):

@@ -98,7 +98,7 @@ def test_folder_with_every_odd_mode_and_bad_case(tmp_path):
     assert (rows["rotated"]["width"], rows["rotated"]["height"]) == (48, 96)  # EXIF applied
     assert rejections(out) == {
         "bomb": "too_many_pixels", "cut": "truncated", "text": "not_an_image", "tiny": "too_small",
-        "deep_again": "duplicate", "empty": "not_an_image", "deep_link": "link_outside_folder",
+        "deep_again": "duplicate", "empty": "empty", "deep_link": "link_outside_folder",
     }
     assert summary["kept"] == 8 and summary["reasons"]["duplicate"] == 1
     # Every kept file is the source's bytes; prepare's decoder turns each into RGB.
