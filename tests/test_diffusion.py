@@ -32,12 +32,12 @@ def _args(latents, vae, out, **kw):
 def test_the_example_trainer_lowers_its_loss_and_decodes_a_sample_grid(pipeline_dir, tmp_path):
     latents, out = _latents(pipeline_dir, tmp_path), tmp_path / "run"
     proc = subprocess.run([sys.executable, EXAMPLE, *_args(latents, pipeline_dir / "vae", out, **{
-        "--steps": 80, "--batch-size": 16, "--lr": 1e-3, "--num-workers": 2})],
+        "--steps": 100, "--batch-size": 5, "--lr": 1e-3, "--num-workers": 1})],  # 15 latents: 3 batches an epoch
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     loss = json.loads((out / "loss.json").read_text())["loss"]
-    assert len(loss) == 80 and np.all(np.isfinite(loss))
-    assert np.mean(loss[-15:]) < 0.8 * np.mean(loss[:15]), (loss[:15], loss[-15:])
+    assert len(loss) == 100 and np.all(np.isfinite(loss))
+    assert np.mean(loss[-20:]) < 0.75 * np.mean(loss[:20]), (loss[:20], loss[-20:])
     stats = json.loads((latents / "stats.json").read_text())
     side = 8 * stats["latent_shape"][1]
     with Image.open(out / "samples.png") as grid:  # 4 samples: 2 x 2 decoded images

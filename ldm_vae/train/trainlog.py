@@ -71,7 +71,7 @@ class TrainLog:
                 rows = list(csv.reader(f, delimiter="\t"))
             keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step] if rows else []
             with open(tsv, "w", newline="") as f:
-                csv.writer(f, delimiter="\t").writerows(keep)
+                csv.writer(f, delimiter="\t", lineterminator="\n").writerows(keep)  # as dvclive writes
         for png in (self.dir / "samples").glob("step-*.png"):
             if int(png.stem.split("-")[1]) > step:
                 png.unlink()
@@ -117,5 +117,7 @@ class TrainLog:
         atomic_write(self.dir / RUN_INFO_FILE, json.dumps(info, indent=2) + "\n")
         self._curves_png()
         self.live.summary.update({k: v for k, v in summary.items() if k not in RUN_INFO})
+        if "steps" in summary:  # resumed from the final checkpoint, dvclive would say one step more
+            self.live.step = summary["steps"]
         self.live.make_summary()
         self.live.end()

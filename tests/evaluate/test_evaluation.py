@@ -87,22 +87,23 @@ def test_fp32_reencode_and_what_fp16_storage_costs(evaluated):
     assert abs(metrics["psnr_fp16_cost"]) < 0.1  # float16 latents lose almost nothing
 
 
-def test_worst_grid_shows_the_lowest_psnr_images_first(evaluated, pipeline_dir):
-    import numpy as np
-
-    from ldm_vae.samples import image_bytes
+def test_worst_grid_shows_the_worst_crop_of_the_lowest_psnr_photographs_first(evaluated, pipeline_dir):
     from ldm_vae.images import decode_uint8
-    from ldm_vae.shards import iter_samples, shard_paths
+    from ldm_vae.samples import image_bytes
 
     base, metrics, _ = evaluated
-    rows = sorted(csv.DictReader(open(base / "eval" / "per_image.csv")), key=lambda r: float(r["psnr"]))
-    refs = {s["__key__"]: decode_uint8(image_bytes(s)) for s in iter_samples(shard_paths(pipeline_dir / "prepared/val"))}
-    grid = np.asarray(Image.open(base / "eval" / "recon_worst.png"))
-    n = min(3, metrics["num_images"])
-    assert grid.shape[:2] == (n * 34 + 2, 3 * 34 + 2)
-    for i in range(n):
-        tile = grid[2 + i * 34 : 2 + i * 34 + 32, 2:34]  # row i, column 0: the original
-        assert np.array_equal(tile, refs[rows[i]["key"]])
+    prepared = list(iter_samples(shard_paths(pipeline_dir / "prepared/val")))
+    refs = {s["__key__"]: decode_uint8(image_bytes(s)) for s in prepared}
+    photo_of = {s["__key__"]: PREPARED.get(s, "meta")["raw_key"] for s in prepared}
+    worst: dict[str, tuple[float, str]] = {}  # photograph -> (psnr, key) of its worst crop
+    for r in csv.DictReader(open(base / "eval" / "per_image.csv")):
+        worst[photo_of[r["key"]]] = min(worst.get(photo_of[r["key"]], (1e9, "")), (float(r["psnr"]), r["key"]))
+    expected = [key for _, key in sorted(worst.values())][: make_params().evaluate.grid_images]
+    grid = np.asarray(Image.open(base / "eval" / "recon_worst.png").convert("RGB"))
+    assert grid.shape[0] == 24 + len(expected) * 216
+    for i, key in enumerate(expected):
+        tile = grid[24 + i * 216: 24 + i * 216 + 192, 4:196]  # row i, column 0: the original, 6x
+        assert np.array_equal(tile, refs[key].repeat(6, 0).repeat(6, 1)), (i, key)
 
 
 def test_latent_health_flags_a_channel_forced_to_the_prior(pipeline_dir, tmp_path):

@@ -295,7 +295,8 @@ def test_train_stage_killed_mid_run_resumes_on_rerun(pipeline_dir, tmp_path):
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     metrics = json.loads((tmp_path / "logs" / "metrics.json").read_text())
-    assert metrics["resumed"] is True and metrics["steps"] == 200
+    assert json.loads((tmp_path / "logs" / "run_info.json").read_text())["resumed"] is True
+    assert metrics["steps"] == 200
     assert [s for s, _ in curve(tmp_path / "logs", "train/loss")] == list(range(5, 201, 5))  # each step once
 
 
