@@ -123,7 +123,8 @@ def run_stage(repo: Path, env: dict, stage: str, images: int, processes: int, ag
     if proc.returncode:
         sys.exit(f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     command = float((repo / ".timing" / stage).read_text())
-    files = sum(1 for p in (repo / out).rglob("*") if p.is_file())
+    # What DVC tracks: the output's files, less the runner's records (.dvcignore leaves them out).
+    files = sum(1 for p in (repo / out).rglob("*") if p.is_file() and ".done" not in p.parts)
     row = {"stage": stage, "processes": processes, "round": int(again), "images": images, "repro_s": round(wall, 1),
            "command_s": round(command, 1), "images_per_s": round(images / command, 1),
            "dvc_share": round((wall - command) / wall, 3), "files": files, "images_per_file": round(images / files),

@@ -63,6 +63,35 @@ def save_image_grid(images: torch.Tensor, path: Path) -> None:
     Image.fromarray(grid).save(path)
 
 
+def train_loop(accelerator, unet, opt, scheduler: DDPMScheduler, loader, steps: int, classes: int) -> list[float]:
+    """``steps`` optimizer steps of epsilon prediction, epoch by epoch; the loss of each (mean over ranks)."""
+    step, epoch, losses = 0, 0, []
+    while step < steps:
+        loader.set_epoch(epoch)  # a new order, the same on every rank
+        before = step
+        for batch in loader:
+            z0 = batch["latent"].to(accelerator.device)  # [B, C, h, w], ~N(0, 1) per channel
+            labels = batch["label"].to(accelerator.device) if classes else None
+            noise = torch.randn_like(z0)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
+            pred = unet(scheduler.add_noise(z0, noise, t), t, class_labels=labels).sample
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(accelerator.reduce(loss.detach(), "mean").item())
+            step += 1
+            if accelerator.is_main_process and (step % 50 == 0 or step == steps):
+                print(f"step {step}: loss {np.mean(losses[-50:]):.4f}", flush=True)
+            if step == steps:
+                break
+        epoch += 1
+        if step == before:
+            raise SystemExit("the loader gave no full batch: fewer latents per process and loader worker "
+                             "than --batch-size; lower it or --num-workers")
+    return losses
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latents", type=Path, default=Path("data/latents"), help="the encode stage's output")
@@ -93,31 +122,7 @@ def main() -> None:
     unet, opt = accelerator.prepare(unet, opt)  # DDP; the loader splits the data by rank itself
     scheduler = DDPMScheduler(num_train_timesteps=1000)
 
-    step, epoch, losses = 0, 0, []
-    while step < args.steps:
-        loader.set_epoch(epoch)  # a new order, the same on every rank
-        before = step
-        for batch in loader:
-            z0 = batch["latent"].to(accelerator.device)  # [B, C, h, w], ~N(0, 1) per channel
-            labels = batch["label"].to(accelerator.device) if classes else None
-            noise = torch.randn_like(z0)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
-            pred = unet(scheduler.add_noise(z0, noise, t), t, class_labels=labels).sample
-            loss = torch.nn.functional.mse_loss(pred, noise)
-            accelerator.backward(loss)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(accelerator.reduce(loss.detach(), "mean").item())
-            step += 1
-            if accelerator.is_main_process and (step % 50 == 0 or step == args.steps):
-                print(f"step {step}: loss {np.mean(losses[-50:]):.4f}", flush=True)
-            if step == args.steps:
-                break
-        epoch += 1
-        if step == before:
-            raise SystemExit("the loader gave no full batch: fewer latents per process and loader worker "
-                             "than --batch-size; lower it or --num-workers")
-
+    losses = train_loop(accelerator, unet, opt, scheduler, loader, args.steps, classes)
     if accelerator.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
         net = accelerator.unwrap_model(unet).eval()
