@@ -137,8 +137,13 @@ class ModelConfig:
     # With init_from and another latent_channels than the checkpoint's: re-initialise the layers
     # that touch the latent (encoder.conv_out, quant_conv, post_quant_conv, decoder.conv_in).
     reinit_latent_layers: bool = False
+    # With init_from: export that VAE unchanged (no training): its own config, not the keys
+    # above, is the architecture, and its weights and factors reach data/vae byte for byte.
+    use_as_is: bool = False
 
     def check(self) -> None:
+        if self.use_as_is and not self.init_from:
+            raise ParamError("model.use_as_is: true needs model.init_from (the VAE to use: a folder or a hub id)")
         _at_least("model.latent_channels", self.latent_channels, 1)
         if len(self.block_out_channels) != 4:
             raise ParamError(
@@ -255,13 +260,13 @@ class EncodeConfig:
     samples_per_shard: int = 1000
     num_processes: str = "auto"  # auto (one per visible GPU, one on CPU) or a number
     flip: bool = False  # also store the horizontally flipped image's mean_flip.npy / std_flip.npy
-    dtype: str = "fp32"  # compute dtype: fp32, or bf16 (GPU only); storage is always float16
+    dtype: str = "fp32"  # compute dtype: fp32, bf16 or fp16 (GPUs); storage is always float16
 
     def check(self) -> None:
         _at_least("encode.batch_size", self.batch_size, 1)
         _at_least("encode.samples_per_shard", self.samples_per_shard, 1)
         _check_processes("encode.num_processes", self.num_processes)
-        _allowed("encode.dtype", self.dtype, ("fp32", "bf16"))
+        _allowed("encode.dtype", self.dtype, ("fp32", "bf16", "fp16"))
 
 
 @dataclass(frozen=True)

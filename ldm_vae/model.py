@@ -76,7 +76,10 @@ def check_init_from(cfg: ModelConfig) -> None:
         except (OSError, ValueError) as e:
             raise ParamError(f"model.init_from: {cfg.init_from!r}: cannot read its config "
                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-        check_pretrained(cfg, config)
+        if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise ParamError(f"model.init_from: {cfg.init_from!r} is a {config['_class_name']}, not an AutoencoderKL")
+        if not cfg.use_as_is:  # used as it is, its own config is the architecture
+            check_pretrained(cfg, config)
 
 
 def _fresh_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:

@@ -37,10 +37,21 @@ def main() -> None:
     # Everything that can be wrong with the set-up fails here, before any process or model starts.
     try:
         check_init_from(params.model)
-        if params.loss.perceptual_weight > 0:
+        if params.loss.perceptual_weight > 0 and not params.model.use_as_is:
             require_weights("loss.perceptual_weight")  # downloads them when missing and online
     except (ParamError, WeightsUnavailable) as e:
         sys.exit(f"train: {e}")
+    if params.model.use_as_is:
+        from ldm_vae.train.as_is import export_as_is
+
+        try:
+            result = export_as_is(params, val_shards, args.vae, args.logs)
+        except (FileNotFoundError, OSError) as e:
+            sys.exit(f"train: {e}")
+        print(f"train: {params.model.init_from} used as it is (no training): {result['latent_channels']} channels, "
+              f"val PSNR {result['val_psnr']:.2f} dB, scaling_factor {result['vae_scaling_factor']}, "
+              f"shift_factor {result['vae_shift_factor']}")
+        return
     processes = resolve_processes(params.train.num_processes)
     if processes > 1 and not launched():
         sys.exit(relaunch(processes, params.train.mixed_precision, sys.argv))

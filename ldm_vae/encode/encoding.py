@@ -48,6 +48,8 @@ def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig)
     writes stats.json; the other ranks return None.
     """
     check_dtype(cfg, next(vae.parameters()).device.type)
+    if vae.config.get("force_upcast") and cfg.dtype != "fp32":
+        print(f"encode: the VAE's config says force_upcast: encoding in fp32, not {cfg.dtype}", flush=True)
     fingerprint = vae_fingerprint(vae)
     prepared, out = Path(prepared), Path(out)
     rank, world = group()
@@ -75,8 +77,8 @@ def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig)
 
 
 def check_dtype(cfg: EncodeConfig, device_type: str) -> None:
-    if cfg.dtype == "bf16" and device_type != "cuda":
-        raise ValueError("encode.dtype: 'bf16': needs a GPU (bf16 autocast); use fp32 on a CPU")
+    if cfg.dtype != "fp32" and device_type != "cuda":
+        raise ValueError(f"encode.dtype: {cfg.dtype!r}: needs a GPU (half-precision autocast); use fp32 on a CPU")
 
 
 def _encode_unit(vae, out: Path, cfg: EncodeConfig, unit: Unit, rank: int, fingerprint: str) -> dict:

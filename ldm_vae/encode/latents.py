@@ -84,13 +84,36 @@ def vae_fingerprint(vae: AutoencoderKL) -> str:
     return h.hexdigest()[:16]
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(cfg: EncodeConfig, vae_config: dict) -> torch.dtype:
+    """``encode.dtype``, except float32 for a VAE whose config says ``force_upcast`` (SDXL's
+    overflows in float16: diffusers' own pipelines upcast it the same way)."""
+    return torch.float32 if vae_config.get("force_upcast") else DTYPES[cfg.dtype]
+
+
+def check_finite(batch: list[dict], stored: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: str) -> None:
+    """Every stored latent is finite: else ValueError naming the sample, the dtype and the fix."""
+    for suffix, (mean, std) in stored.items():  # float16 [B, C, h, w] each, as stored
+        bad = ~(torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1))  # [B]
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            view = " (its flipped view)" if suffix else ""
+            raise ValueError(
+                f"sample {batch[i]['__key__']!r}{view}: the latent is not finite after encoding in {dtype} and "
+                f"storing as float16 ({int(bad.sum())} of {len(batch)} in its batch). The VAE's activations "
+                "overflow: use encode.dtype: fp32 (or bf16 on a GPU) and check the VAE's weights; a latent "
+                "beyond float16's range (65504) cannot be stored")
+
+
 def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, index: int, cfg: EncodeConfig,
                  rank: int, fingerprint: str, progress=None) -> dict:
     """Encode one prepared shard into ``<split>-r<rank>-s<index>-<n>.tar``; return its done-record
     (output shards, count, exact moments), which :mod:`ldm_vae.encode.encoding` writes once they are complete.
     """
     device = next(vae.parameters()).device
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    dtype = compute_dtype(cfg, dict(vae.config))
     moments = LatentMoments(vae.config.latent_channels)
     shape: list[int] = []
 
@@ -129,6 +152,7 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
                 # Statistics of what is stored (float16), i.e. of what a loader will read.
                 moments.update(mean16.float(), std16.float())
                 shape = list(mean16.shape[1:])
+                check_finite(batch, stored, cfg.dtype if dtype != torch.float32 else "fp32")
                 for i, s in enumerate(batch):
                     writer.write(latent_sample(s, {k: (m[i], sd[i]) for k, (m, sd) in stored.items()}, shape))
                 if progress is not None:

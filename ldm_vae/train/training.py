@@ -55,7 +55,7 @@ def lr_lambda(cfg):
 
 # The train stage's own code: the ldm_vae modules its script imports (dvc.yaml lists the same,
 # a test checks). Editing anything else (the URL downloader, the evaluator) keeps checkpoints.
-TRAIN_CODE = ("train/training", "train/checkpoints", "train/trainlog", "train/losses", "train/discriminator",
+TRAIN_CODE = ("train/training", "train/as_is", "train/checkpoints", "train/trainlog", "train/losses", "train/discriminator",
               "launch", "model", "lpips", "data", "samples", "export", "images", "shards", "files", "metrics", "viz")
 
 
@@ -248,7 +248,7 @@ class _Trainer:
         """PSNR and reconstruction loss of the fixed validation images (EMA weights; main process)."""
         if not self.accelerator.is_main_process:
             return
-        rec_val, self.val_psnr = _validate(self.accelerator, self.inner.vae, self.ema, val_images)
+        rec_val, self.val_psnr = validate_vae(self.accelerator, self.inner.vae, self.ema, val_images)
         rec_name = self.params.loss.rec_loss
         self.log.log(step, {"val/psnr": self.val_psnr,
                             f"val/rec_{rec_name}": float(reconstruction_loss(rec_name, rec_val, val_images))})
@@ -266,7 +266,7 @@ class _Trainer:
     def export(self, vae_dir: Path, val_images: torch.Tensor, train_shards: list[str], resumed: bool) -> dict:
         """The EMA weights to ``vae_dir`` with the measured latent scale; the run's summary."""
         if math.isnan(self.val_psnr):  # resumed from the final checkpoint: no step ran, the curves are complete
-            _, self.val_psnr = _validate(self.accelerator, self.inner.vae, self.ema, val_images)
+            _, self.val_psnr = validate_vae(self.accelerator, self.inner.vae, self.ema, val_images)
         vae = self.inner.vae
         with _ema_weights(vae, self.ema):  # the exported weights are the EMA weights
             _, scale_images = load_images(train_shards, limit=self.tcfg.scale_samples)
@@ -340,7 +340,7 @@ def _reconstruct(accelerator, vae, images: torch.Tensor, batch_size: int = 32) -
     return torch.cat(out)
 
 
-def _validate(accelerator, vae, ema, val_images: torch.Tensor) -> tuple[torch.Tensor, float]:
+def validate_vae(accelerator, vae, ema, val_images: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(reconstructions [N, 3, H, W], mean PSNR in dB) of the validation images, with the EMA weights."""
     with _ema_weights(vae, ema):
         rec_val = _reconstruct(accelerator, vae, val_images)
