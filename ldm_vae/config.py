@@ -276,10 +276,26 @@ class EvaluateConfig:
     # Optional perceptual metrics (the `metrics` extra: pretrained VGG / Inception weights).
     lpips: bool = False
     rfid: bool = False
+    # Published (or other) VAEs scored on the same validation images beside the trained one: local
+    # folders or, online, hub ids[/subfolder], e.g. stabilityai/sd-vae-ft-ema.
+    references: tuple[str, ...] = ()
 
     def check(self) -> None:
         _at_least("evaluate.batch_size", self.batch_size, 1)
         _at_least("evaluate.grid_images", self.grid_images, 1)
+        names = [reference_name(r) for r in self.references]
+        if len(set(names)) != len(names):
+            raise ParamError(f"evaluate.references: {list(self.references)}: two share the name "
+                             f"{[n for n in names if names.count(n) > 1][0]!r} (the last part of the path)")
+
+
+def reference_name(location: str) -> str:
+    """A reference VAE's short name in metrics and columns: "stabilityai/sd-vae-ft-ema" ->
+    "sd-vae-ft-ema", "black-forest-labs/FLUX.1-dev/vae" -> "FLUX_1-dev"."""
+    parts = [p for p in location.strip("/").split("/") if p]
+    if len(parts) > 1 and parts[-1] == "vae":
+        parts = parts[:-1]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", parts[-1]) if parts else "reference"
 
 
 @dataclass(frozen=True)
@@ -382,6 +398,10 @@ def _coerce(key: str, value, hint):
             return "no"  # YAML 1.1 reads a bare `no` as false
         if key.endswith((".num_processes", "data.num_workers")) and isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # `auto` or a count
+    elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+            return tuple(value)
+        raise ParamError(f"{key}: {value!r}: expected a list of non-empty strings (or [])")
     elif typing.get_origin(hint) is tuple:
         if isinstance(value, (list, tuple)) and value and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value

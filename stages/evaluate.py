@@ -30,15 +30,23 @@ def main() -> None:
 
     import torch
 
-    from ldm_vae.evaluate.evaluation import run_evaluate
+    from ldm_vae.evaluate.evaluation import load_references, run_evaluate
     from ldm_vae.export import load_vae
 
-    vae = load_vae(args.vae, "cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vae = load_vae(args.vae, device)
+    try:
+        references = load_references(params.evaluate.references, device)
+    except (OSError, ValueError) as e:
+        sys.exit(f"evaluate: {e}")
     stats = json.loads((args.latents / "stats.json").read_text())
-    m = run_evaluate(vae, args.latents / "val", args.prepared / "val", args.out, params.evaluate, stats)
+    m = run_evaluate(vae, args.latents / "val", args.prepared / "val", args.out, params.evaluate, stats, references)
     print(f"evaluate: {m['num_images']} images, PSNR {m['psnr']:.2f} dB (resize baseline {m['psnr_bicubic']:.2f}), "
           f"SSIM {m['ssim']:.4f} (baseline {m['ssim_bicubic']:.4f}); fp16 storage costs "
           f"{m['psnr_fp16_cost']:.3f} dB; {m['collapsed_channels']} of {m['latent_channels']} channels collapsed")
+    for name in references:
+        print(f"evaluate: reference {name} ({m[f'latent_channels_{name}']} channels, "
+              f"{m[f'compression_ratio_{name}']:.0f}:1): PSNR {m[f'psnr_{name}']:.2f} dB, SSIM {m[f'ssim_{name}']:.4f}")
 
 
 if __name__ == "__main__":

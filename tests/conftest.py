@@ -125,6 +125,29 @@ def pipeline_dir(tmp_path_factory):
     return base
 
 
+# Random weights, the published configs' shapes and factors (read back from the files, never
+# assumed by the project): SD 1.x/2.x, SD3 (16 channels, a shift, no quant convs), SDXL (upcast).
+KINDS = {
+    "sd": dict(latent_channels=4, scaling_factor=0.18215),
+    "sd3": dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False),
+    "sdxl": dict(latent_channels=4, scaling_factor=0.13025, force_upcast=True),
+}
+
+
+def published_vae(folder, kind: str, seed: int = 0):
+    """A small random AutoencoderKL with a published VAE's config shape, saved as safetensors."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=32, **KINDS[kind])
+    vae.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def copy_repo(dst: Path) -> tuple[Path, dict]:
     """The repository as committed (plus uncommitted, not ignored files) in ``dst``, a git repo of
     its own, and the environment to run dvc there with the copy's library."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -18,11 +18,12 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from ..config import EvaluateConfig
+from ..config import EvaluateConfig, reference_name
 from ..files import atomic_write
 from ..images import decode_uint8
 from ..samples import LATENT, image_bytes
 from .health import ChannelStats, health_metrics, write_health
+from ..model import pretrained_location
 from ..metrics import psnr, resize_baseline, ssim, to_unit
 from .perceptual import Lpips, RFid
 from ..shards import iter_samples, shard_paths
@@ -33,18 +34,20 @@ ERROR_GAIN = 4  # |error| is shown 4x brighter in the grid so small errors are v
 
 @torch.inference_mode()
 def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out: Path, cfg: EvaluateConfig,
-                 stats: dict) -> dict:
-    """Score every validation latent; write metrics.json, per_image.csv, grids and latent health."""
+                 stats: dict, references: dict[str, AutoencoderKL] | None = None) -> dict:
+    """Score every validation latent; write metrics.json, per_image.csv, grids and latent health.
+    ``references``: name -> another VAE, scored on the same images (columns ``psnr_<name>`` ...)."""
     # Reference images by key (uint8). Validation splits are small; a very large one would want an
     # index of (shard, offset) instead.
     refs = {s["__key__"]: decode_uint8(image_bytes(s)) for s in iter_samples(shard_paths(prepared_val))}
-    scorer = _Scorer(vae, cfg)
+    scorer = _Scorer(vae, cfg, references)
     kept = _Kept(cfg.grid_images)
     for batch in _batches(latents_val, prepared_val, refs, cfg.batch_size):
         keys = [s["__key__"] for s in batch]
         ref = torch.stack([torch.from_numpy(refs[k]).permute(2, 0, 1) for k in keys]).float() / 255  # [B, 3, H, W]
         rec, scores = scorer(batch, ref)
-        kept.add(keys, [LATENT.get(s, "meta").get("raw_key", k) for s, k in zip(batch, keys)], ref, rec, scores)
+        kept.add(keys, [LATENT.get(s, "meta").get("raw_key", k) for s, k in zip(batch, keys)], ref, rec, scores,
+                 scorer.last_references)
     return _write(out, kept, scorer, stats)
 
 
@@ -75,14 +78,16 @@ class _Scorer:
     """One batch's reconstruction from its stored latents and its per-image scores; accumulates
     the latent health and the rFID statistics over batches."""
 
-    def __init__(self, vae: AutoencoderKL, cfg: EvaluateConfig):
+    def __init__(self, vae: AutoencoderKL, cfg: EvaluateConfig, references: dict[str, AutoencoderKL] | None = None):
         self.vae, self.device = vae, next(vae.parameters()).device
         self.lpips = Lpips(self.device) if cfg.lpips else None
         self.rfid = RFid() if cfg.rfid else None
         self.health = ChannelStats()
+        self.references = references or {}  # name -> another VAE, scored on the same images
 
     def __call__(self, batch: list[dict], ref: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(reconstructions [B, 3, H, W] in [0, 1], name -> per-image scores [B])."""
+        """(reconstructions [B, 3, H, W] in [0, 1], name -> per-image scores [B]); the reference
+        VAEs' reconstructions are left in ``self.last_references``."""
         z = torch.stack([torch.from_numpy(LATENT.get(s, "mean").astype(np.float32)) for s in batch])  # [B, C, h, w]
         std = torch.stack([torch.from_numpy(LATENT.get(s, "std").astype(np.float32)) for s in batch])
         self.health.update(z, std)
@@ -97,6 +102,13 @@ class _Scorer:
             scores["lpips"] = self.lpips(rec, ref)
         if self.rfid is not None:
             self.rfid.add(ref, rec)
+        self.last_references = {}
+        for name, other in self.references.items():  # a fresh fp32 encode -> decode, like psnr_fp32
+            rec_o = to_unit(other.decode(other.encode((ref * 2 - 1).to(self.device)).latent_dist.mean).sample).cpu()
+            scores[f"psnr_{name}"], scores[f"ssim_{name}"] = psnr(rec_o, ref), ssim(rec_o, ref)
+            if self.lpips is not None:
+                scores[f"lpips_{name}"] = self.lpips(rec_o, ref)
+            self.last_references[name] = rec_o
         return rec, scores
 
 
@@ -112,10 +124,11 @@ class _Kept:
         self.worst: dict[str, _Tile] = {}  # raw key -> its worst crop so far
 
     def add(self, keys: list[str], raw_keys: list[str], ref: torch.Tensor, rec: torch.Tensor,
-            scores: dict[str, torch.Tensor]) -> None:
+            scores: dict[str, torch.Tensor], others: dict[str, torch.Tensor] | None = None) -> None:
         for i, (k, raw) in enumerate(zip(keys, raw_keys)):
             self.rows.append({"key": k, **{name: float(v[i]) for name, v in scores.items()}})
-            tile = _Tile(k, float(scores["psnr"][i]), ref[i], rec[i])
+            tile = _Tile(k, float(scores["psnr"][i]), ref[i], rec[i],
+                         {n: (o[i], float(scores[f"psnr_{n}"][i])) for n, o in (others or {}).items()})
             if len(self.first) < self.n:
                 self.first.append(tile)
             if raw not in self.worst or tile.psnr < self.worst[raw].psnr:
@@ -134,6 +147,7 @@ class _Tile:
     psnr: float
     ref: torch.Tensor  # [3, H, W] in [0, 1]
     rec: torch.Tensor
+    others: dict = field(default_factory=dict)  # reference name -> (its reconstruction, its PSNR)
 
 
 def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
@@ -168,6 +182,10 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
         "exact_scaling_factor": stats["scaling_factor"],
         "exact_shift_factor": stats["shift_factor"],
     })
+    for name, other in scorer.references.items():  # a reference of another channel count: its own ratio
+        c_o = other.config.latent_channels
+        metrics[f"latent_channels_{name}"] = c_o
+        metrics[f"compression_ratio_{name}"] = (3 * h * w) / (c_o * (h // 8) * (w // 8))
     metrics.update(health_metrics(channel_rows))
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -178,6 +196,17 @@ def save_recon_grid(tiles: list[_Tile], path: Path) -> None:
     originals = torch.stack([t.ref for t in tiles])  # [N, 3, H, W]
     recs = torch.stack([t.rec for t in tiles])
     error = ((recs - originals).abs() * ERROR_GAIN).clamp(0, 1)
-    save_grid([originals, recs, error], path, unit=True,
-              titles=["original", "reconstruction", f"|error| x{ERROR_GAIN}"],
-              captions=[[t.key for t in tiles], [f"{t.psnr:.2f} dB" for t in tiles], []])
+    names = list(tiles[0].others)  # a column per reference VAE, with its PSNR
+    save_grid([originals, recs, error, *[torch.stack([t.others[n][0] for t in tiles]) for n in names]], path,
+              unit=True, titles=["original", "reconstruction", f"|error| x{ERROR_GAIN}", *names],
+              captions=[[t.key for t in tiles], [f"{t.psnr:.2f} dB" for t in tiles], [],
+                        *[[f"{t.others[n][1]:.2f} dB" for t in tiles] for n in names]])
+
+
+def load_references(locations: tuple[str, ...], device) -> dict[str, AutoencoderKL]:
+    """name -> VAE for ``evaluate.references`` (folders, or hub ids[/subfolder] when online)."""
+    refs = {}
+    for location in locations:
+        repo, sub = pretrained_location(location)
+        refs[reference_name(location)] = AutoencoderKL.from_pretrained(repo, subfolder=sub).to(device).eval()
+    return refs

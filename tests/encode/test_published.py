@@ -10,7 +10,7 @@ import torch
 import yaml
 from diffusers import AutoencoderKL
 
-from conftest import ROOT, TINY, copy_repo, make_params
+from conftest import KINDS, ROOT, TINY, copy_repo, make_params, published_vae
 from ldm_vae.encode.encoding import run_encode
 from ldm_vae.encode.latents import compute_dtype
 from ldm_vae.images import decode_uint8
@@ -19,25 +19,6 @@ from ldm_vae.samples import LATENT, image_bytes
 from ldm_vae.shards import iter_samples, shard_paths
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-# Random weights, the published configs' shapes and factors (read back from the files, never
-# assumed by the project): SD 1.x/2.x, SD3 (16 channels, a shift, no quant convs), SDXL (upcast).
-KINDS = {
-    "sd": dict(latent_channels=4, scaling_factor=0.18215),
-    "sd3": dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                use_post_quant_conv=False),
-    "sdxl": dict(latent_channels=4, scaling_factor=0.13025, force_upcast=True),
-}
-
-
-def published_vae(folder, kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=32, **KINDS[kind])
-    vae.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 def test_factors_and_force_upcast_decide_the_encode_dtype():
     fp16 = make_params(encode={"dtype": "fp16"}).encode
     assert compute_dtype(fp16, {"force_upcast": True}) == torch.float32

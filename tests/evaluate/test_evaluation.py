@@ -149,3 +149,38 @@ def test_asking_for_unavailable_lpips_fails_at_once_saying_how(tmp_path):
                            "--vae", "x", "--latents", "x", "--prepared", "x", "--out", str(tmp_path / "eval")],
                           capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode != 0 and "evaluate.rfid" in proc.stderr and "pip install -e '.[metrics]'" in proc.stderr
+
+
+def test_reference_vaes_are_scored_side_by_side_on_the_same_images(evaluated, pipeline_dir, tmp_path):
+    """A 16-channel SD3-shaped reference beside the trained 4-channel VAE: its PSNR and SSIM per
+    image and on average, its own compression ratio, and a column of its own in the grids."""
+    from conftest import published_vae
+    from ldm_vae.evaluate.evaluation import load_references
+
+    base, ours, stats = evaluated
+    params = make_params(evaluate={"references": [str(published_vae(tmp_path / "sd3", "sd3"))]})
+    refs = load_references(params.evaluate.references, "cpu")
+    assert list(refs) == ["sd3"]
+    metrics = run_evaluate(load_vae(pipeline_dir / "vae"), base / "latents" / "val", pipeline_dir / "prepared" / "val",
+                           tmp_path / "eval", params.evaluate, stats, refs)
+    assert metrics["psnr"] == pytest.approx(ours["psnr"])  # the trained VAE's numbers do not move
+    assert metrics["latent_channels_sd3"] == 16 and metrics["compression_ratio_sd3"] == 12.0
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "per_image.csv")))
+    assert {"psnr_sd3", "ssim_sd3"} <= set(rows[0])
+    assert metrics["psnr_sd3"] == pytest.approx(np.mean([float(r["psnr_sd3"]) for r in rows]), abs=1e-4)
+    assert metrics["psnr_sd3"] != pytest.approx(metrics["psnr"])  # a different VAE, a different score
+    grid = Image.open(tmp_path / "eval" / "recon_grid.png")
+    assert grid.size[0] == 4 * (192 + 4) + 4  # original | reconstruction | error | sd3
+
+
+@pytest.mark.parametrize("references, what", [
+    (["a/sd/vae", "b/sd"], "two share the name 'sd'"),
+    ([""], "non-empty strings"),
+    ("stabilityai/sd-vae-ft-ema", "expected a list"),
+])
+def test_bad_references_are_refused_in_the_first_second(references, what):
+    from ldm_vae.config import ParamError, params_from_dict
+
+    with pytest.raises(ParamError, match="evaluate.references") as e:
+        params_from_dict({"evaluate": {"references": references}})
+    assert what in str(e.value)
