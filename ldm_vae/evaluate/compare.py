@@ -2,7 +2,8 @@
 
 The runs are DVC experiments (``dvc exp run -S model.latent_channels=8``) and the workspace;
 their params and metrics come from ``dvc exp show --json``, so the report shows exactly what
-``dvc exp show`` does, as a table and a plot a person can read at a glance.
+``dvc exp show`` does, as a table and a plot a person can read at a glance. The reference VAEs a
+run scored (``evaluate.references``) are rows of their own, ``ref:<name>``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,25 @@ def runs_from_exp_show(shown) -> list[dict]:
             continue
         seen.add(ident)
         rows.append(row)
+        rows += [r for r in reference_rows(metrics) if (r["run"], r["psnr"]) not in seen]
+        seen.update((r["run"], r["psnr"]) for r in rows)
     return sorted(rows, key=lambda r: (r["latent_channels"], r["run"]))
+
+
+def reference_rows(metrics: dict) -> list[dict]:
+    """A row per reference VAE a run scored (``evaluate.references``): run ``ref:<name>``, at its
+    own channel count and compression ratio."""
+    rows = []
+    for key in sorted(metrics):
+        if key.startswith("latent_channels_"):
+            name = key[len("latent_channels_"):]
+            row = {"run": f"ref:{name}", "latent_channels": metrics[key],
+                   "compression_ratio": metrics.get(f"compression_ratio_{name}")}
+            row.update({m: metrics[f"{m}_{name}"] for m in ("psnr", "ssim", "lpips") if f"{m}_{name}" in metrics})
+            if "psnr_bicubic" in metrics:
+                row["psnr_bicubic"] = metrics["psnr_bicubic"]
+            rows.append(row)
+    return rows
 
 
 def _records(node):
