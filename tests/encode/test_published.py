@@ -47,9 +47,9 @@ def _run(cmd, cwd, env):
 
 
 def test_published_vaes_through_dvc_repro_unchanged_and_switching_reruns_only_what_depends(tmp_path):
-    """SD3-like, then SD-like, used as they are: data/vae is the source byte for byte, its factors
-    and keys survive, the latents are vae.encode of the prepared images, and a switch re-runs
-    train (a copy), encode and evaluate only."""
+    """SD3-like, SD-like, then SDXL-like (force_upcast), used as they are: data/vae is the source
+    byte for byte, its factors and keys survive, the latents are vae.encode of the prepared
+    images, and a switch re-runs train (a copy), encode and evaluate only."""
     from test_e2e import stages_run
 
     dst, env = copy_repo(tmp_path / "repo")
@@ -57,7 +57,7 @@ def test_published_vaes_through_dvc_repro_unchanged_and_switching_reruns_only_wh
     for section, values in TINY.items():
         params[section].update(values)
     for kind, expected in (("sd3", {"download", "prepare", "train", "encode", "evaluate"}),
-                           ("sd", {"train", "encode", "evaluate"})):
+                           ("sd", {"train", "encode", "evaluate"}), ("sdxl", {"train", "encode", "evaluate"})):
         src = published_vae(tmp_path / kind, kind)
         params["model"].update({"init_from": str(src), "use_as_is": True})
         (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
