@@ -29,7 +29,7 @@ class ParamError(ValueError):
 
 
 SOURCE_KINDS = ("builtin", "folder", "hf", "urls")
-CROP_METHODS = ("multiscale", "adm", "random")
+CROP_METHODS = ("multiscale", "adm", "random", "bucket")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,17 @@ class DataConfig:
     # multiscale: a centred square, then random squares of 0.3-1.0 of the shorter side (small
     # collections); adm: ADM's center_crop_arr (DiT, SiT, REPA, EDM2 ImageNet latents), one per
     # image; random: squares of the whole shorter side at random places.
+    # bucket: one crop per image at the aspect-ratio bucket nearest its own (text-to-image, SDXL
+    # size conditioning; ldm_vae/buckets.py). The buckets have about resolution² pixels,
+    # sides a multiple of bucket_step (SDXL: 64) and at least bucket_min_side (0: one step), aspect
+    # ratios within 1/bucket_max_ratio .. bucket_max_ratio; or exactly the list `buckets` ("WxH").
     crop: str = "multiscale"
+    bucket_step: int = 64
+    bucket_max_ratio: float = 4.0
+    bucket_min_side: int = 0
+    buckets: tuple[str, ...] = ()
+    bucket_crop: str = "center"  # center | random: where the bucket is cut from the resized image
+    bucket_upscale: bool = True  # false: a smaller image gets a smaller bucket (kohya's bucket_no_upscale)
     image_format: str = "png"  # how prepared images are stored in the shards
     samples_per_shard: int = 1000
     seed: int = 0
@@ -109,6 +119,29 @@ class DataConfig:
             raise ParamError(f"data.crop: 'adm' takes one centre crop per image: set data.crops_per_image "
                              f"({self.crops_per_image}) and data.val_crops_per_image ({self.val_crops_per_image}) to 1")
         _at_least("data.samples_per_shard", self.samples_per_shard, 1)
+        self._check_buckets()
+
+    def _check_buckets(self) -> None:
+        if self.bucket_step < 8 or self.bucket_step % 8:
+            raise ParamError(f"data.bucket_step: {self.bucket_step}: must be a multiple of 8, at least 8")
+        _at_least("data.bucket_max_ratio", self.bucket_max_ratio, 1.0)
+        _at_least("data.bucket_min_side", self.bucket_min_side, 0)
+        _allowed("data.bucket_crop", self.bucket_crop, ("center", "random"))
+        for b in self.buckets:
+            m = re.fullmatch(r"([0-9]+)x([0-9]+)", b)
+            if not m or int(m[1]) % 8 or int(m[2]) % 8 or not (int(m[1]) and int(m[2])):
+                raise ParamError(f"data.buckets: {b!r}: a bucket is WIDTHxHEIGHT, each a positive multiple of 8 "
+                                 "(e.g. 1152x896)")
+        if self.crop == "bucket":
+            if (self.crops_per_image, self.val_crops_per_image) != (1, 1):
+                raise ParamError(f"data.crop: 'bucket' takes one crop per image: set data.crops_per_image "
+                                 f"({self.crops_per_image}) and data.val_crops_per_image ({self.val_crops_per_image}) to 1")
+            from .buckets import bucket_set
+
+            if not bucket_set(self):
+                raise ParamError(f"data.bucket_*: no bucket of about {self.resolution}² pixels has sides that are "
+                                 f"multiples of {self.bucket_step}, at least {self.bucket_min_side} and a ratio "
+                                 f"within {self.bucket_max_ratio}")
 
     @property
     def source_kind(self) -> str:
@@ -330,7 +363,23 @@ def params_from_dict(raw: dict) -> Params:
     for f in dataclasses.fields(Params):
         cls = f.default_factory().__class__
         built[f.name] = _build_section(f.name, cls, raw.get(f.name) or {})
-    return Params(**built)
+    params = Params(**built)
+    _check_across(params)
+    return params
+
+
+def _check_across(p: Params) -> None:
+    """Keys whose allowed values depend on another section's."""
+    if p.data.crop == "bucket":
+        from .buckets import bucket_set
+
+        smallest = min(min(b) for b in bucket_set(p.data))
+        if not p.data.bucket_upscale:  # small images get buckets down to the minimum side
+            smallest = min(smallest, max(p.data.bucket_step, -(-p.data.bucket_min_side // p.data.bucket_step)
+                                         * p.data.bucket_step))
+        if not 0 < p.train.crop_size <= smallest:
+            raise ParamError(f"train.crop_size: {p.train.crop_size}: with data.crop: bucket the training images differ "
+                             f"in shape: use windows of at most the smallest bucket side ({smallest})")
 
 
 def stage_hash(*configs) -> str:

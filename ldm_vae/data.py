@@ -66,7 +66,7 @@ def train_stream(paths: list[str], seed: int, crop: int = 0, color_augment: bool
     def to_item(sample):
         arr = pixels(sample)  # [H, W, 3] uint8
         # Crop and flip the uint8 pixels, before the float conversion (4x fewer values at 32 of 64 px).
-        if crop and crop < min(arr.shape[:2]):
+        if crop and crop <= min(arr.shape[:2]):  # buckets: windows as large as a bucket's side too
             top, left = random.randint(0, arr.shape[0] - crop), random.randint(0, arr.shape[1] - crop)
             arr = arr[top : top + crop, left : left + crop]
         # Horizontal flips double the views of a small collection. Python's `random`, not numpy's:
@@ -88,8 +88,15 @@ def train_stream(paths: list[str], seed: int, crop: int = 0, color_augment: bool
     )
 
 
+def _centre_square(arr: np.ndarray, side: int) -> np.ndarray:
+    """The centred side x side window of an image [H, W, 3]."""
+    top, left = (arr.shape[0] - side) // 2, (arr.shape[1] - side) // 2
+    return arr[top:top + side, left:left + side]
+
+
 def load_images(paths: list[str], limit: int | None = None) -> tuple[list[str], torch.Tensor]:
-    """The first ``limit`` images of ``paths`` in shard order: (keys, [N, 3, H, W] in [-1, 1])."""
+    """The first ``limit`` images of ``paths`` in shard order: (keys, [N, 3, H, W] in [-1, 1]).
+    Images of several shapes (buckets) are cut to the centred squares of their smallest side."""
     keys, tensors = [], []
     for sample in iter_samples(paths):
         if limit is not None and len(keys) >= limit:
@@ -98,4 +105,8 @@ def load_images(paths: list[str], limit: int | None = None) -> tuple[list[str], 
         tensors.append(decode_uint8(image_bytes(sample)))
     if not tensors:
         raise RuntimeError(f"no images in {paths}")
+    side = min(min(t.shape[:2]) for t in tensors)
+    if any(t.shape[:2] != (side, side) for t in tensors):
+        # Aspect-ratio buckets: the centred squares of the smallest side, so that they stack.
+        tensors = [_centre_square(t, side) for t in tensors]
     return keys, to_tensor(np.stack(tensors)).contiguous()  # [N, 3, H, W]

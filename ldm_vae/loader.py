@@ -8,6 +8,8 @@
         for batch in loader:
             z = batch["latent"]      # [B, C, h, w], normalised to ~N(0, 1)
             captions, labels = batch["caption"], batch["label"]
+            # SDXL's size conditioning, each [B, 2] (height, width / top, left): add_time_ids is
+            # torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], 1)
 
 Epoch mode (the default) gives every rank (torch.distributed, or RANK / WORLD_SIZE) the same
 number of samples and so the same number of batches, whatever the shard and sample counts, as
@@ -18,6 +20,18 @@ start or end inside a shard. ``total mod W`` samples (fewer than W) are left out
 the last ones of that epoch's order, so other ones each epoch. Per-shard sample counts come from
 stats.json (encode writes them), or from the shards' headers for local files.
 
+Aspect-ratio buckets (``data.crop: bucket``): when the shards hold latents of several shapes (one
+shape a shard; stats.json's ``shard_shapes``), every batch holds one shape. The epoch is planned
+per bucket as above (each bucket's shards in their own order, cut into equal ranges per rank and
+worker), so a worker holds the same number of samples of each bucket on every rank; it mixes its
+buckets in a random order weighted by what each has left, passes them through the shuffle buffer,
+and emits a batch whenever one shape has filled one. Each rank thus gets the same number of
+batches, and each bucket's share of batches follows its share of samples. An epoch leaves out
+``n mod W`` samples of each bucket (fewer than W per bucket); ``drop_last`` also drops each
+worker's last partial batch of each bucket. ``bucket_batch="pixels"`` scales the batch size of
+each bucket so that a batch holds about as many latent pixels as ``batch_size`` latents of the
+largest bucket (memory stays flat across buckets).
+
 ``resampled=True`` instead draws shards at random forever (each rank and worker with its own
 seed): for step-based training. Each sample is drawn from the stored posterior (mean + std *
 eps) or taken at its mean, and normalised with the per-channel statistics of stats.json, the VAE
@@ -26,6 +40,7 @@ config's scaling/shift factors, or not at all.
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import json
@@ -93,7 +108,8 @@ def _normalizer(normalize: str, stats, vae_config, inverse: bool = False) -> _Af
 
 
 class _ToItem:
-    """A stored sample -> {latent [C, h, w] float32, key, caption, label} (picklable, as above)."""
+    """A stored sample -> {latent [C, h, w] float32, key, caption, label, original_size,
+    crop_top_left, target_size} (picklable, as above)."""
 
     def __init__(self, sample_posterior: bool, flip: bool, norm: _Affine):
         self.sample_posterior, self.flip, self.norm = sample_posterior, flip, norm
@@ -111,8 +127,22 @@ class _ToItem:
         if not isinstance(label, int):
             raise ValueError(f"latent sample {sample['__key__']!r}: label {label!r} is text; the loader returns "
                              "class indices, so the source's label column must hold integers")
-        return {"latent": self.norm(z), "key": sample["__key__"], "caption": LATENT.get(sample, "caption", ""),
+        item = {"latent": self.norm(z), "key": sample["__key__"], "caption": LATENT.get(sample, "caption", ""),
                 "label": label}
+        item.update(size_conditioning(LATENT.get(sample, "meta") if "json" in sample else {}, mean.shape))
+        return item
+
+
+SIZE_FIELDS = ("original_size", "crop_top_left", "target_size")
+
+
+def size_conditioning(meta: dict, latent_shape) -> dict[str, torch.Tensor]:
+    """SDXL's three size conditions of a sample, long [2] each, from its json; a shard written
+    without them (an older prepare) gets SDXL's neutral values: the stored size, crop (0, 0)."""
+    if all(f in meta for f in SIZE_FIELDS):
+        return {f: torch.tensor(meta[f]) for f in SIZE_FIELDS}
+    size = torch.tensor([8 * latent_shape[-2], 8 * latent_shape[-1]])  # [height, width]
+    return {"original_size": size, "crop_top_left": torch.zeros(2, dtype=torch.long), "target_size": size.clone()}
 
 
 def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, normalize: str = "channel",
@@ -141,14 +171,12 @@ def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, 
     return pipeline
 
 
-class EpochPlan(torch.utils.data.IterableDataset):
-    """The first stage in epoch mode: {"url", "skip", "take"} for this rank's and worker's part of
-    the epoch (see the module's docstring). The epoch, rank and world size live in shared memory:
-    ``set_epoch`` reaches persistent dataloader workers, and workers (where torch.distributed is
-    not initialised) use the rank of the process that made the loader or last set the epoch."""
+class _EpochState:
+    """The epoch, rank and world size in shared memory: ``set_epoch`` reaches persistent
+    dataloader workers, and workers (where torch.distributed is not initialised) use the rank of
+    the process that made the loader or last set the epoch."""
 
-    def __init__(self, urls: list[str], counts: list[int], seed: int):
-        self.urls, self.counts, self.seed = urls, counts, seed
+    def __init__(self):
         self._state = mp.get_context("spawn").Array("q", [0, *_node()], lock=False)  # epoch, rank, world
 
     def set_epoch(self, epoch: int) -> None:
@@ -162,23 +190,110 @@ class EpochPlan(torch.utils.data.IterableDataset):
     def rank(self) -> int:
         return self._state[1]
 
-    def __iter__(self):
+    def _where(self) -> tuple[int, int, int, int]:
+        """(rank, world, worker, workers) of the caller."""
         if torch.utils.data.get_worker_info() is None:
             self._state[1:] = list(_node())  # in the trainer's own process: ask now
         rank, world = self._state[1:]
         _, _, worker, workers = wds.utils.pytorch_worker_info()
-        order = list(range(len(self.urls)))
-        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)  # the same on every rank and worker
-        per_rank = sum(self.counts) // world  # the remainder (< world samples) sits out this epoch
-        base, extra = divmod(per_rank, workers)  # workers' shares differ by one sample at most
-        lo = rank * per_rank + worker * base + min(worker, extra)
-        hi = lo + base + (worker < extra)
-        pos = 0
-        for i in order:
-            n = self.counts[i]
-            if pos < hi and pos + n > lo:
-                yield {"url": self.urls[i], "skip": max(0, lo - pos), "take": min(hi, pos + n) - max(lo, pos)}
-            pos += n
+        return rank, world, worker, workers
+
+
+def _epoch_slices(urls: list[str], counts: list[int], order_seed: str, where: tuple[int, int, int, int]):
+    """{"url", "skip", "take"} of this rank's and worker's part of one epoch of ``urls``: the
+    shards in an order drawn from ``order_seed``, cut into equal ranges per rank, then per worker."""
+    rank, world, worker, workers = where
+    order = list(range(len(urls)))
+    random.Random(order_seed).shuffle(order)  # the same on every rank and worker
+    per_rank = sum(counts) // world  # the remainder (< world samples) sits out this epoch
+    base, extra = divmod(per_rank, workers)  # workers' shares differ by one sample at most
+    lo = rank * per_rank + worker * base + min(worker, extra)
+    hi = lo + base + (worker < extra)
+    pos = 0
+    for i in order:
+        n = counts[i]
+        if pos < hi and pos + n > lo:
+            yield {"url": urls[i], "skip": max(0, lo - pos), "take": min(hi, pos + n) - max(lo, pos)}
+        pos += n
+
+
+class EpochPlan(_EpochState, torch.utils.data.IterableDataset):
+    """The first stage in epoch mode: {"url", "skip", "take"} for this rank's and worker's part of
+    the epoch (see the module's docstring)."""
+
+    def __init__(self, urls: list[str], counts: list[int], seed: int):
+        super().__init__()
+        self.urls, self.counts, self.seed = urls, counts, seed
+
+    def __iter__(self):
+        return _epoch_slices(self.urls, self.counts, f"{self.seed}:{self.epoch}", self._where())
+
+
+class BucketBatches(_EpochState, torch.utils.data.IterableDataset):
+    """Epoch mode over shards of several latent shapes: batches (collated dicts) of one shape
+    each, the same number on every rank (see the module's docstring)."""
+
+    def __init__(self, urls: list[str], counts: list[int], shapes: list[tuple], batch_sizes: dict[tuple, int],
+                 to_item, shuffle: int, seed: int, drop_last: bool):
+        super().__init__()
+        self.groups: dict[tuple, tuple[list[str], list[int]]] = {}
+        for url, n, shape in zip(urls, counts, shapes):
+            g = self.groups.setdefault(shape, ([], []))
+            g[0].append(url)
+            g[1].append(n)
+        self.batch_sizes, self.to_item, self.shuffle = batch_sizes, to_item, shuffle
+        self.batch_size = max(batch_sizes.values())
+        self.seed, self.drop_last = seed, drop_last
+
+    def __iter__(self):
+        where = self._where()
+        readers, labels = {}, []
+        for shape, (urls, counts) in sorted(self.groups.items()):
+            entries = list(_epoch_slices(urls, counts, f"{self.seed}:{self.epoch}:{shape}", where))
+            readers[shape] = _read_slices(entries)
+            labels += [shape] * sum(e["take"] for e in entries)
+        # The buckets mixed in a random order: at every point, each one's chance of coming next is
+        # its share of what is left, so batches of every bucket spread over the whole epoch.
+        random.Random(f"{self.seed}:{self.epoch}:{where[0]}:{where[2]}:mix").shuffle(labels)
+        stream = (next(readers[shape]) for shape in labels)
+        if self.shuffle:
+            stream = wds.shuffle(self.shuffle, seed=f"{self.seed}:{self.epoch}:{where[0]}:{where[2]}")(stream)
+        try:
+            yield from bucket_batches(map(self.to_item, stream), self.batch_sizes, self.batch_size, self.drop_last)
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+
+def bucket_batches(items, batch_sizes: dict[tuple, int], default: int, drop_last: bool = False):
+    """Items (dicts with a ``latent`` [C, h, w]) -> collated batches of one latent shape each: a
+    batch as soon as a shape has ``batch_sizes[shape]`` items (``default`` for a shape not listed);
+    the partial ones at the end (in shape order) unless ``drop_last``."""
+    pending: dict[tuple, list[dict]] = {}
+    for item in items:
+        shape = tuple(item["latent"].shape)
+        group = pending.setdefault(shape, [])
+        group.append(item)
+        if len(group) >= batch_sizes.get(shape, default):
+            yield torch.utils.data.default_collate(pending.pop(shape))
+    if not drop_last:
+        for shape in sorted(pending):
+            yield torch.utils.data.default_collate(pending[shape])
+
+
+BUCKET_BATCH = ("samples", "pixels")
+
+
+def bucket_batch_sizes(shapes, batch_size: int, policy: str = "samples") -> dict[tuple, int]:
+    """Batch size per latent shape [C, h, w]: ``batch_size`` for each ("samples"), or ("pixels")
+    as many as hold the latent pixels of ``batch_size`` latents of the largest shape."""
+    if policy not in BUCKET_BATCH:
+        raise ValueError(f"bucket_batch={policy!r}: allowed: {', '.join(BUCKET_BATCH)}")
+    shapes = {tuple(x) for x in shapes}
+    if policy == "samples" or not shapes:
+        return {x: batch_size for x in shapes}
+    most = max(h * w for _, h, w in shapes)
+    return {x: max(1, batch_size * most // (x[1] * x[2])) for x in shapes}
 
 
 def _node() -> tuple[int, int]:
@@ -237,6 +352,29 @@ def shard_counts(urls: list[str], stats=None, counts: dict[str, int] | None = No
     return out
 
 
+def shard_shapes(urls: list[str], stats=None) -> list[tuple | None]:
+    """The latent shape [C, h, w] of each shard's samples: stats.json's ``shard_shapes``, else
+    (local files) its first sample's; None where unknown (a URL without stats)."""
+    known: dict[str, tuple] = {}
+    if stats is not None:
+        st = json.loads(Path(stats).read_text()) if isinstance(stats, (str, Path)) else stats
+        for split in st.get("splits", {}).values():
+            known.update({Path(k).name: tuple(v) for k, v in split.get("shard_shapes", {}).items()})
+    out: list[tuple | None] = []
+    for url in urls:
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        if name in known or "://" in url or url.startswith("pipe:"):
+            out.append(known.get(name))
+            continue
+        reader = tar_samples([{"url": url}])
+        try:
+            first = next(reader, None)
+        finally:
+            reader.close()
+        out.append(tuple(LATENT.get(first, "mean").shape) if first is not None else None)
+    return out
+
+
 class LatentLoader(torch.utils.data.DataLoader):
     """A DataLoader with ``set_epoch`` (epoch mode)."""
 
@@ -244,16 +382,50 @@ class LatentLoader(torch.utils.data.DataLoader):
         self.dataset.set_epoch(epoch)
 
 
-def latent_loader(shards, batch_size: int, num_workers: int = 2, drop_last: bool = False, **kwargs) -> LatentLoader:
-    """A DataLoader over :func:`latent_dataset` (default collation: tensors stacked, strings listed).
+def latent_loader(shards, batch_size: int, num_workers: int = 2, drop_last: bool = False,
+                  bucket_batch: str = "samples", **kwargs) -> LatentLoader:
+    """A DataLoader over :func:`latent_dataset` (default collation: tensors stacked, strings listed),
+    or over :func:`bucket_dataset` when the shards hold latents of several shapes (buckets).
 
-    ``drop_last``: only full batches. Each loader worker drops its own last partial batch, so an
-    epoch loses fewer than ``max(1, num_workers) * batch_size`` samples per rank, and every rank
-    still gets the same number of batches (their worker shares are equal)."""
+    ``drop_last``: only full batches. Each loader worker drops its own last partial batch (of each
+    bucket), so an epoch loses fewer than ``max(1, num_workers) * batch_size`` samples per rank
+    (per bucket), and every rank still gets the same number of batches (their worker shares are
+    equal). ``bucket_batch``: "samples" or "pixels" (see the module's docstring)."""
+    urls = _expand(shards)
+    shapes = shard_shapes(urls, kwargs.get("stats"))
+    if len({x for x in shapes if x is not None}) > 1:
+        dataset = bucket_dataset(urls, batch_size=batch_size, drop_last=drop_last, bucket_batch=bucket_batch,
+                                 shapes=shapes, **kwargs)
+        return LatentLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
     return LatentLoader(
-        latent_dataset(shards, **kwargs), batch_size=batch_size, num_workers=num_workers,
+        latent_dataset(urls, **kwargs), batch_size=batch_size, num_workers=num_workers,
         persistent_workers=num_workers > 0, drop_last=drop_last,
     )
+
+
+def bucket_dataset(shards, *, batch_size: int, drop_last: bool = False, bucket_batch: str = "samples",
+                   shapes: list | None = None, sample_posterior: bool = True, flip: bool = True,
+                   normalize: str = "channel", stats=None, vae_config=None, shuffle: int = 1000,
+                   resampled: bool = False, seed: int = 0, counts: dict[str, int] | None = None):
+    """Batches of one latent shape each (dicts as :func:`latent_dataset`'s items, collated), for
+    shards of several shapes: epoch mode (:class:`BucketBatches`) or ``resampled``. ``shapes``:
+    each shard's latent shape (default: :func:`shard_shapes`)."""
+    urls = _expand(shards)
+    shapes = shapes if shapes is not None else shard_shapes(urls, stats)
+    unknown = [u for u, x in zip(urls, shapes) if x is None]
+    if unknown:
+        raise ValueError(f"{unknown[0]}: the latent shape of its samples is unknown: pass stats= (stats.json lists "
+                         "each shard's shape); with several shapes every batch must hold one")
+    sizes = bucket_batch_sizes(shapes, batch_size, bucket_batch)
+    to_item = _ToItem(sample_posterior, flip, _normalizer(normalize, stats, vae_config))
+    if resampled:
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True), tar_samples]
+        if shuffle:
+            stages.append(wds.shuffle(shuffle, seed=seed))
+        stages += [wds.map(to_item), functools.partial(bucket_batches, batch_sizes=sizes, default=batch_size,
+                                                       drop_last=drop_last)]
+        return wds.DataPipeline(*stages)
+    return BucketBatches(urls, shard_counts(urls, stats, counts), shapes, sizes, to_item, shuffle, seed, drop_last)
 
 
 @torch.no_grad()

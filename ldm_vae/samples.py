@@ -183,13 +183,21 @@ _PREPARED_META = {
     "width": Field("width", "int", "the raw image's width, after EXIF orientation"),
     "height": Field("height", "int", "the raw image's height, after EXIF orientation"),
     "crop_box": Field("crop_box", "ints", "[left, top, right, bottom] of the crop in the raw image"),
-    "resolution": Field("resolution", "int", "the side of the stored square (data.resolution)"),
+    "resolution": Field("resolution", "int", "data.resolution: the stored square's side; with buckets, the side of the "
+                        "square of about the same pixel count"),
+    "original_size": Field("original_size", "ints", "SDXL's original_size: [height, width] of the raw image"),
+    "crop_top_left": Field("crop_top_left", "ints", "SDXL's crops_coords_top_left: [top, left] of the crop in the raw "
+                           "image resized so that the crop has the stored size"),
+    "target_size": Field("target_size", "ints", "SDXL's target_size: [height, width] of the stored image (with buckets: "
+                         "its bucket)"),
     "caption": Field("caption", "str", "the caption, as in txt", required=False),
     "label": Field("label", "label", "the label, as in cls", required=False),
 }
 
-PREPARED = Kind("prepared", "data/prepared/{train,val}/<split>-u<unit>-<n>.tar, written by prepare", {
-    "image": Field("image", "image", "an RGB square of data.resolution pixels (data.image_format)", exts=IMAGE_KEYS),
+PREPARED = Kind("prepared", "data/prepared/{train,val}/<split>-u<unit>[-<W>x<H>]-<n>.tar (buckets: one bucket a "
+                "shard), written by prepare", {
+    "image": Field("image", "image", "an RGB image (data.image_format): a square of data.resolution pixels, or "
+                   "with data.crop: bucket its bucket's width x height", exts=IMAGE_KEYS),
     "meta": Field("json", "json", "where the crop came from (fields below)"),
     "caption": _CAPTION,
     "label": _LABEL,

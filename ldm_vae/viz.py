@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .files import atomic_path
@@ -17,19 +16,22 @@ MIN_TILE = 192
 FONT_SIZE = 14
 
 
-def save_grid(columns: list[torch.Tensor], path: Path, *, titles: list[str], captions: list[list[str]] | None = None,
+def save_grid(columns: list, path: Path, *, titles: list[str], captions: list[list[str]] | None = None,
               unit: bool = False, pad: int = 4) -> None:
-    """Save images as a labelled grid: one *column* per tensor, one row per image.
+    """Save images as a labelled grid: one *column* per entry, one row per image.
 
-    Each tensor is [N, 3, H, W], in [-1, 1] (or [0, 1] with ``unit=True``); column j is
-    ``columns[j]``, headed by ``titles[j]``, so [originals, reconstructions, errors] reads left to
-    right. ``captions[j][i]`` (optional, "" for none) is printed under tile i of column j: a
-    tile's PSNR, a key. Tiles are enlarged by a whole factor to at least ``MIN_TILE`` pixels.
+    Each column is a tensor [N, 3, H, W] or a list of N tensors [3, H_i, W_i] (images of several
+    shapes: each is shown whole, centred in a cell as large as the largest), in [-1, 1] (or
+    [0, 1] with ``unit=True``); column j is headed by ``titles[j]``, so [originals,
+    reconstructions, errors] reads left to right. ``captions[j][i]`` (optional, "" for none) is
+    printed under tile i of column j: a tile's PSNR, a key. Tiles are enlarged by a whole factor
+    to at least ``MIN_TILE`` pixels.
     """
     from PIL import ImageDraw, ImageFont
 
-    cols = [(t.float() if unit else (t.float().clamp(-1, 1) + 1) / 2).clamp(0, 1) for t in columns]
-    n, _, h, w = cols[0].shape
+    cols = [[(t.float() if unit else (t.float().clamp(-1, 1) + 1) / 2).clamp(0, 1) for t in col] for col in columns]
+    n = len(cols[0])
+    h, w = max(t.shape[-2] for c in cols for t in c), max(t.shape[-1] for c in cols for t in c)  # the cell
     scale = max(1, -(-MIN_TILE // max(h, w)))  # ceil
     th, tw = h * scale, w * scale
     font = ImageFont.load_default(size=FONT_SIZE)
@@ -40,10 +42,11 @@ def save_grid(columns: list[torch.Tensor], path: Path, *, titles: list[str], cap
     for j, col in enumerate(cols):
         x = pad + j * (tw + pad)
         draw.text((x + tw // 2, line // 2), titles[j], fill="black", font=font, anchor="mm")
-        arr = (col.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # [N, H, W, 3]
-        for i in range(n):
+        for i, tile in enumerate(col):
             y = line + pad + i * (th + cap + pad)
-            canvas.paste(Image.fromarray(arr[i]).resize((tw, th), Image.NEAREST), (x, y))
+            arr = (tile.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)  # [H, W, 3]
+            ih, iw = arr.shape[0] * scale, arr.shape[1] * scale
+            canvas.paste(Image.fromarray(arr).resize((iw, ih), Image.NEAREST), (x + (tw - iw) // 2, y + (th - ih) // 2))
             text = captions[j][i] if captions and captions[j] else ""
             if text:
                 draw.text((x + tw // 2, y + th + cap // 2), _fit(text, font, tw), fill="black", font=font, anchor="mm")

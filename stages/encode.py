@@ -51,6 +51,9 @@ def main() -> None:
     counts = ", ".join(f"{s} {v['count']}" for s, v in stats["splits"].items())
     print(f"encode: {counts} latents of shape {stats['latent_shape']}; "
           f"train latent mean {stats['mean']:.4f} std {stats['std']:.4f}")
+    buckets = stats["splits"]["train"]["buckets"]
+    if len(buckets) > 1:
+        print(f"  train buckets (WxH: latents): {', '.join(f'{b}: {n}' for b, n in buckets.items())}")
 
 
 def _has_gpu() -> bool:

@@ -1,4 +1,4 @@
-"""Prepare stage: raw images -> square RGB crops in train/val webdataset shards.
+"""Prepare stage: raw images -> square (or aspect-ratio bucket) RGB crops in train/val webdataset shards.
 
 Every core (``data.num_workers``); several machines as for download (one launcher per machine,
 shared folders): rank r takes raw shards r, r+N, ..., rank 0 writes counts.json.
@@ -31,6 +31,8 @@ def main() -> None:
         return  # not rank 0
     for split, c in counts.items():
         print(f"prepare {split}: {c['samples']} samples from {c['images']} images in {c['shards']} shards")
+        if "buckets" in c:
+            print(f"  buckets (WxH: samples): {', '.join(f'{b}: {n}' for b, n in c['buckets'].items())}")
 
 
 if __name__ == "__main__":

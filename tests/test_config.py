@@ -130,7 +130,8 @@ def _ldm_vae_imports(path: Path) -> set[str]:
 
 def test_every_stage_depends_on_the_code_it_runs():
     """A change to any module a stage imports (directly or not) re-runs that stage under dvc repro.
-    config.py is left out on purpose: it only validates, and every stage would re-run on a new key."""
+    config.py is left out on purpose: it only validates, and every stage would re-run on a new key;
+    so is what config.py alone imports to validate (the bucket geometry, a dep of prepare)."""
     import yaml
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -140,7 +141,8 @@ def test_every_stage_depends_on_the_code_it_runs():
         while todo:
             for mod in _ldm_vae_imports(todo.pop()) - seen:
                 seen.add(mod)
-                todo.append(ROOT / mod)
+                if mod != "ldm_vae/config.py":
+                    todo.append(ROOT / mod)
         missing = seen - set(stage["deps"]) - {"ldm_vae/config.py"} - {m for m in seen if m.endswith("__init__.py")}
         assert script in stage["deps"] and not missing, f"{name}: dvc.yaml deps lack {sorted(missing)}"
 

@@ -18,7 +18,8 @@ from ldm_vae.shards import ShardWriter, iter_samples, shard_paths
 
 def _meta(key, **extra):
     return {"key": key, "raw_key": "photo", "source": "a/b.jpg", "width": 500, "height": 375,
-            "crop_box": [62, 0, 437, 375], "resolution": 64, **extra}
+            "crop_box": [62, 0, 437, 375], "resolution": 64, "original_size": [375, 500], "crop_top_left": [0, 11],
+            "target_size": [64, 64], **extra}
 
 
 def _arrays(rng, flip: bool):
@@ -66,7 +67,7 @@ def test_every_kind_round_trips_through_a_real_shard(tmp_path):
     (RAW, "r", {"image": b"x"}, "heic", "image format 'heic'"),
     (RAW, "r", {"image": "not bytes"}, "jpg", "must be image"),
     (PREPARED, "p", {"image": b"x", "meta": _meta("p"), "mask": b""}, "png", "unknown fields ['mask']"),
-    (PREPARED, "p", {"image": b"x", "meta": {"key": "p"}}, "png", "missing ['crop_box', 'height'"),
+    (PREPARED, "p", {"image": b"x", "meta": {"key": "p"}}, "png", "missing ['crop_box', 'crop_top_left', 'height'"),
     (PREPARED, "p", {"image": b"x", "meta": {**_meta("p"), "width": "500"}}, "png", "wrong type ['width']"),
     (PREPARED, "p", {"image": b"x", "meta": {**_meta("p"), "crop": "adm"}}, "png", "unknown fields ['crop']"),
     (PREPARED, "p", {"image": b"x", "meta": _meta("p"), "label": True}, "png", "field label must be label"),

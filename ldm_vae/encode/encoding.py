@@ -105,11 +105,16 @@ def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fi
                 raise CoverageError(f"{e}; with several nodes, {out} must be one folder shared by all of them") from None
             raise
         shards = sorted(r_ for r in mine for r_ in r["outputs"])
-        # shard_counts: what the loader needs to give every DDP rank the same number of samples
+        shapes = {n: r["shape"] for r in mine for n in r["outputs"]}
+        # shard_counts and shard_shapes: what the loader needs to give every DDP rank the same
+        # number of samples and (with buckets) of batches; buckets: samples per image "WxH".
         stats["splits"][split] = {"count": sum(r["count"] for r in mine), "shards": shards,
-                                  "shard_counts": {n: counts[str(out / n)] for n in shards}}
-        shapes = [r["shape"] for r in mine if r["shape"]]
-        stats["latent_shape"] = shapes[0] if shapes else stats.get("latent_shape")
+                                  "shard_counts": {n: counts[str(out / n)] for n in shards},
+                                  "shard_shapes": {n: shapes[n] for n in shards},
+                                  "buckets": _bucket_counts({n: counts[str(out / n)] for n in shards}, shapes)}
+        if mine and (split == "train" or "latent_shape" not in stats):  # the train split's most common
+            per_shape = Counter({tuple(shapes[n]): counts[str(out / n)] for n in shards})
+            stats["latent_shape"] = list(per_shape.most_common(1)[0][0]) if per_shape else None
         if split == "train":
             moments = LatentMoments(vae.config.latent_channels)
             for r in mine:
@@ -121,6 +126,15 @@ def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fi
     stats["vae_shift_factor"] = vae.config.shift_factor
     atomic_write(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def _bucket_counts(counts: dict[str, int], shapes: dict[str, list[int]]) -> dict[str, int]:
+    """Samples per image shape "WxH" (a latent [C, h, w] is an 8w x 8h image), largest first."""
+    per: Counter = Counter()
+    for name, n in counts.items():
+        _, h, w = shapes[name]
+        per[f"{8 * w}x{8 * h}"] += n
+    return dict(sorted(per.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def check_coverage(inputs: list[str], outputs: list[str], split: str) -> dict[str, int]:

@@ -53,7 +53,13 @@ def latent_sample(prepared: dict, stored: dict[str, tuple[torch.Tensor, torch.Te
 
 def _pixels(batch: list[dict]) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1] (channels_last in memory) of a batch of prepared samples."""
-    return to_tensor(np.stack([decode_uint8(image_bytes(s)) for s in batch]))
+    arrays = [decode_uint8(image_bytes(s)) for s in batch]  # [H, W, 3] uint8 each
+    odd = next((i for i, a in enumerate(arrays) if a.shape != arrays[0].shape), None)
+    if odd is not None:  # batches come from one shard, and prepare writes one shape (bucket) a shard
+        raise ValueError(f"prepared samples {batch[0]['__key__']!r} and {batch[odd]['__key__']!r} of one shard differ "
+                         f"in shape ({arrays[0].shape[1]}x{arrays[0].shape[0]}, {arrays[odd].shape[1]}x"
+                         f"{arrays[odd].shape[0]}): a prepared shard must hold one image shape; re-run prepare")
+    return to_tensor(np.stack(arrays))
 
 
 def ordered_map(fn, items, workers: int, depth: int = 0):

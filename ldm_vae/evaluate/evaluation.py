@@ -52,7 +52,8 @@ def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out:
 
 
 def _batches(latents_val: Path, prepared_val: Path, refs: dict, batch_size: int) -> Iterator[list[dict]]:
-    """The validation latent samples in batches; each key exactly once, each with its image."""
+    """The validation latent samples in batches of one image shape; each key exactly once, each
+    with its image."""
     seen: set[str] = set()
     batch: list[dict] = []
     for sample in tqdm(iter_samples(shard_paths(latents_val)), total=len(refs), desc="evaluate",
@@ -63,6 +64,9 @@ def _batches(latents_val: Path, prepared_val: Path, refs: dict, batch_size: int)
         if key not in refs:
             raise RuntimeError(f"validation latent {key!r} has no prepared image in {prepared_val}")
         seen.add(key)
+        if batch and refs[key].shape != refs[batch[0]["__key__"]].shape:
+            yield batch  # buckets: a batch holds one image shape
+            batch = []
         batch.append(sample)
         if len(batch) == batch_size:
             yield batch
@@ -84,6 +88,7 @@ class _Scorer:
         self.rfid = RFid() if cfg.rfid else None
         self.health = ChannelStats()
         self.references = references or {}  # name -> another VAE, scored on the same images
+        self.rfid_references = {name: RFid() for name in self.references} if cfg.rfid else {}
 
     def __call__(self, batch: list[dict], ref: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(reconstructions [B, 3, H, W] in [0, 1], name -> per-image scores [B]); the reference
@@ -108,6 +113,8 @@ class _Scorer:
             scores[f"psnr_{name}"], scores[f"ssim_{name}"] = psnr(rec_o, ref), ssim(rec_o, ref)
             if self.lpips is not None:
                 scores[f"lpips_{name}"] = self.lpips(rec_o, ref)
+            if name in self.rfid_references:
+                self.rfid_references[name].add(ref, rec_o)
             self.last_references[name] = rec_o
         return rec, scores
 
@@ -125,8 +132,9 @@ class _Kept:
 
     def add(self, keys: list[str], raw_keys: list[str], ref: torch.Tensor, rec: torch.Tensor,
             scores: dict[str, torch.Tensor], others: dict[str, torch.Tensor] | None = None) -> None:
+        bucket = f"{ref.shape[-1]}x{ref.shape[-2]}"  # the batch's image shape, W x H
         for i, (k, raw) in enumerate(zip(keys, raw_keys)):
-            self.rows.append({"key": k, **{name: float(v[i]) for name, v in scores.items()}})
+            self.rows.append({"key": k, "bucket": bucket, **{name: float(v[i]) for name, v in scores.items()}})
             tile = _Tile(k, float(scores["psnr"][i]), ref[i], rec[i],
                          {n: (o[i], float(scores[f"psnr_{n}"][i])) for n, o in (others or {}).items()})
             if len(self.first) < self.n:
@@ -152,7 +160,9 @@ class _Tile:
 
 def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
     """per_image.csv, the grids, latent health and metrics.json; returns the metrics."""
-    rows = kept.rows
+    buckets = sorted({r["bucket"] for r in kept.rows})
+    # The bucket column only where there are several (data.crop: bucket).
+    rows = kept.rows if len(buckets) > 1 else [{k: v for k, v in r.items() if k != "bucket"} for r in kept.rows]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "per_image.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -166,10 +176,12 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
     channel_rows = scorer.health.result()
     write_health(channel_rows, out)
 
-    metrics = {name: float(np.mean([r[name] for r in rows])) for name in rows[0] if name != "key"}
+    metrics = {name: float(np.mean([r[name] for r in rows])) for name in rows[0] if name not in ("key", "bucket")}
     metrics["psnr_fp16_cost"] = metrics["psnr_fp32"] - metrics["psnr"]
     if scorer.rfid is not None:
         metrics["rfid"] = scorer.rfid.compute()
+    for name, rfid in scorer.rfid_references.items():
+        metrics[f"rfid_{name}"] = rfid.compute()
     h, w = kept.first[0].ref.shape[-2:]
     c = stats["channels"]
     metrics.update({
@@ -186,6 +198,9 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
         c_o = other.config.latent_channels
         metrics[f"latent_channels_{name}"] = c_o
         metrics[f"compression_ratio_{name}"] = (3 * h * w) / (c_o * (h // 8) * (w // 8))
+    if len(buckets) > 1:  # each bucket's own scores: a shape the autoencoder handles worse shows here
+        metrics["buckets"] = {b: {"count": len(mine), **{m: float(np.mean([r[m] for r in mine])) for m in ("psnr", "ssim")}}
+                              for b in buckets for mine in [[r for r in kept.rows if r["bucket"] == b]]}
     metrics.update(health_metrics(channel_rows))
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -193,11 +208,11 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
 
 def save_recon_grid(tiles: list[_Tile], path: Path) -> None:
     """original (with its key) | reconstruction (with its PSNR) | error, amplified ERROR_GAIN times."""
-    originals = torch.stack([t.ref for t in tiles])  # [N, 3, H, W]
-    recs = torch.stack([t.rec for t in tiles])
-    error = ((recs - originals).abs() * ERROR_GAIN).clamp(0, 1)
+    originals = [t.ref for t in tiles]  # [3, H, W] each; buckets: of several shapes, each shown whole
+    recs = [t.rec for t in tiles]
+    error = [((r - o).abs() * ERROR_GAIN).clamp(0, 1) for r, o in zip(recs, originals)]
     names = list(tiles[0].others)  # a column per reference VAE, with its PSNR
-    save_grid([originals, recs, error, *[torch.stack([t.others[n][0] for t in tiles]) for n in names]], path,
+    save_grid([originals, recs, error, *[[t.others[n][0] for t in tiles] for n in names]], path,
               unit=True, titles=["original", "reconstruction", f"|error| x{ERROR_GAIN}", *names],
               captions=[[t.key for t in tiles], [f"{t.psnr:.2f} dB" for t in tiles], [],
                         *[[f"{t.others[n][1]:.2f} dB" for t in tiles] for n in names]])

@@ -1,4 +1,5 @@
-"""The prepare stage's work: raw shards -> square RGB crops in train/val webdataset shards.
+"""The prepare stage's work: raw shards -> RGB crops in train/val webdataset shards: squares, or
+with ``data.crop: bucket`` one crop per image at its aspect-ratio bucket (:mod:`ldm_vae.buckets`).
 
 The split is decided per *source image* by a hash of its key, so every crop of a photograph lands
 in the same split (validation never sees a training photograph), and adding images to a
@@ -6,7 +7,9 @@ collection never moves an existing image from one split to the other.
 
 One unit per raw shard (:mod:`ldm_vae.runner`): a worker reads the shard's block of manifest rows
 and the shard, crops every image and writes ``<split>/<split>-<unit>-<n>.tar``, its crops shuffled
-in a bounded buffer seeded by the unit. Everything a unit writes is a function of its own inputs,
+in a bounded buffer seeded by the unit. Buckets go to shards of their own,
+``<split>-<unit>-<W>x<H>-<n>.tar``: every shard then holds one image shape, so encode's batches
+and the loader's epoch plan work per shard without looking inside. Everything a unit writes is a function of its own inputs,
 so the prepared samples are the same, byte for byte, whatever the number of processes or machines.
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 
 from ..config import DataConfig
+from ..buckets import bucket_crop, bucket_name, bucket_set, square_sizes
 from ..images import adm_center_crop, crop_resize, encode_image, load_rgb, random_squares, square_crops
 from ..files import atomic_write
 from ..samples import PREPARED
@@ -27,9 +31,10 @@ from ..shards import ShardWriter, tar_members
 
 SPLITS = ("train", "val")
 SHUFFLE_BUFFER = 4096  # samples held before writing, so crops of one photograph spread over shards
-CODE = ("ingest/prepare", "images", "samples", "shards", "runner")
+CODE = ("ingest/prepare", "buckets", "images", "samples", "shards", "runner")
 PARAMS = ("max_pixels", "resolution", "val_fraction", "crops_per_image", "val_crops_per_image", "min_crop_scale",
-          "crop", "image_format", "samples_per_shard", "seed")
+          "crop", "bucket_step", "bucket_max_ratio", "bucket_min_side", "buckets", "bucket_crop", "bucket_upscale",
+          "image_format", "samples_per_shard", "seed")
 
 
 def key_fraction(key: str, seed: int) -> float:
@@ -90,9 +95,15 @@ def run_prepare(cfg: DataConfig, raw: Path, out: Path) -> dict | None:
     for record in iter_records(out, units):
         for split in SPLITS:
             c = record["counts"][split]
-            counts[split]["images"] += c["images"]
-            counts[split]["samples"] += c["samples"]
-            counts[split]["shards"] += c["shards"]
+            for name in ("images", "samples", "shards"):
+                counts[split][name] += c[name]
+            if cfg.crop == "bucket":  # samples per bucket, "WxH"
+                per = counts[split].setdefault("buckets", {})
+                for b, n in c.get("buckets", {}).items():
+                    per[b] = per.get(b, 0) + n
+    for split in SPLITS:
+        if "buckets" in counts[split]:
+            counts[split]["buckets"] = dict(sorted(counts[split]["buckets"].items()))
     atomic_write(out / "counts.json", json.dumps(counts, indent=2) + "\n")
     return counts
 
@@ -146,7 +157,7 @@ class _Work:
         with open(self.raw / "manifest.jsonl", "rb") as f:
             f.seek(offset)
             rows = {r["member"]: r for r in map(json.loads, f.read(nbytes).splitlines())}
-        writers = {s: ShardWriter(self.out / s, f"{s}-{unit.name}", cfg.samples_per_shard) for s in SPLITS}
+        writers = _Writers(self.out, unit.name, cfg.samples_per_shard)
         buffers: dict[str, list] = {s: [] for s in SPLITS}
         rngs = {s: random.Random(f"{cfg.seed}:{s}:{unit.name}:shuffle") for s in SPLITS}
         images = {s: 0 for s in SPLITS}
@@ -162,44 +173,84 @@ class _Work:
                     per_image = cfg.crops_per_image if split == "train" else cfg.val_crops_per_image
                     buffers[split].extend(crop_samples(cfg, row, data, per_image))
                     while len(buffers[split]) > SHUFFLE_BUFFER:
-                        writers[split].write(buffers[split].pop(rngs[split].randrange(len(buffers[split]))))
+                        writers.write(split, *buffers[split].pop(rngs[split].randrange(len(buffers[split]))))
                     tick()
             if rows:
                 raise ValueError(f"{len(rows)} manifest images are missing from {shard}, e.g. {next(iter(rows))}")
             for s in SPLITS:
                 rngs[s].shuffle(buffers[s])
-                for sample in buffers[s]:
-                    writers[s].write(sample)
-                writers[s].close()
+                for sample, bucket in buffers[s]:
+                    writers.write(s, sample, bucket)
+            writers.close()
         except BaseException:
-            for w in writers.values():
-                w.__exit__(RuntimeError, None, None)  # drop the partial shard
+            writers.abort()
             raise
-        return {"outputs": [f"{s}/{n}" for s in SPLITS for n in writers[s].written],
-                "counts": {s: {"images": images[s], "samples": writers[s].total, "shards": len(writers[s].written)}
-                           for s in SPLITS}}
+        return {"outputs": writers.outputs(), "counts": {s: {"images": images[s], **writers.counts(s)} for s in SPLITS}}
 
 
-def crop_samples(cfg: DataConfig, row: dict, data: bytes, n: int) -> list[dict]:
-    """The prepared samples of one raw image: ``n`` crops by ``cfg.crop``, each with its metadata."""
+class _Writers:
+    """A unit's shard writers: one per split, or with buckets one per (split, bucket), made when
+    its first sample comes (a unit sees only some buckets)."""
+
+    def __init__(self, out: Path, unit: str, per_shard: int):
+        self.out, self.unit, self.per_shard = out, unit, per_shard
+        self.open: dict[tuple[str, str | None], ShardWriter] = {}
+        for split in SPLITS:
+            (out / split).mkdir(parents=True, exist_ok=True)
+
+    def write(self, split: str, sample: dict, bucket: str | None) -> None:
+        w = self.open.get((split, bucket))
+        if w is None:
+            prefix = f"{split}-{self.unit}" + (f"-{bucket}" if bucket else "")
+            w = self.open[(split, bucket)] = ShardWriter(self.out / split, prefix, self.per_shard)
+        w.write(sample)
+
+    def close(self) -> None:
+        for w in self.open.values():
+            w.close()
+
+    def abort(self) -> None:
+        for w in self.open.values():
+            w.__exit__(RuntimeError, None, None)  # drop the partial shard
+
+    def outputs(self) -> list[str]:
+        return [f"{s}/{n}" for (s, _), w in sorted(self.open.items(), key=str) for n in w.written]
+
+    def counts(self, split: str) -> dict:
+        mine = {b: w for (s, b), w in self.open.items() if s == split}
+        c = {"samples": sum(w.total for w in mine.values()), "shards": sum(len(w.written) for w in mine.values())}
+        if any(b is not None for b in mine):
+            c["buckets"] = {b: w.total for b, w in sorted(mine.items())}
+        return c
+
+
+def crop_samples(cfg: DataConfig, row: dict, data: bytes, n: int) -> list[tuple[dict, str | None]]:
+    """The prepared samples of one raw image: ``n`` crops by ``cfg.crop``, each with its metadata,
+    and its bucket's name (None for squares)."""
     # Raw bytes passed download's checks, but they are re-decoded through the same guarded path.
     img = load_rgb(data, cfg.max_pixels)
     rng = random.Random(f"{cfg.seed}:{row['key']}:crops")
-    if cfg.crop == "adm":
-        crops = [adm_center_crop(img, cfg.resolution)]
+    if cfg.crop == "bucket":
+        crop, box, sizes = bucket_crop(img, cfg, bucket_set(cfg), rng)
+        crops = [(crop, box, sizes)]
+    elif cfg.crop == "adm":
+        crop, box = adm_center_crop(img, cfg.resolution)
+        crops = [(crop, box, square_sizes(img.width, img.height, box, cfg.resolution))]
     else:
         boxes = (square_crops(img.size, n, cfg.min_crop_scale, rng) if cfg.crop == "multiscale"
                  else random_squares(img.size, n, rng))
-        crops = [(crop_resize(img, box, cfg.resolution), box) for box in boxes]
+        crops = [(crop_resize(img, box, cfg.resolution), box, square_sizes(img.width, img.height, box, cfg.resolution))
+                 for box in boxes]
     samples = []
     width = max(2, len(str(n - 1)))
-    for i, (crop, box) in enumerate(crops):
+    for i, (crop, box, sizes) in enumerate(crops):
         key = row["key"] if n == 1 else f"{row['key']}-c{i:0{width}d}"
         meta = {"key": key, "raw_key": row["key"], "source": row["source"], "width": img.width,
-                "height": img.height, "crop_box": list(box), "resolution": cfg.resolution}
+                "height": img.height, "crop_box": list(box), "resolution": cfg.resolution, **sizes}
         for name in ("caption", "label"):
             if name in row:
                 meta[name] = row[name]
-        samples.append(PREPARED.build(key, fmt=cfg.image_format, image=encode_image(crop, cfg.image_format),
-                                      meta=meta, caption=row.get("caption"), label=row.get("label")))
+        sample = PREPARED.build(key, fmt=cfg.image_format, image=encode_image(crop, cfg.image_format),
+                                meta=meta, caption=row.get("caption"), label=row.get("label"))
+        samples.append((sample, bucket_name(crop.size) if cfg.crop == "bucket" else None))
     return samples
