@@ -301,3 +301,32 @@ def test_cpu_encode_uses_every_core_and_restores_the_thread_count(pipeline_dir, 
     assert {n for _, n in seen} == ({1} if L.cpu_share() > 1 else {threads})
     assert torch.get_num_threads() == threads
     assert sorted(latents_by_key(tmp_path / "train")) == sorted(latents_by_key(one / "train"))
+
+
+def test_a_prepared_shard_mixing_image_shapes_is_refused_naming_both(pipeline_dir, encoded, tmp_path):
+    """Prepare writes one bucket a shard; a hand-made shard that mixes shapes fails with a reason,
+    and keeps nothing half-written."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from ldm_vae.runner import UnitFailed
+    from ldm_vae.shards import ShardWriter
+
+    vae, _, _ = encoded
+    prepared = tmp_path / "prepared"
+    shutil.copytree(pipeline_dir / "prepared" / "val", prepared / "val")
+    samples = list(iter_samples(shard_paths(pipeline_dir / "prepared" / "train")))[:3]
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 32), "red").save(buf, format="PNG")
+    samples[1] = {**samples[1], "png": buf.getvalue()}
+    with ShardWriter(prepared / "train", "train-mixed", 10) as w:
+        for s in samples:
+            w.write({k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")})
+    with pytest.raises(UnitFailed) as e:
+        run_encode(vae, prepared, tmp_path / "latents", make_params().encode)
+    msg = str(e.value)
+    assert "of one shard differ in shape (32x32, 48x32)" in msg and samples[1]["__key__"] in msg
+    assert "re-run prepare" in msg
+    assert not list((tmp_path / "latents").rglob("train-*.tar"))
