@@ -66,11 +66,6 @@ class SizeConditioned(torch.nn.Module):
         return self.unet(z, t, class_labels=emb)
 
 
-def time_ids(batch: dict) -> torch.Tensor:
-    """SDXL's add_time_ids of a loader batch: [B, 6] float."""
-    return torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], 1).float()
-
-
 def denoise(model, z, t, labels, ids):
     """The noise prediction of either model: the plain UNet or the size-conditioned one."""
     if ids is not None:
@@ -117,7 +112,7 @@ def train_loop(accelerator, unet, opt, scheduler: DDPMScheduler, loader, steps: 
             labels = batch["label"].to(accelerator.device) if classes else None
             noise = torch.randn_like(z0)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
-            ids = time_ids(batch).to(z0.device) if size_cond else None  # [B, 6]
+            ids = batch["time_ids"].float().to(z0.device) if size_cond else None  # [B, 6], SDXL's add_time_ids
             pred = denoise(unet, scheduler.add_noise(z0, noise, t), t, labels, ids)
             loss = torch.nn.functional.mse_loss(pred, noise)
             accelerator.backward(loss)

@@ -8,8 +8,9 @@
         for batch in loader:
             z = batch["latent"]      # [B, C, h, w], normalised to ~N(0, 1)
             captions, labels = batch["caption"], batch["label"]
-            # SDXL's size conditioning, each [B, 2] (height, width / top, left): add_time_ids is
-            # torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], 1)
+            # SDXL's size conditioning, [B, 6] long: original_size (h, w), crop_top_left
+            # (top, left), target_size (h, w), in the order of SDXL's add_time_ids
+            time_ids = batch["time_ids"]
 
 Epoch mode (the default) gives every rank (torch.distributed, or RANK / WORLD_SIZE) the same
 number of samples and so the same number of batches, whatever the shard and sample counts, as
@@ -108,8 +109,8 @@ def _normalizer(normalize: str, stats, vae_config, inverse: bool = False) -> _Af
 
 
 class _ToItem:
-    """A stored sample -> {latent [C, h, w] float32, key, caption, label, original_size,
-    crop_top_left, target_size} (picklable, as above)."""
+    """A stored sample -> {latent [C, h, w] float32, key, caption, label, time_ids [6]}
+    (picklable, as above)."""
 
     def __init__(self, sample_posterior: bool, flip: bool, norm: _Affine):
         self.sample_posterior, self.flip, self.norm = sample_posterior, flip, norm
@@ -129,20 +130,22 @@ class _ToItem:
                              "class indices, so the source's label column must hold integers")
         item = {"latent": self.norm(z), "key": sample["__key__"], "caption": LATENT.get(sample, "caption", ""),
                 "label": label}
-        item.update(size_conditioning(LATENT.get(sample, "meta") if "json" in sample else {}, mean.shape))
+        item["time_ids"] = time_ids(LATENT.get(sample, "meta") if "json" in sample else {}, mean.shape)
         return item
 
 
 SIZE_FIELDS = ("original_size", "crop_top_left", "target_size")
 
 
-def size_conditioning(meta: dict, latent_shape) -> dict[str, torch.Tensor]:
-    """SDXL's three size conditions of a sample, long [2] each, from its json; a shard written
-    without them (an older prepare) gets SDXL's neutral values: the stored size, crop (0, 0)."""
+def time_ids(meta: dict, latent_shape) -> torch.Tensor:
+    """SDXL's size conditioning of a sample, long [6]: original_size (h, w), crop_top_left (top,
+    left), target_size (h, w), the order of diffusers' ``add_time_ids``. A shard written without
+    them (an older prepare) gets SDXL's neutral values: the stored size, crop (0, 0). One tensor,
+    not three: per sample this is on the loader's hot path."""
     if all(f in meta for f in SIZE_FIELDS):
-        return {f: torch.tensor(meta[f]) for f in SIZE_FIELDS}
-    size = torch.tensor([8 * latent_shape[-2], 8 * latent_shape[-1]])  # [height, width]
-    return {"original_size": size, "crop_top_left": torch.zeros(2, dtype=torch.long), "target_size": size.clone()}
+        return torch.tensor(meta["original_size"] + meta["crop_top_left"] + meta["target_size"])
+    h, w = 8 * latent_shape[-2], 8 * latent_shape[-1]
+    return torch.tensor([h, w, 0, 0, h, w])
 
 
 def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, normalize: str = "channel",

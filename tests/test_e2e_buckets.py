@@ -110,8 +110,7 @@ def test_the_loader_gives_one_bucket_a_batch_with_size_conditioning(bucket_repo)
         for i, key in enumerate(batch["key"]):
             m = metas[key]
             assert batch["latent"].shape[2:] == (m["target_size"][0] // 8, m["target_size"][1] // 8)
-            for field in ("original_size", "crop_top_left", "target_size"):
-                assert batch[field][i].tolist() == m[field]
+            assert batch["time_ids"][i].tolist() == m["original_size"] + m["crop_top_left"] + m["target_size"]
         seen += batch["key"]
     assert sorted(seen) == sorted(metas)
 

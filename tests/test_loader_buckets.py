@@ -65,9 +65,8 @@ def test_two_ranks_two_workers_one_shape_a_batch_equal_batches_each_sample_at_mo
                 assert {keys[k] for k in b["key"]} == {shape}  # one bucket a batch
                 assert not drop_last or len(b["key"]) == 4
                 h, w = shape[1:]
-                assert b["target_size"].tolist() == [[8 * h, 8 * w]] * len(b["key"])  # size conditioning
-                assert b["original_size"].tolist() == [[8 * h + 3, 8 * w + 5]] * len(b["key"])
-                assert b["crop_top_left"].tolist() == [[1, 2]] * len(b["key"])
+                # SDXL's add_time_ids: original_size, crop_top_left, target_size
+                assert b["time_ids"].tolist() == [[8 * h + 3, 8 * w + 5, 1, 2, 8 * h, 8 * w]] * len(b["key"])
                 assert b["caption"] == [f"caption {k}" for k in b["key"]]
                 seen += list(b["key"])
         assert per_rank[0] == per_rank[1] > 0  # DDP: no rank waits at a step the other never reaches
