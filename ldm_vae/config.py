@@ -15,7 +15,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -23,9 +22,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ParamError(ValueError):
-    """A params.yaml value that is missing, unknown, of the wrong type or out of range."""
+from .param_checks import ParamError, check_at_least, check_choice, check_processes, check_range, coerce
 
 
 SOURCE_KINDS = ("builtin", "folder", "hf", "urls")
@@ -85,7 +82,7 @@ class DataConfig:
 
     def check(self) -> None:
         kind = self.source.split(":", 1)[0]
-        _allowed("data.source", kind, SOURCE_KINDS, shown=self.source)
+        check_choice("data.source", kind, SOURCE_KINDS, shown=self.source)
         if kind in ("folder", "hf", "urls") and not self.source_target:
             raise ParamError(f"data.source: {self.source!r}: {kind} needs a target, e.g. {kind}:<path>")
         if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:%+]+", self.split):
@@ -93,40 +90,40 @@ class DataConfig:
                              "slicing syntax ('train[:10%]', 'train+validation')")
         if kind == "hf" and not self.image_column:
             raise ParamError("data.image_column: '': an hf source needs the name of its image column")
-        _at_least("data.max_images", self.max_images, 0)
-        _check_processes("data.num_workers", self.num_workers)
-        _at_least("data.unit_images", self.unit_images, 1)
-        _at_least("data.download_workers", self.download_workers, 1)
-        _in_range("data.connect_timeout", self.connect_timeout, 0.0, 3600.0, open_lo=True)
-        _in_range("data.read_timeout", self.read_timeout, 0.0, 3600.0, open_lo=True)
-        _at_least("data.retries", self.retries, 0)
-        _at_least("data.retry_backoff", self.retry_backoff, 0.0)
-        _in_range("data.fetch_deadline", self.fetch_deadline, 0.0, 3600.0, open_lo=True)
-        _at_least("data.max_bytes", self.max_bytes, 1)
-        _at_least("data.min_size", self.min_size, 1)
-        _at_least("data.max_pixels", self.max_pixels, 1)
+        check_at_least("data.max_images", self.max_images, 0)
+        check_processes("data.num_workers", self.num_workers)
+        check_at_least("data.unit_images", self.unit_images, 1)
+        check_at_least("data.download_workers", self.download_workers, 1)
+        check_range("data.connect_timeout", self.connect_timeout, 0.0, 3600.0, open_lo=True)
+        check_range("data.read_timeout", self.read_timeout, 0.0, 3600.0, open_lo=True)
+        check_at_least("data.retries", self.retries, 0)
+        check_at_least("data.retry_backoff", self.retry_backoff, 0.0)
+        check_range("data.fetch_deadline", self.fetch_deadline, 0.0, 3600.0, open_lo=True)
+        check_at_least("data.max_bytes", self.max_bytes, 1)
+        check_at_least("data.min_size", self.min_size, 1)
+        check_at_least("data.max_pixels", self.max_pixels, 1)
         if self.resolution < 8 or self.resolution % 8:
             raise ParamError(
                 f"data.resolution: {self.resolution}: must be a multiple of 8 (8x downsampling), at least 8"
             )
-        _in_range("data.val_fraction", self.val_fraction, 0.0, 1.0, open_hi=True, open_lo=True)
-        _at_least("data.crops_per_image", self.crops_per_image, 1)
-        _at_least("data.val_crops_per_image", self.val_crops_per_image, 1)
-        _in_range("data.min_crop_scale", self.min_crop_scale, 0.0, 1.0, open_lo=True)
-        _allowed("data.image_format", self.image_format, ("png", "jpg"))
-        _allowed("data.crop", self.crop, CROP_METHODS)
+        check_range("data.val_fraction", self.val_fraction, 0.0, 1.0, open_hi=True, open_lo=True)
+        check_at_least("data.crops_per_image", self.crops_per_image, 1)
+        check_at_least("data.val_crops_per_image", self.val_crops_per_image, 1)
+        check_range("data.min_crop_scale", self.min_crop_scale, 0.0, 1.0, open_lo=True)
+        check_choice("data.image_format", self.image_format, ("png", "jpg"))
+        check_choice("data.crop", self.crop, CROP_METHODS)
         if self.crop == "adm" and (self.crops_per_image, self.val_crops_per_image) != (1, 1):
             raise ParamError(f"data.crop: 'adm' takes one centre crop per image: set data.crops_per_image "
                              f"({self.crops_per_image}) and data.val_crops_per_image ({self.val_crops_per_image}) to 1")
-        _at_least("data.samples_per_shard", self.samples_per_shard, 1)
+        check_at_least("data.samples_per_shard", self.samples_per_shard, 1)
         self._check_buckets()
 
     def _check_buckets(self) -> None:
         if self.bucket_step < 8 or self.bucket_step % 8:
             raise ParamError(f"data.bucket_step: {self.bucket_step}: must be a multiple of 8, at least 8")
-        _at_least("data.bucket_max_ratio", self.bucket_max_ratio, 1.0)
-        _at_least("data.bucket_min_side", self.bucket_min_side, 0)
-        _allowed("data.bucket_crop", self.bucket_crop, ("center", "random"))
+        check_at_least("data.bucket_max_ratio", self.bucket_max_ratio, 1.0)
+        check_at_least("data.bucket_min_side", self.bucket_min_side, 0)
+        check_choice("data.bucket_crop", self.bucket_crop, ("center", "random"))
         for b in self.buckets:
             m = re.fullmatch(r"([0-9]+)x([0-9]+)", b)
             if not m or int(m[1]) % 8 or int(m[2]) % 8 or not (int(m[1]) and int(m[2])):
@@ -177,7 +174,7 @@ class ModelConfig:
     def check(self) -> None:
         if self.use_as_is and not self.init_from:
             raise ParamError("model.use_as_is: true needs model.init_from (the VAE to use: a folder or a hub id)")
-        _at_least("model.latent_channels", self.latent_channels, 1)
+        check_at_least("model.latent_channels", self.latent_channels, 1)
         if len(self.block_out_channels) != 4:
             raise ParamError(
                 f"model.block_out_channels: {list(self.block_out_channels)}: needs exactly 4 entries "
@@ -189,9 +186,9 @@ class ModelConfig:
                     f"model.block_out_channels: {list(self.block_out_channels)}: each entry must be a "
                     f"positive multiple of model.norm_num_groups ({self.norm_num_groups})"
                 )
-        _at_least("model.layers_per_block", self.layers_per_block, 1)
-        _at_least("model.norm_num_groups", self.norm_num_groups, 1)
-        _in_range("model.logvar_init", self.logvar_init, -30.0, 20.0)
+        check_at_least("model.layers_per_block", self.layers_per_block, 1)
+        check_at_least("model.norm_num_groups", self.norm_num_groups, 1)
+        check_range("model.logvar_init", self.logvar_init, -30.0, 20.0)
 
 
 @dataclass(frozen=True)
@@ -213,17 +210,17 @@ class LossConfig:
     disc_lr: float = 0.0  # 0: the same as train.lr
 
     def check(self) -> None:
-        _allowed("loss.rec_loss", self.rec_loss, ("l1", "l2", "log_l2"))
-        _at_least("loss.kl_weight", self.kl_weight, 0.0)
-        _at_least("loss.kl_anneal_steps", self.kl_anneal_steps, 0)
-        _at_least("loss.perceptual_weight", self.perceptual_weight, 0.0)
-        _in_range("loss.logvar_init", self.logvar_init, -20.0, 20.0)
-        _at_least("loss.disc_weight", self.disc_weight, 0.0)
-        _at_least("loss.disc_start", self.disc_start, 0)
-        _allowed("loss.disc_loss", self.disc_loss, ("hinge", "vanilla"))
-        _in_range("loss.disc_layers", self.disc_layers, 1, 6)
-        _at_least("loss.disc_channels", self.disc_channels, 1)
-        _in_range("loss.disc_lr", self.disc_lr, 0.0, 1.0)
+        check_choice("loss.rec_loss", self.rec_loss, ("l1", "l2", "log_l2"))
+        check_at_least("loss.kl_weight", self.kl_weight, 0.0)
+        check_at_least("loss.kl_anneal_steps", self.kl_anneal_steps, 0)
+        check_at_least("loss.perceptual_weight", self.perceptual_weight, 0.0)
+        check_range("loss.logvar_init", self.logvar_init, -20.0, 20.0)
+        check_at_least("loss.disc_weight", self.disc_weight, 0.0)
+        check_at_least("loss.disc_start", self.disc_start, 0)
+        check_choice("loss.disc_loss", self.disc_loss, ("hinge", "vanilla"))
+        check_range("loss.disc_layers", self.disc_layers, 1, 6)
+        check_at_least("loss.disc_channels", self.disc_channels, 1)
+        check_range("loss.disc_lr", self.disc_lr, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -264,27 +261,27 @@ class TrainConfig:
     seed: int = 0
 
     def check(self) -> None:
-        _at_least("train.max_steps", self.max_steps, 1)
-        _at_least("train.batch_size", self.batch_size, 1)
+        check_at_least("train.max_steps", self.max_steps, 1)
+        check_at_least("train.batch_size", self.batch_size, 1)
         if self.crop_size < 0 or self.crop_size % 8:
             raise ParamError(f"train.crop_size: {self.crop_size}: must be 0 (whole images) or a positive multiple of 8")
-        _in_range("train.fade_augment", self.fade_augment, 0.0, 1.0)
-        _in_range("train.lr", self.lr, 0.0, 1.0, open_lo=True)
-        _in_range("train.lr_min_ratio", self.lr_min_ratio, 0.0, 1.0)
-        _at_least("train.warmup_steps", self.warmup_steps, 0)
-        _at_least("train.weight_decay", self.weight_decay, 0.0)
-        _in_range("train.adam_beta1", self.adam_beta1, 0.0, 1.0, open_hi=True)
-        _in_range("train.adam_beta2", self.adam_beta2, 0.0, 1.0, open_hi=True)
-        _at_least("train.grad_clip", self.grad_clip, 0.0)
-        _in_range("train.ema_decay", self.ema_decay, 0.0, 1.0, open_hi=True)
+        check_range("train.fade_augment", self.fade_augment, 0.0, 1.0)
+        check_range("train.lr", self.lr, 0.0, 1.0, open_lo=True)
+        check_range("train.lr_min_ratio", self.lr_min_ratio, 0.0, 1.0)
+        check_at_least("train.warmup_steps", self.warmup_steps, 0)
+        check_at_least("train.weight_decay", self.weight_decay, 0.0)
+        check_range("train.adam_beta1", self.adam_beta1, 0.0, 1.0, open_hi=True)
+        check_range("train.adam_beta2", self.adam_beta2, 0.0, 1.0, open_hi=True)
+        check_at_least("train.grad_clip", self.grad_clip, 0.0)
+        check_range("train.ema_decay", self.ema_decay, 0.0, 1.0, open_hi=True)
         for key in ("checkpoint_every", "log_every", "val_every", "sample_every", "scale_samples"):
-            _at_least(f"train.{key}", getattr(self, key), 1)
-        _at_least("train.num_workers", self.num_workers, 0)
-        _at_least("train.cache_mb", self.cache_mb, 0)
-        _check_processes("train.num_processes", self.num_processes)
-        _at_least("train.grad_accum_steps", self.grad_accum_steps, 1)
-        _at_least("train.max_bad_steps", self.max_bad_steps, 1)
-        _allowed("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+            check_at_least(f"train.{key}", getattr(self, key), 1)
+        check_at_least("train.num_workers", self.num_workers, 0)
+        check_at_least("train.cache_mb", self.cache_mb, 0)
+        check_processes("train.num_processes", self.num_processes)
+        check_at_least("train.grad_accum_steps", self.grad_accum_steps, 1)
+        check_at_least("train.max_bad_steps", self.max_bad_steps, 1)
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
 
 
 @dataclass(frozen=True)
@@ -296,10 +293,10 @@ class EncodeConfig:
     dtype: str = "fp32"  # compute dtype: fp32, bf16 or fp16 (GPUs); storage is always float16
 
     def check(self) -> None:
-        _at_least("encode.batch_size", self.batch_size, 1)
-        _at_least("encode.samples_per_shard", self.samples_per_shard, 1)
-        _check_processes("encode.num_processes", self.num_processes)
-        _allowed("encode.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        check_at_least("encode.batch_size", self.batch_size, 1)
+        check_at_least("encode.samples_per_shard", self.samples_per_shard, 1)
+        check_processes("encode.num_processes", self.num_processes)
+        check_choice("encode.dtype", self.dtype, ("fp32", "bf16", "fp16"))
 
 
 @dataclass(frozen=True)
@@ -314,8 +311,8 @@ class EvaluateConfig:
     references: tuple[str, ...] = ()
 
     def check(self) -> None:
-        _at_least("evaluate.batch_size", self.batch_size, 1)
-        _at_least("evaluate.grid_images", self.grid_images, 1)
+        check_at_least("evaluate.batch_size", self.batch_size, 1)
+        check_at_least("evaluate.grid_images", self.grid_images, 1)
         names = [reference_name(r) for r in self.references]
         if len(set(names)) != len(names):
             raise ParamError(f"evaluate.references: {list(self.references)}: two share the name "
@@ -401,7 +398,7 @@ def _build_section(name: str, cls, values):
     for key, value in values.items():
         if key not in hints:
             raise ParamError(f"{name}.{key}: unknown key{_did_you_mean(key, allowed, name)}; allowed: {', '.join(allowed)}")
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
     obj = cls(**kwargs)
     obj.check()
     return obj
@@ -416,70 +413,6 @@ def _did_you_mean(key, allowed: list[str], section: str | None = None) -> str:
         close += [f"{f.name}.{key}" for f in dataclasses.fields(Params) if f.name != section
                   and key in {g.name for g in dataclasses.fields(f.default_factory().__class__)}]
     return f" (did you mean {' or '.join(f'`{c}`' for c in close)}?)" if close else ""
-
-
-def _coerce(key: str, value, hint):
-    """Accept exactly the YAML types a careful user would write; nothing is silently converted."""
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        # YAML reads 1e-6 (no dot) as a string; accept it when it parses as a number.
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):  # .nan / .inf pass every < and > check: refuse them here
-                raise ParamError(f"{key}: {value!r}: must be a finite number")
-            return number
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if key == "train.mixed_precision" and value is False:
-            return "no"  # YAML 1.1 reads a bare `no` as false
-        if key.endswith((".num_processes", "data.num_workers")) and isinstance(value, int) and not isinstance(value, bool):
-            return str(value)  # `auto` or a count
-    elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
-            return tuple(value)
-        raise ParamError(f"{key}: {value!r}: expected a list of non-empty strings (or [])")
-    elif typing.get_origin(hint) is tuple:
-        if isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            return tuple(value)
-        raise ParamError(f"{key}: {value!r}: expected a non-empty list of integers")
-    raise ParamError(f"{key}: {value!r}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
-
-
-def _check_processes(key: str, value: str) -> None:
-    if value != "auto" and not (value.isdigit() and int(value) >= 1):
-        raise ParamError(f"{key}: {value!r}: must be auto or a number >= 1")
-
-
-def _allowed(key: str, value, allowed, shown=None) -> None:
-    if value not in allowed:
-        raise ParamError(f"{key}: {shown if shown is not None else value!r}: allowed: {', '.join(allowed)}")
-
-
-def _at_least(key: str, value, lo) -> None:
-    if value < lo:
-        raise ParamError(f"{key}: {value!r}: must be >= {lo}")
-
-
-def _in_range(key, value, lo, hi, open_lo=False, open_hi=False) -> None:
-    bad = value < lo or value > hi or (open_lo and value == lo) or (open_hi and value == hi)
-    if bad:
-        lo_s, hi_s = ("(" if open_lo else "["), (")" if open_hi else "]")
-        raise ParamError(f"{key}: {value!r}: must be in {lo_s}{lo}, {hi}{hi_s}")
 
 
 def load_params_or_exit(path: str | Path = "params.yaml") -> Params:

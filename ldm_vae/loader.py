@@ -42,10 +42,7 @@ config's scaling/shift factors, or not at all.
 from __future__ import annotations
 
 import functools
-import glob
-import itertools
 import json
-import multiprocessing as mp
 import random
 from pathlib import Path
 
@@ -53,24 +50,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from .epochs import (EpochPlan, EpochShuffle, EpochState, epoch_slices, expand_shards, read_slices, shard_counts,
+                     shard_shapes)
 from .samples import LATENT
-from .shards import shard_keys, tar_samples
+from .shards import tar_samples
 
 NORMALIZE = ("channel", "vae", "none")
-
-
-def _expand(shards) -> list[str]:
-    if isinstance(shards, (str, Path)):
-        shards = [shards]
-    out: list[str] = []
-    for s in map(str, shards):
-        if "://" in s:
-            out.append(s)  # a URL (webdataset streams http(s), s3 via pipe: etc.)
-        else:
-            out.extend(sorted(glob.glob(s)) if any(ch in s for ch in "*?[") else [s])
-    if not out:
-        raise FileNotFoundError(f"no latent shards match {shards}")
-    return out
 
 
 class _Affine:
@@ -156,7 +141,7 @@ def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, 
     Epoch mode: ``set_epoch(epoch)`` on the result (or the loader) before each epoch. ``counts``
     (shard file name -> samples) overrides stats.json's; URL shards need one or the other.
     """
-    urls = _expand(shards)
+    urls = expand_shards(shards)
     to_item = _ToItem(sample_posterior, flip, _normalizer(normalize, stats, vae_config))
     if resampled:
         stages = [wds.ResampledShards(urls, seed=seed, deterministic=True), tar_samples]
@@ -165,74 +150,16 @@ def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, 
         stages.append(wds.map(to_item))
         return wds.DataPipeline(*stages)
     plan = EpochPlan(urls, shard_counts(urls, stats, counts), seed)
-    stages = [plan, _read_slices]
+    stages = [plan, read_slices]
     if shuffle:
-        stages.append(_EpochShuffle(shuffle, seed, plan))
+        stages.append(EpochShuffle(shuffle, seed, plan))
     stages.append(wds.map(to_item))
     pipeline = wds.DataPipeline(*stages)
     pipeline.set_epoch = plan.set_epoch
     return pipeline
 
 
-class _EpochState:
-    """The epoch, rank and world size in shared memory: ``set_epoch`` reaches persistent
-    dataloader workers, and workers (where torch.distributed is not initialised) use the rank of
-    the process that made the loader or last set the epoch."""
-
-    def __init__(self):
-        self._state = mp.get_context("spawn").Array("q", [0, *_node()], lock=False)  # epoch, rank, world
-
-    def set_epoch(self, epoch: int) -> None:
-        self._state[:] = [int(epoch), *_node()]
-
-    @property
-    def epoch(self) -> int:
-        return self._state[0]
-
-    @property
-    def rank(self) -> int:
-        return self._state[1]
-
-    def _where(self) -> tuple[int, int, int, int]:
-        """(rank, world, worker, workers) of the caller."""
-        if torch.utils.data.get_worker_info() is None:
-            self._state[1:] = list(_node())  # in the trainer's own process: ask now
-        rank, world = self._state[1:]
-        _, _, worker, workers = wds.utils.pytorch_worker_info()
-        return rank, world, worker, workers
-
-
-def _epoch_slices(urls: list[str], counts: list[int], order_seed: str, where: tuple[int, int, int, int]):
-    """{"url", "skip", "take"} of this rank's and worker's part of one epoch of ``urls``: the
-    shards in an order drawn from ``order_seed``, cut into equal ranges per rank, then per worker."""
-    rank, world, worker, workers = where
-    order = list(range(len(urls)))
-    random.Random(order_seed).shuffle(order)  # the same on every rank and worker
-    per_rank = sum(counts) // world  # the remainder (< world samples) sits out this epoch
-    base, extra = divmod(per_rank, workers)  # workers' shares differ by one sample at most
-    lo = rank * per_rank + worker * base + min(worker, extra)
-    hi = lo + base + (worker < extra)
-    pos = 0
-    for i in order:
-        n = counts[i]
-        if pos < hi and pos + n > lo:
-            yield {"url": urls[i], "skip": max(0, lo - pos), "take": min(hi, pos + n) - max(lo, pos)}
-        pos += n
-
-
-class EpochPlan(_EpochState, torch.utils.data.IterableDataset):
-    """The first stage in epoch mode: {"url", "skip", "take"} for this rank's and worker's part of
-    the epoch (see the module's docstring)."""
-
-    def __init__(self, urls: list[str], counts: list[int], seed: int):
-        super().__init__()
-        self.urls, self.counts, self.seed = urls, counts, seed
-
-    def __iter__(self):
-        return _epoch_slices(self.urls, self.counts, f"{self.seed}:{self.epoch}", self._where())
-
-
-class BucketBatches(_EpochState, torch.utils.data.IterableDataset):
+class BucketBatches(EpochState, torch.utils.data.IterableDataset):
     """Epoch mode over shards of several latent shapes: batches (collated dicts) of one shape
     each, the same number on every rank (see the module's docstring)."""
 
@@ -252,8 +179,8 @@ class BucketBatches(_EpochState, torch.utils.data.IterableDataset):
         where = self._where()
         readers, labels = {}, []
         for shape, (urls, counts) in sorted(self.groups.items()):
-            entries = list(_epoch_slices(urls, counts, f"{self.seed}:{self.epoch}:{shape}", where))
-            readers[shape] = _read_slices(entries)
+            entries = list(epoch_slices(urls, counts, f"{self.seed}:{self.epoch}:{shape}", where))
+            readers[shape] = read_slices(entries)
             labels += [shape] * sum(e["take"] for e in entries)
         # The buckets mixed in a random order: at every point, each one's chance of coming next is
         # its share of what is left, so batches of every bucket spread over the whole epoch.
@@ -299,85 +226,6 @@ def bucket_batch_sizes(shapes, batch_size: int, policy: str = "samples") -> dict
     return {x: max(1, batch_size * most // (x[1] * x[2])) for x in shapes}
 
 
-def _node() -> tuple[int, int]:
-    """(rank, world size): RANK / WORLD_SIZE, else torch.distributed, else (0, 1)."""
-    rank, world, _, _ = wds.utils.pytorch_worker_info()
-    return rank, world
-
-
-def _read_slices(entries):
-    """Samples [skip, skip + take) of each shard; fewer than promised is an error (a rank with
-    fewer batches than the others would leave DDP waiting)."""
-    for entry in entries:
-        reader = tar_samples([{"url": entry["url"]}])
-        got = 0
-        try:
-            for sample in itertools.islice(reader, entry["skip"], entry["skip"] + entry["take"]):
-                got += 1
-                yield sample
-        finally:
-            reader.close()
-        if got < entry["take"]:
-            raise ValueError(f"{entry['url']}: has fewer samples than its count says ({entry['skip'] + got} "
-                             f"< {entry['skip'] + entry['take']}): stats.json is stale, re-run encode")
-
-
-class _EpochShuffle:
-    """A shuffle buffer seeded by (seed, epoch, rank, worker): another order every epoch."""
-
-    def __init__(self, size: int, seed: int, plan: EpochPlan):
-        self.size, self.seed, self.plan = size, seed, plan
-
-    def __call__(self, src):
-        _, _, worker, _ = wds.utils.pytorch_worker_info()
-        return wds.shuffle(self.size, seed=f"{self.seed}:{self.plan.epoch}:{self.plan.rank}:{worker}")(src)
-
-
-def shard_counts(urls: list[str], stats=None, counts: dict[str, int] | None = None) -> list[int]:
-    """Samples per shard: ``counts``, then stats.json's ``shard_counts``, then (local files) the
-    shard's own headers; by file name."""
-    known: dict[str, int] = {}
-    if stats is not None:
-        st = json.loads(Path(stats).read_text()) if isinstance(stats, (str, Path)) else stats
-        for split in st.get("splits", {}).values():
-            known.update({Path(k).name: int(v) for k, v in split.get("shard_counts", {}).items()})
-    known.update({Path(k).name: int(v) for k, v in (counts or {}).items()})
-    out = []
-    for url in urls:
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        if name in known:
-            out.append(known[name])
-        elif "://" in url or url.startswith("pipe:"):
-            raise ValueError(f"{url}: epoch mode needs each shard's sample count: pass stats= (stats.json "
-                             "lists them) or counts=, or use resampled=True")
-        else:
-            out.append(len(shard_keys(url)))
-    return out
-
-
-def shard_shapes(urls: list[str], stats=None) -> list[tuple | None]:
-    """The latent shape [C, h, w] of each shard's samples: stats.json's ``shard_shapes``, else
-    (local files) its first sample's; None where unknown (a URL without stats)."""
-    known: dict[str, tuple] = {}
-    if stats is not None:
-        st = json.loads(Path(stats).read_text()) if isinstance(stats, (str, Path)) else stats
-        for split in st.get("splits", {}).values():
-            known.update({Path(k).name: tuple(v) for k, v in split.get("shard_shapes", {}).items()})
-    out: list[tuple | None] = []
-    for url in urls:
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        if name in known or "://" in url or url.startswith("pipe:"):
-            out.append(known.get(name))
-            continue
-        reader = tar_samples([{"url": url}])
-        try:
-            first = next(reader, None)
-        finally:
-            reader.close()
-        out.append(tuple(LATENT.get(first, "mean").shape) if first is not None else None)
-    return out
-
-
 class LatentLoader(torch.utils.data.DataLoader):
     """A DataLoader with ``set_epoch`` (epoch mode)."""
 
@@ -394,7 +242,7 @@ def latent_loader(shards, batch_size: int, num_workers: int = 2, drop_last: bool
     bucket), so an epoch loses fewer than ``max(1, num_workers) * batch_size`` samples per rank
     (per bucket), and every rank still gets the same number of batches (their worker shares are
     equal). ``bucket_batch``: "samples" or "pixels" (see the module's docstring)."""
-    urls = _expand(shards)
+    urls = expand_shards(shards)
     shapes = shard_shapes(urls, kwargs.get("stats"))
     if len({x for x in shapes if x is not None}) > 1:
         dataset = bucket_dataset(urls, batch_size=batch_size, drop_last=drop_last, bucket_batch=bucket_batch,
@@ -413,7 +261,7 @@ def bucket_dataset(shards, *, batch_size: int, drop_last: bool = False, bucket_b
     """Batches of one latent shape each (dicts as :func:`latent_dataset`'s items, collated), for
     shards of several shapes: epoch mode (:class:`BucketBatches`) or ``resampled``. ``shapes``:
     each shard's latent shape (default: :func:`shard_shapes`)."""
-    urls = _expand(shards)
+    urls = expand_shards(shards)
     shapes = shapes if shapes is not None else shard_shapes(urls, stats)
     unknown = [u for u, x in zip(urls, shapes) if x is None]
     if unknown:
