@@ -12,6 +12,7 @@ from .images import decode_uint8
 from .samples import image_bytes
 from .shards import iter_samples, tar_samples
 
+
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1].
 

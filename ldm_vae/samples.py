@@ -221,3 +221,19 @@ KINDS = (RAW, PREPARED, LATENT)
 def image_bytes(sample: dict) -> bytes:
     """The encoded image of a prepared sample."""
     return PREPARED.get(sample, "image")
+
+
+def batched(samples, size: int, key=None):
+    """Lists of up to ``size`` consecutive samples; with ``key``, a list also ends where
+    ``key(sample)`` changes (one image shape a batch)."""
+    batch: list = []
+    for s in samples:
+        if batch and key is not None and key(s) != key(batch[0]):
+            yield batch
+            batch = []
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -130,3 +130,13 @@ def test_the_design_notes_show_each_kind_as_defined():
     design = (ROOT / "docs" / "design.md").read_text()
     for kind in KINDS:
         assert kind.describe() in design, f"docs/design.md: the {kind.name} tables differ from ldm_vae/samples.py"
+
+
+def test_batched_cuts_at_the_size_and_where_the_key_changes():
+    from ldm_vae.samples import batched
+
+    assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(batched([], 3)) == []
+    shapes = ["a", "a", "b", "b", "b", "b", "a"]
+    got = list(batched(range(7), 3, key=lambda i: shapes[i]))
+    assert got == [[0, 1], [2, 3, 4], [5], [6]]  # one key a batch, never above the size

@@ -25,21 +25,10 @@ from ..data import to_tensor
 from ..images import decode_uint8
 from ..model import LatentMoments
 from ..runner import cpu_share
-from ..samples import LATENT, PREPARED, image_bytes
+from ..samples import LATENT, PREPARED, batched, image_bytes
 from ..shards import ShardWriter, iter_samples
 
 SPLITS = ("train", "val")
-
-
-def _batches(samples, batch_size: int):
-    batch = []
-    for s in samples:
-        batch.append(s)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def latent_sample(prepared: dict, stored: dict[str, tuple[torch.Tensor, torch.Tensor]], shape: list[int]) -> dict:
@@ -135,7 +124,7 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
                 stored[suffix] = (post.mean.to(torch.float16).cpu(), post.std.to(torch.float16).cpu())
         return stored
 
-    batches = _batches(iter_samples([in_path]), cfg.batch_size)
+    batches = batched(iter_samples([in_path]), cfg.batch_size)
     threads = torch.get_num_threads()
     # On a CPU, never more encoders than torch's thread budget (OMP_NUM_THREADS, a launcher's share).
     workers = cpu_share() if device.type == "cuda" else min(cpu_share(), threads)

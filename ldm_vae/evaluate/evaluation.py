@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..config import EvaluateConfig, reference_name
 from ..files import atomic_write
 from ..images import decode_uint8
-from ..samples import LATENT, image_bytes
+from ..samples import LATENT, batched, image_bytes
 from .health import ChannelStats, health_metrics, write_health
 from ..model import pretrained_location
 from ..metrics import psnr, resize_baseline, ssim, to_unit
@@ -54,8 +54,12 @@ def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out:
 def _batches(latents_val: Path, prepared_val: Path, refs: dict, batch_size: int) -> Iterator[list[dict]]:
     """The validation latent samples in batches of one image shape; each key exactly once, each
     with its image."""
+    return batched(_checked(latents_val, prepared_val, refs), batch_size, key=lambda s: refs[s["__key__"]].shape)
+
+
+def _checked(latents_val: Path, prepared_val: Path, refs: dict) -> Iterator[dict]:
+    """The validation latent samples, each key once and with a prepared image, then none missing."""
     seen: set[str] = set()
-    batch: list[dict] = []
     for sample in tqdm(iter_samples(shard_paths(latents_val)), total=len(refs), desc="evaluate",
                        unit="img", dynamic_ncols=True):
         key = sample["__key__"]
@@ -64,15 +68,7 @@ def _batches(latents_val: Path, prepared_val: Path, refs: dict, batch_size: int)
         if key not in refs:
             raise RuntimeError(f"validation latent {key!r} has no prepared image in {prepared_val}")
         seen.add(key)
-        if batch and refs[key].shape != refs[batch[0]["__key__"]].shape:
-            yield batch  # buckets: a batch holds one image shape
-            batch = []
-        batch.append(sample)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        yield sample
     missing = sorted(set(refs) - seen)
     if missing:
         raise RuntimeError(f"{len(missing)} validation images have no latent, e.g. {missing[:3]}")

@@ -20,7 +20,6 @@ import json
 import random
 from pathlib import Path
 
-
 from ..config import DataConfig
 from ..buckets import bucket_crop, bucket_name, bucket_set, square_sizes
 from ..images import adm_center_crop, crop_resize, encode_image, load_rgb, random_squares, square_crops
