@@ -51,6 +51,9 @@ def main() -> None:
     counts = ", ".join(f"{s} {v['count']}" for s, v in stats["splits"].items())
     print(f"encode: {counts} latents of shape {stats['latent_shape']}; "
           f"train latent mean {stats['mean']:.4f} std {stats['std']:.4f}")
+    if stats["batch_fill"] is not None:
+        print(f"  encode batches {100 * stats['batch_fill']:.0f}% full on average (each input shard ends in a "
+              "partial one)")
     buckets = stats["splits"]["train"]["buckets"]
     if len(buckets) > 1:
         print(f"  train buckets (WxH: latents): {', '.join(f'{b}: {n}' for b, n in buckets.items())}")

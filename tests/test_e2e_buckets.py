@@ -83,6 +83,8 @@ def test_no_sample_lost_and_every_latent_is_its_bucket_over_8(bucket_repo):
     counts = json.loads((repo / "data/prepared/counts.json").read_text())
     assert counts["train"]["buckets"] == dict(sorted(buckets.items()))
     assert "buckets (WxH: samples)" in out and "train buckets (WxH: latents)" in out
+    # Each of the small per-bucket shards ends in a partial batch: the stage says how full they were.
+    assert 0 < stats["batch_fill"] < 1 and "encode batches" in out and "% full on average" in out
 
 
 def test_evaluate_reports_each_bucket_and_shows_images_whole(bucket_repo):

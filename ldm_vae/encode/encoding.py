@@ -122,6 +122,9 @@ def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fi
             summary = moments.summary()
             stats.update({k: summary[k] for k in ("channel_mean", "channel_std", "mean", "std",
                                                    "shift_factor", "scaling_factor")})
+    # How full the encode batches were: each input shard (one bucket) ends in a partial batch.
+    slots = sum(r["batches"] * r["batch_size"] for r in records if "batches" in r)
+    stats["batch_fill"] = round(sum(r["count"] for r in records if "batches" in r) / slots, 4) if slots else None
     stats["vae_scaling_factor"] = vae.config.scaling_factor
     stats["vae_shift_factor"] = vae.config.shift_factor
     atomic_write(out / "stats.json", json.dumps(stats, indent=2) + "\n")

@@ -111,6 +111,7 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
     dtype = compute_dtype(cfg, dict(vae.config))
     moments = LatentMoments(vae.config.latent_channels)
     shape: list[int] = []
+    n_batches = 0
 
     def encode(x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{"": (mean, std)[, "_flip": ...]} float16 on the CPU, each [B, C, H/8, W/8]."""
@@ -150,10 +151,12 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
                 check_finite(batch, stored, cfg.dtype if dtype != torch.float32 else "fp32")
                 for i, s in enumerate(batch):
                     writer.write(latent_sample(s, {k: (m[i], sd[i]) for k, (m, sd) in stored.items()}, shape))
+                n_batches += 1
                 if progress is not None:
                     progress(len(batch))
     finally:
         pipeline.close()  # its threads are done before the thread count is restored
         torch.set_num_threads(threads)
     return {"input": Path(in_path).name, "vae": fingerprint, "flip": cfg.flip, "outputs": writer.written,
-            "count": writer.total, "shape": shape, "moments": moments.state()}
+            "count": writer.total, "shape": shape, "moments": moments.state(), "batches": n_batches,
+            "batch_size": cfg.batch_size}
