@@ -4,7 +4,8 @@
     python stages/compare.py --out data/eval
 
 Writes channels.csv (declared as a DVC plot), channels.md and channels.png: PSNR / SSIM (and
-LPIPS / rFID when evaluated) of every run against its latent channel count and compression ratio.
+LPIPS / rFID when evaluated) of every run against its latent channel count and compression ratio;
+and rate_distortion.png: each run's rate (KL to the prior, bits per pixel) against its PSNR.
 """
 
 import argparse
@@ -15,7 +16,7 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository (default: here)")
-    ap.add_argument("--out", type=Path, required=True, help="folder for channels.csv, channels.md, channels.png")
+    ap.add_argument("--out", type=Path, required=True, help="folder for channels.csv, channels.md, channels.png, rate_distortion.png")
     args = ap.parse_args()
 
     from ldm_vae.evaluate.compare import experiment_runs, write_report

@@ -1,4 +1,5 @@
-"""Channel comparison: PSNR / SSIM (and LPIPS / rFID when on) against latent channel count.
+"""Channel comparison: PSNR / SSIM (and LPIPS / rFID when on) against latent channel count, and the
+rate-distortion plane (rate: KL to the prior in bits per pixel; distortion: PSNR), one point a run.
 
 The runs are DVC experiments (``dvc exp run -S model.latent_channels=8``) and the workspace;
 their params and metrics come from ``dvc exp show --json``, so the report shows exactly what
@@ -15,8 +16,9 @@ from pathlib import Path
 
 from ..viz import pyplot, save_figure
 
-COLUMNS = ["run", "latent_channels", "compression_ratio", "psnr", "ssim", "psnr_fp32", "psnr_bicubic",
-           "lpips", "rfid", "collapsed_channels", "num_images"]
+COLUMNS = ["run", "latent_channels", "kl_weight", "compression_ratio", "psnr", "ssim", "mse", "rate_bpp",
+           "latent_hf_share", "image_hf_share", "psnr_fp32", "psnr_bicubic", "lpips", "rfid", "collapsed_channels",
+           "num_images"]
 METRICS_FILE = "data/eval/metrics.json"
 
 
@@ -38,8 +40,9 @@ def runs_from_exp_show(shown) -> list[dict]:
         if not metrics or "psnr" not in metrics:
             continue
         channels = metrics.get("latent_channels") or (params.get("model") or {}).get("latent_channels")
-        row = {"run": entry.get("name") or str(entry.get("rev", "?"))[:7], "latent_channels": channels}
-        row.update({k: metrics[k] for k in COLUMNS[2:] if k in metrics})
+        row = {"run": entry.get("name") or str(entry.get("rev", "?"))[:7], "latent_channels": channels,
+               "kl_weight": (params.get("loss") or {}).get("kl_weight")}
+        row.update({k: metrics[k] for k in COLUMNS[3:] if k in metrics})
         ident = (channels, round(float(metrics["psnr"]), 6), round(float(metrics.get("ssim", 0)), 6))
         if ident in seen:  # the workspace is usually also a commit or an experiment
             continue
@@ -114,6 +117,24 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.set_xticks(channels, labels)
         ax.set(xlabel="latent channels (compression)", title=m.upper() + (" (lower is better)" if pick is min else ""))
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    if any("rate_bpp" in r for r in rows):
+        _plot_rate_distortion(rows, path.with_name("rate_distortion.png"))
+
+
+def _plot_rate_distortion(rows: list[dict], path: Path) -> None:
+    """The ELBO's two terms, one point per run: rate (KL to the prior, bits per pixel) against
+    distortion (PSNR), labelled with channels and KL weight."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    mine = [r for r in rows if "rate_bpp" in r and "psnr" in r]
+    ax.plot([r["rate_bpp"] for r in mine], [r["psnr"] for r in mine], "o")
+    for r in mine:
+        ax.annotate(f"{r['latent_channels']}ch, beta {r.get('kl_weight')}", (r["rate_bpp"], r["psnr"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="rate: KL to N(0, I), bits per image pixel", ylabel="distortion: PSNR (dB)",
+           title="rate against distortion (up and left is better)")
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -26,6 +26,7 @@ from .health import ChannelStats, health_metrics, write_health
 from ..model import pretrained_location
 from ..metrics import psnr, resize_baseline, ssim, to_unit
 from .perceptual import Lpips, RFid
+from .spectrum import Spectra
 from ..shards import iter_samples, shard_paths
 from ..viz import save_grid, save_scatter
 
@@ -40,7 +41,7 @@ def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out:
     # Reference images by key (uint8). Validation splits are small; a very large one would want an
     # index of (shard, offset) instead.
     refs = {s["__key__"]: decode_uint8(image_bytes(s)) for s in iter_samples(shard_paths(prepared_val))}
-    scorer = _Scorer(vae, cfg, references)
+    scorer = _Scorer(vae, cfg, stats, references)
     kept = _Kept(cfg.grid_images)
     for batch in _batches(latents_val, prepared_val, refs, cfg.batch_size):
         keys = [s["__key__"] for s in batch]
@@ -78,11 +79,13 @@ class _Scorer:
     """One batch's reconstruction from its stored latents and its per-image scores; accumulates
     the latent health and the rFID statistics over batches."""
 
-    def __init__(self, vae: AutoencoderKL, cfg: EvaluateConfig, references: dict[str, AutoencoderKL] | None = None):
+    def __init__(self, vae: AutoencoderKL, cfg: EvaluateConfig, stats: dict,
+                 references: dict[str, AutoencoderKL] | None = None):
         self.vae, self.device = vae, next(vae.parameters()).device
         self.lpips = Lpips(self.device) if cfg.lpips else None
         self.rfid = RFid() if cfg.rfid else None
         self.health = ChannelStats()
+        self.spectra = Spectra(stats["channel_mean"], stats["channel_std"])
         self.references = references or {}  # name -> another VAE, scored on the same images
         self.rfid_references = {name: RFid() for name in self.references} if cfg.rfid else {}
 
@@ -92,12 +95,14 @@ class _Scorer:
         z = torch.stack([torch.from_numpy(LATENT.get(s, "mean").astype(np.float32)) for s in batch])  # [B, C, h, w]
         std = torch.stack([torch.from_numpy(LATENT.get(s, "std").astype(np.float32)) for s in batch])
         self.health.update(z, std)
+        self.spectra.update(z, ref)
         rec = to_unit(self.vae.decode(z.to(self.device)).sample).cpu()  # [B, 3, H, W] in [0, 1]
         # What float16 storage costs: the same images through a fresh fp32 encode -> decode.
         z32 = self.vae.encode((ref * 2 - 1).to(self.device)).latent_dist.mean
         rec32 = to_unit(self.vae.decode(z32).sample).cpu()
         base = resize_baseline(ref)
-        scores = {"psnr": psnr(rec, ref), "ssim": ssim(rec, ref), "psnr_fp32": psnr(rec32, ref),
+        scores = {"psnr": psnr(rec, ref), "ssim": ssim(rec, ref), "mse": (rec - ref).square().mean((1, 2, 3)),
+                  "psnr_fp32": psnr(rec32, ref),
                   "ssim_fp32": ssim(rec32, ref), "psnr_bicubic": psnr(base, ref), "ssim_bicubic": ssim(base, ref)}
         if self.lpips is not None:
             scores["lpips"] = self.lpips(rec, ref)
@@ -198,6 +203,8 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
         metrics["buckets"] = {b: {"count": len(mine), **{m: float(np.mean([r[m] for r in mine])) for m in ("psnr", "ssim")}}
                               for b in buckets for mine in [[r for r in kept.rows if r["bucket"] == b]]}
     metrics.update(health_metrics(channel_rows))
+    metrics.update(scorer.spectra.metrics())
+    scorer.spectra.save_plot(out / "spectrum.png")
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -9,6 +9,7 @@ collapsed one about zero.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,9 @@ from ..viz import pyplot, save_figure
 # its posterior is within ~0.3 std of N(0, 1) on average. Used channels of a trained VAE cost
 # several nats per element (the SD VAE: about 3 to 8).
 COLLAPSE_KL_NATS = 0.05
+# The rate as the ELBO counts it, per image pixel: a channel's KL per latent element times the
+# latent elements per image pixel (1/64: 8x downsampling each way), in bits.
+ELEMENTS_PER_PIXEL = 1 / 64
 
 
 class ChannelStats:
@@ -49,22 +53,24 @@ class ChannelStats:
         kl = self.kl / self.n
         return [
             {"channel": c, "mean": float(mean[c]), "std": float(std[c]), "kl": float(kl[c]),
-             "collapsed": bool(kl[c] < COLLAPSE_KL_NATS)}
+             "rate_bpp": float(kl[c]) * ELEMENTS_PER_PIXEL / math.log(2), "collapsed": bool(kl[c] < COLLAPSE_KL_NATS)}
             for c in range(len(kl))
         ]
 
 
 def health_metrics(rows: list[dict]) -> dict:
-    """Flat numbers for metrics.json: per-channel mean/std/KL, the total and the collapsed count."""
+    """Flat numbers for metrics.json: per-channel mean/std/KL/rate, the totals and the collapsed count."""
     out = {
         "latent_kl_per_element": float(np.mean([r["kl"] for r in rows])),
         "collapsed_channels": sum(r["collapsed"] for r in rows),
+        "rate_bpp": sum(r["rate_bpp"] for r in rows),  # KL to N(0, I), bits per image pixel
     }
     for r in rows:
         c = f"c{r['channel']:02d}"
         out[f"latent_{c}_mean"] = r["mean"]
         out[f"latent_{c}_std"] = r["std"]
         out[f"latent_{c}_kl"] = r["kl"]
+        out[f"latent_{c}_rate_bpp"] = r["rate_bpp"]
     return out
 
 

@@ -34,6 +34,11 @@ def test_metrics_json_and_per_image_csv_agree(evaluated):
     assert abs(sum(float(r["psnr"]) for r in rows) / len(rows) - metrics["psnr"]) < 1e-3
     assert {"psnr", "ssim", "psnr_bicubic", "ssim_bicubic", "num_images", "latent_std", "exact_scaling_factor"} <= set(metrics)
     assert 0 < metrics["ssim"] <= 1 and metrics["compression_ratio"] == 48.0
+    # The rate beside the distortion: bits per image pixel, the sum of the channels' rates.
+    assert metrics["rate_bpp"] == pytest.approx(sum(metrics[f"latent_c{c:02d}_rate_bpp"] for c in range(4)))
+    assert metrics["rate_bpp"] > 0 and 10 * np.log10(1 / metrics["mse"]) <= metrics["psnr"] + 1e-6  # mean of PSNRs
+    assert 0 < metrics["latent_hf_share"] < 1 and 0 < metrics["image_hf_share"] < 1
+    assert (base / "eval" / "spectrum.png").stat().st_size > 1000
 
 
 def test_recon_grids_are_enlarged_labelled_and_captioned(evaluated, pipeline_dir):
@@ -190,11 +195,15 @@ def test_the_comparison_report_has_a_row_per_reference_at_its_own_channel_count(
     from ldm_vae.evaluate.compare import runs_from_exp_show, write_report
 
     metrics = {"psnr": 21.5, "ssim": 0.57, "latent_channels": 4, "compression_ratio": 48.0, "psnr_bicubic": 21.3,
-               "psnr_sd3": 27.0, "ssim_sd3": 0.8, "latent_channels_sd3": 16, "compression_ratio_sd3": 12.0}
+               "psnr_sd3": 27.0, "ssim_sd3": 0.8, "latent_channels_sd3": 16, "compression_ratio_sd3": 12.0,
+               "rate_bpp": 0.21}
+    params = {"params.yaml": {"data": {"loss": {"kl_weight": 0.003}}}}
     shown = [{"rev": "workspace", "name": "mine", "data": {"metrics": {"data/eval/metrics.json": {"data": metrics}},
-                                                          "params": {}}}]
+                                                          "params": params}}]
     rows = runs_from_exp_show(shown)
     assert [(r["run"], r["latent_channels"], r["psnr"]) for r in rows] == [("mine", 4, 21.5), ("ref:sd3", 16, 27.0)]
-    assert rows[1]["compression_ratio"] == 12.0
+    assert rows[1]["compression_ratio"] == 12.0 and rows[0]["kl_weight"] == 0.003
     write_report(rows, tmp_path)
-    assert "ref:sd3 | 16 | 12.0 | 27.0" in (tmp_path / "channels.md").read_text()
+    table = (tmp_path / "channels.md").read_text()
+    assert "ref:sd3 | 16 |  | 12.0 | 27.0" in table and "mine | 4 | 0.003 | 48.0 | 21.5 | 0.57 | 0.21" in table
+    assert (tmp_path / "rate_distortion.png").stat().st_size > 1000  # the run's rate against its PSNR
