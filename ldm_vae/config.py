@@ -198,6 +198,14 @@ class LossConfig:
     # see losses.py for how the two are scaled.
     kl_weight: float = 3e-3
     kl_anneal_steps: int = 0  # ramp the KL weight linearly from 0 over this many steps (0: off)
+    # Free bits (Kingma et al. 2016): each channel's KL, in nats per latent element averaged over
+    # the batch, is charged as max(free_bits, KL): below the floor a channel is free to carry
+    # information, so no channel is pushed all the way to the prior (0: the plain KL).
+    free_bits: float = 0.0
+    # Scale equivariance (EQ-VAE; Skorokhodov et al. 2025): the decoder must turn the 2x
+    # area-downsampled latent into the 2x area-downsampled image, with this weight on that
+    # reconstruction loss; it removes high-frequency content the image does not have (0: off).
+    scale_equivariance: float = 0.0
     perceptual_weight: float = 0.0  # LPIPS-VGG weight (LDM: 1.0); needs the LPIPS weights (lpips.py)
     learn_logvar: bool = False  # learn the output log-variance s of nll = rec / exp(s) + s
     logvar_init: float = 0.0
@@ -213,6 +221,8 @@ class LossConfig:
         check_choice("loss.rec_loss", self.rec_loss, ("l1", "l2", "log_l2"))
         check_at_least("loss.kl_weight", self.kl_weight, 0.0)
         check_at_least("loss.kl_anneal_steps", self.kl_anneal_steps, 0)
+        check_at_least("loss.free_bits", self.free_bits, 0.0)
+        check_at_least("loss.scale_equivariance", self.scale_equivariance, 0.0)
         check_at_least("loss.perceptual_weight", self.perceptual_weight, 0.0)
         check_range("loss.logvar_init", self.logvar_init, -20.0, 20.0)
         check_at_least("loss.disc_weight", self.disc_weight, 0.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
@@ -118,11 +119,14 @@ class TrainedAutoencoder(nn.Module):
         self.vae = vae
         self.output_logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True):
-        # x: [B, 3, H, W] in [-1, 1] -> reconstruction [B, 3, H, W], posterior mean/logvar [B, C, H/8, W/8]
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True, down: bool = False):
+        """x: [B, 3, H, W] in [-1, 1] -> (reconstruction [B, 3, H, W], posterior mean and logvar
+        [B, C, H/8, W/8], and with ``down`` the decoding of the 2x area-downsampled latent
+        [B, 3, H/2, W/2], else None: the scale-equivariance term's, in this forward for DDP)."""
         posterior = self.vae.encode(x).latent_dist
         z = posterior.sample() if sample_posterior else posterior.mean
-        return self.vae.decode(z).sample, posterior.mean, posterior.logvar
+        rec_down = self.vae.decode(F.avg_pool2d(z, 2)).sample if down else None
+        return self.vae.decode(z).sample, posterior.mean, posterior.logvar, rec_down
 
     @property
     def last_layer(self) -> torch.Tensor:

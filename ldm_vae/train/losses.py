@@ -4,6 +4,7 @@ Generator (autoencoder) loss, per LDM's ``LPIPSWithDiscriminator``::
 
     nll  = (|x - x̂| or (x - x̂)² + perceptual_weight * LPIPS(x, x̂)) / exp(s) + s    per pixel
     loss = nll + kl_weight * w_kl(step) * KL(q(z|x) || N(0, I)) + d_weight * adv(step) * (-D(x̂))
+           [+ scale_equivariance * rec(decode(z ↓2), x ↓2)]      with free bits: KL = Σ_c max(λ, KL_c)
 
 Scale: LDM sums the nll over the pixels of an image and the KL over its latent elements. Here the
 nll is a per-pixel mean and the KL sum is divided by the same pixel count (3 H W), which is LDM's
@@ -21,6 +22,7 @@ loss divided by a constant: ``loss.kl_weight`` means exactly what it means in LD
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import LossConfig
@@ -53,6 +55,17 @@ def kl_to_prior(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     # mean, logvar: [B, C, h, w]
     kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())
     return kl.flatten(1).sum(1).mean()
+
+
+def free_bits_kl(mean: torch.Tensor, logvar: torch.Tensor, floor: float) -> torch.Tensor:
+    """The free-bits KL: sum over channels of max(floor, KL_c) x the latent elements per image,
+    where KL_c is channel c's KL in nats per element averaged over the batch. Equal to
+    :func:`kl_to_prior` when every channel is above the floor; a channel below it gets no KL
+    gradient."""
+    # mean, logvar: [B, C, h, w]
+    kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())
+    per_channel = kl.mean((0, 2, 3))  # [C] nats per element
+    return per_channel.clamp_min(floor).sum() * mean.shape[2] * mean.shape[3]
 
 
 def adaptive_weight(nll: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
@@ -88,10 +101,12 @@ class VAELoss(nn.Module):
         return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
 
     def forward(self, rec, target, mean, logvar, output_logvar: torch.Tensor | None = None, step: int = 0,
-                disc: nn.Module | None = None, last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                disc: nn.Module | None = None, last_layer: torch.Tensor | None = None,
+                rec_down: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Generator loss. ``output_logvar`` is s (a 0-d tensor; None: 0); ``disc`` the discriminator
         to fool (its parameters frozen by the caller for this pass); ``last_layer`` the decoder's
-        last weight, for the adaptive weight."""
+        last weight, for the adaptive weight; ``rec_down`` the decoding of the 2x-downsampled
+        latent (``loss.scale_equivariance``)."""
         # rec, target: [B, 3, H, W] in [-1, 1]; mean, logvar: [B, C, h, w]
         s = output_logvar if output_logvar is not None else rec.new_zeros((), dtype=torch.float32)
         rec_loss = reconstruction_loss(self.cfg.rec_loss, rec, target)
@@ -102,8 +117,14 @@ class VAELoss(nn.Module):
             logs["train/lpips"] = p_loss.detach()
         nll = rec_loss / s.exp() + s
         kl = kl_to_prior(mean, logvar)
+        # The charged KL: the plain sum, or with free bits each channel at least its floor.
+        charged = free_bits_kl(mean, logvar, self.cfg.free_bits) if self.cfg.free_bits > 0 else kl
         pixels = target[0].numel()  # 3 H W: LDM's per-image sums, divided through (module docstring)
-        loss = nll + self.kl_scale(step) * kl / pixels
+        loss = nll + self.kl_scale(step) * charged / pixels
+        if rec_down is not None:  # [B, 3, H/2, W/2] against the image area-downsampled 2x
+            se = reconstruction_loss(self.cfg.rec_loss, rec_down, F.avg_pool2d(target.float(), 2))
+            loss = loss + self.cfg.scale_equivariance * se
+            logs["train/scale_equivariance"] = se.detach()
         if disc is not None and self.adversarial_on(step):
             adv = generator_adv_loss(disc(rec))
             d_weight = adaptive_weight(nll, adv, last_layer) * self.cfg.disc_weight

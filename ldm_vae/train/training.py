@@ -303,9 +303,10 @@ def _generator_pass(accelerator, model, disc, loss_fn, x, step: int, accum: int)
         judge.requires_grad_(False)
     try:
         with accelerator.autocast():
-            rec, mean, logvar = model(x)  # through the prepared (DDP) module: gradients get synced
+            # through the prepared (DDP) module: gradients get synced
+            rec, mean, logvar, rec_down = model(x, down=loss_fn.cfg.scale_equivariance > 0)
             loss, logs = loss_fn(rec, x, mean, logvar, inner.output_logvar, step=step, disc=judge,
-                                 last_layer=inner.last_layer)
+                                 last_layer=inner.last_layer, rec_down=rec_down)
         accelerator.backward(loss / accum)
     finally:
         if judge is not None:

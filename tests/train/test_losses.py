@@ -43,7 +43,7 @@ def test_kl_annealing_ramps_the_weight_from_zero():
 def test_learned_output_logvar_gets_a_gradient_and_lowers_the_loss_where_errors_are_large():
     model = TrainedAutoencoder(build_vae(make_params().model, 16), logvar_init=0.0, learn_logvar=True)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    rec, mean, logvar = model(x)
+    rec, mean, logvar, _ = model(x)
     loss, logs = VAELoss(LossConfig(rec_loss="l1", learn_logvar=True))(rec, x, mean, logvar, model.output_logvar)
     loss.backward()
     # d/ds (r e^-s + s) = 1 - r at s = 0: with a reconstruction error r < 1 it pushes s down.
@@ -93,7 +93,7 @@ def test_generator_loss_adds_adaptively_weighted_adversarial_term_after_disc_sta
     disc = PatchDiscriminator(channels=8, layers=2)
     cfg = LossConfig(disc_weight=0.5, disc_start=10)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    rec, mean, logvar = model(x)
+    rec, mean, logvar, _ = model(x)
     before, logs = VAELoss(cfg)(rec, x, mean, logvar, step=9, disc=disc, last_layer=model.last_layer)
     assert "train/g_adv" not in logs
     after, logs = VAELoss(cfg)(rec, x, mean, logvar, step=10, disc=disc, last_layer=model.last_layer)
@@ -129,3 +129,39 @@ def test_log_l2_is_mean_log_mse_per_image_and_favours_smooth_images():
     # Per pixel, the image with 25x less error gets a 5x larger gradient (L2 would give it 5x less).
     ratio = rec.grad[0].abs().mean() / rec.grad[1].abs().mean()
     assert 4.5 < ratio < 5.5
+
+
+def test_free_bits_charge_each_channel_at_least_its_floor_and_free_those_below():
+    from ldm_vae.train.losses import free_bits_kl
+
+    mean = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        mean[:, 0] = 2.0  # channel 0: 2 nats per element; channels 1, 2: at the prior (0)
+    logvar = torch.zeros(2, 3, 4, 4)
+    assert torch.isclose(free_bits_kl(mean, logvar, 0.0), kl_to_prior(mean, logvar))  # no floor: the plain KL
+    charged = free_bits_kl(mean, logvar, 0.5)
+    assert torch.isclose(charged, torch.tensor((2.0 + 0.5 + 0.5) * 16))  # per element x 16 elements
+    charged.backward()
+    assert mean.grad[:, 0].abs().sum() > 0 and mean.grad[:, 1:].abs().sum() == 0  # below the floor: free
+    cfg = LossConfig(kl_weight=1.0, free_bits=0.5)
+    x = torch.zeros(2, 3, 32, 32)
+    loss, logs = VAELoss(cfg)(x, x, mean.detach(), logvar)
+    assert torch.isclose(loss, charged.detach() / (3 * 32 * 32)) and torch.isclose(logs["train/kl"], kl_to_prior(mean, logvar))
+
+
+def test_scale_equivariance_matches_the_downsampled_decoding_to_the_downsampled_image():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = TrainedAutoencoder(build_vae(make_params().model, 32))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    rec, mean, logvar, rec_down = model(x, down=True)
+    assert rec_down.shape == (2, 3, 16, 16) and model(x)[3] is None
+    cfg = LossConfig(rec_loss="l2", scale_equivariance=0.25)
+    loss, logs = VAELoss(cfg)(rec, x, mean, logvar, rec_down=rec_down)
+    se = (rec_down - F.avg_pool2d(x, 2)).pow(2).mean()
+    assert torch.isclose(logs["train/scale_equivariance"], se)
+    plain, _ = VAELoss(LossConfig(rec_loss="l2"))(rec, x, mean, logvar)
+    assert torch.isclose(loss, plain + 0.25 * se)
+    loss.backward()  # the term trains the encoder too: it decodes the encoder's own latent
+    assert model.vae.encoder.conv_in.weight.grad.abs().sum() > 0
