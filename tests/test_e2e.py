@@ -142,8 +142,10 @@ def test_channel_comparison_over_dvc_experiments(repo):
     by_c = {int(r["latent_channels"]): r for r in rows}
     assert float(by_c[8]["compression_ratio"]) == 24.0 and float(by_c[16]["compression_ratio"]) == 12.0
     assert all(np.isfinite(float(r["psnr"])) and 0 < float(r["ssim"]) <= 1 for r in rows)
-    assert printed.startswith("| run | latent_channels | compression_ratio | psnr | ssim |")
+    assert printed.startswith("| run | latent_channels | kl_weight | compression_ratio | psnr | ssim | mse | rate_bpp |")
+    assert all(float(r["kl_weight"]) == 1e-6 and float(r["rate_bpp"]) > 0 for r in rows)  # TINY's beta, not 0.0
     assert (dst / "data/eval/channels.png").stat().st_size > 1000
+    assert (dst / "data/eval/rate_distortion.png").stat().st_size > 1000
 
 
 def test_killed_repro_resumes_training_with_whole_curves(repo):

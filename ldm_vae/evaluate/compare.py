@@ -140,4 +140,7 @@ def _plot_rate_distortion(rows: list[dict], path: Path) -> None:
 
 
 def _fmt(v):
-    return round(v, 4) if isinstance(v, float) else ("" if v is None else v)
+    """Floats to 4 decimals, small ones (a KL weight of 1e-6) to 3 significant digits."""
+    if isinstance(v, float):
+        return float(f"{v:.3g}") if 0 < abs(v) < 0.01 else round(v, 4)
+    return "" if v is None else v
