@@ -144,11 +144,7 @@ def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, 
     urls = expand_shards(shards)
     to_item = _ToItem(sample_posterior, flip, _normalizer(normalize, stats, vae_config))
     if resampled:
-        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True), tar_samples]
-        if shuffle:
-            stages.append(wds.shuffle(shuffle, seed=seed))
-        stages.append(wds.map(to_item))
-        return wds.DataPipeline(*stages)
+        return wds.DataPipeline(*_resampled(urls, shuffle, seed, to_item))
     plan = EpochPlan(urls, shard_counts(urls, stats, counts), seed)
     stages = [plan, read_slices]
     if shuffle:
@@ -157,6 +153,15 @@ def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, 
     pipeline = wds.DataPipeline(*stages)
     pipeline.set_epoch = plan.set_epoch
     return pipeline
+
+
+def _resampled(urls: list[str], shuffle: int, seed: int, to_item) -> list:
+    """The stages of resampled mode: shards drawn at random forever (seeded per rank and worker by
+    webdataset), their samples, a shuffle buffer, the items."""
+    stages = [wds.ResampledShards(urls, seed=seed, deterministic=True), tar_samples]
+    if shuffle:
+        stages.append(wds.shuffle(shuffle, seed=seed))
+    return stages + [wds.map(to_item)]
 
 
 class BucketBatches(EpochState, torch.utils.data.IterableDataset):
@@ -270,12 +275,8 @@ def bucket_dataset(shards, *, batch_size: int, drop_last: bool = False, bucket_b
     sizes = bucket_batch_sizes(shapes, batch_size, bucket_batch)
     to_item = _ToItem(sample_posterior, flip, _normalizer(normalize, stats, vae_config))
     if resampled:
-        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True), tar_samples]
-        if shuffle:
-            stages.append(wds.shuffle(shuffle, seed=seed))
-        stages += [wds.map(to_item), functools.partial(bucket_batches, batch_sizes=sizes, default=batch_size,
-                                                       drop_last=drop_last)]
-        return wds.DataPipeline(*stages)
+        return wds.DataPipeline(*_resampled(urls, shuffle, seed, to_item), functools.partial(
+            bucket_batches, batch_sizes=sizes, default=batch_size, drop_last=drop_last))
     return BucketBatches(urls, shard_counts(urls, stats, counts), shapes, sizes, to_item, shuffle, seed, drop_last)
 
 
