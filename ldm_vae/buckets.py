@@ -27,10 +27,15 @@ if TYPE_CHECKING:
 Bucket = tuple[int, int]  # (width, height)
 
 
+def smallest_side(step: int, min_side: int) -> int:
+    """The smallest side a bucket may have: ``min_side`` rounded up to the step, at least one step."""
+    return max(step, -(-min_side // step) * step)
+
+
 def make_buckets(resolution: int, step: int, max_ratio: float, min_side: int = 0) -> list[Bucket]:
     """The SDXL/kohya bucket set, sorted by aspect ratio (tallest first)."""
     area = resolution * resolution
-    lo = max(step, -(-min_side // step) * step)  # the smallest allowed side, a multiple of the step
+    lo = smallest_side(step, min_side)
     out: set[Bucket] = set()
     w = lo
     while w * lo <= area:
@@ -72,7 +77,7 @@ def shrink_to_fit(size: tuple[int, int], bucket: Bucket, step: int, min_side: in
     k = min(1.0, size[0] / bucket[0], size[1] / bucket[1])
     if k == 1.0:
         return bucket
-    lo = max(step, -(-min_side // step) * step)
+    lo = smallest_side(step, min_side)
     return (max(lo, int(bucket[0] * k) // step * step), max(lo, int(bucket[1] * k) // step * step))
 
 

@@ -378,12 +378,11 @@ def params_from_dict(raw: dict) -> Params:
 def _check_across(p: Params) -> None:
     """Keys whose allowed values depend on another section's."""
     if p.data.crop == "bucket":
-        from .buckets import bucket_set
+        from .buckets import bucket_set, smallest_side
 
         smallest = min(min(b) for b in bucket_set(p.data))
         if not p.data.bucket_upscale:  # small images get buckets down to the minimum side
-            smallest = min(smallest, max(p.data.bucket_step, -(-p.data.bucket_min_side // p.data.bucket_step)
-                                         * p.data.bucket_step))
+            smallest = min(smallest, smallest_side(p.data.bucket_step, p.data.bucket_min_side))
         if not 0 < p.train.crop_size <= smallest:
             raise ParamError(f"train.crop_size: {p.train.crop_size}: with data.crop: bucket the training images differ "
                              f"in shape: use windows of at most the smallest bucket side ({smallest})")
