@@ -329,6 +329,31 @@ class EvaluateConfig:
                              f"{[n for n in names if names.count(n) > 1][0]!r} (the last part of the path)")
 
 
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The denoising probe (ldm_vae/probe.py): one fixed small diffusion model and budget,
+    so that runs compare; change them only for a whole comparison at once."""
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    widths: tuple[int, ...] = (32, 64)  # UNet block widths: latent sides must divide by 2^(len - 1)
+    log_snrs: tuple[float, ...] = (-6.0, -3.0, 0.0, 3.0, 6.0)  # the scored noise levels
+    val_latents: int = 2048  # the first this many validation latents are scored
+    val_draws: int = 4  # noise draws per latent and level
+    num_workers: int = 0
+    seed: int = 0
+
+    def check(self) -> None:
+        for key in ("steps", "batch_size", "val_latents", "val_draws"):
+            check_at_least(f"probe.{key}", getattr(self, key), 1)
+        check_at_least("probe.num_workers", self.num_workers, 0)
+        check_range("probe.lr", self.lr, 0, 1, open_lo=True)
+        if not self.widths or min(self.widths) < 1:
+            raise ParamError(f"probe.widths: {list(self.widths)}: one or more positive block widths")
+        for x in self.log_snrs:
+            check_range("probe.log_snrs", x, -20, 20)
+
+
 def reference_name(location: str) -> str:
     """A reference VAE's short name in metrics and columns: "stabilityai/sd-vae-ft-ema" ->
     "sd-vae-ft-ema", "black-forest-labs/FLUX.1-dev/vae" -> "FLUX_1-dev"."""
@@ -346,6 +371,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

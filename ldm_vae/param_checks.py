@@ -44,6 +44,12 @@ def coerce(key: str, value, hint):
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
             return tuple(value)
         raise ParamError(f"{key}: {value!r}: expected a list of non-empty strings (or [])")
+    elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is float:
+        if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+        ):
+            return tuple(float(v) for v in value)
+        raise ParamError(f"{key}: {value!r}: expected a non-empty list of finite numbers")
     elif typing.get_origin(hint) is tuple:
         if isinstance(value, (list, tuple)) and value and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value

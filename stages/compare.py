@@ -19,7 +19,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder for channels.csv, channels.md, channels.png, rate_distortion.png")
     args = ap.parse_args()
 
-    from ldm_vae.evaluate.compare import experiment_runs, write_report
+    from ldm_vae.compare import experiment_runs, write_report
 
     try:
         rows = experiment_runs(args.repo)

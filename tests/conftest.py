@@ -56,6 +56,7 @@ TINY = {
                   "fade_augment": 0.0, "lr": 1e-3},
         "encode": {"batch_size": 4, "samples_per_shard": 4},
         "evaluate": {"batch_size": 4, "grid_images": 3},
+        "probe": {"steps": 4, "batch_size": 4, "widths": [8, 16], "val_draws": 1},
 }
 
 

@@ -25,7 +25,7 @@ def test_shipped_params_are_valid():
         ({"data": {"source": "ftp:/x"}}, ["data.source", "ftp", "builtin, folder, hf, urls"]),
         ({"data": {"sauce": "builtin"}}, ["data.sauce", "unknown key", "did you mean `source`?"]),
         ({"data": {"crop_per_image": 2}}, ["data.crop_per_image", "did you mean `crops_per_image`"]),
-        ({"data": {"lr": 1e-4}}, ["data.lr", "did you mean `train.lr`?"]),
+        ({"data": {"lr": 1e-4}}, ["data.lr", "did you mean `train.lr` or `probe.lr`?"]),
         ({"traim": {}}, ["traim", "unknown params section (did you mean `train`?)"]),
         ({"train": {"batch_size": "8"}}, ["train.batch_size", "'8'", "expected int"]),
         ({"train": {"max_steps": 1.5}}, ["train.max_steps", "expected int"]),
@@ -46,6 +46,10 @@ def test_shipped_params_are_valid():
         ({"data": {"split": "train/../x"}}, ["data.split", "slicing syntax"]),
         ({"data": {"split": ""}}, ["data.split"]),
         ({"data": {"split": "a\x00b"}}, ["data.split"]),
+        ({"probe": {"log_snrs": [0, 30]}}, ["probe.log_snrs", "30", "[-20, 20]"]),
+        ({"probe": {"log_snrs": ["high"]}}, ["probe.log_snrs", "non-empty list of finite numbers"]),
+        ({"probe": {"widths": []}}, ["probe.widths", "non-empty list of integers"]),
+        ({"probe": {"steps": 0}}, ["probe.steps", ">= 1"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(raw, names):
@@ -184,7 +188,7 @@ def _floor(module: str) -> tuple[int, str]:
     parts = Path(module).relative_to("ldm_vae").parts
     if parts[0] in WINGS:
         return 1, parts[0]
-    return (2, "") if parts[0] in ("loader.py", "__init__.py") else (0, "")
+    return (2, "") if parts[0] in ("loader.py", "probe.py", "compare.py", "__init__.py") else (0, "")
 
 
 def test_the_layout_only_imports_downwards_and_has_no_circles():

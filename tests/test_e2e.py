@@ -41,7 +41,7 @@ def repo(tmp_path_factory):
 def test_repro_writes_every_contract(repo):
     dst, env = repo
     out = run(["dvc", "repro"], dst, env)
-    assert stages_run(out) == {"download", "prepare", "train", "encode", "evaluate"}
+    assert stages_run(out) == {"download", "prepare", "train", "encode", "evaluate", "probe"}
 
     manifest = [json.loads(line) for line in (dst / "data/raw/manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 17 and (dst / "data/raw/rejected.jsonl").exists()
@@ -68,7 +68,9 @@ def test_repro_writes_every_contract(repo):
     assert metrics["num_images"] == prepared["val"]["samples"]
     assert (dst / "data/eval/per_image.csv").exists() and (dst / "data/eval/recon_grid.png").exists()
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], dst, env))
-    assert "psnr" in json.dumps(shown)
+    assert "psnr" in json.dumps(shown) and "denoise_loss" in json.dumps(shown)
+    probe = json.loads((dst / "data/probe/metrics.json").read_text())
+    assert probe["probe_val_latents"] == prepared["val"]["samples"] and len(probe["denoise_levels"]) == 5
 
 
 def test_second_repro_runs_nothing(repo):
@@ -84,7 +86,7 @@ def test_a_forced_rerun_leaves_the_tree_clean_and_plots_show_without_warnings(re
     run(["git", "add", "-A"], dst, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first run"], dst, env)
     out = run(["dvc", "repro", "-f"], dst, env)
-    assert stages_run(out) == {"download", "prepare", "train", "encode", "evaluate"}
+    assert stages_run(out) == {"download", "prepare", "train", "encode", "evaluate", "probe"}
     assert run(["git", "status", "--porcelain"], dst, env).strip() == ""
     shown = run(["dvc", "plots", "show"], dst, env)
     assert "failed" not in shown.lower() and "warning" not in shown.lower(), shown
@@ -113,7 +115,7 @@ def test_channel_change_reruns_only_model_stages(repo):
     params["model"]["latent_channels"] = 8
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], dst, env)
-    assert stages_run(out) == {"train", "encode", "evaluate"}
+    assert stages_run(out) == {"train", "encode", "evaluate", "probe"}
 
     import webdataset as wds
 
@@ -132,7 +134,7 @@ def test_channel_comparison_over_dvc_experiments(repo):
     run(["git", "add", "-A"], dst, env)
     run(["git", "commit", "-qm", "tiny run at 8 channels"], dst, env)
     out = run(["dvc", "exp", "run", "-S", "model.latent_channels=16"], dst, env)
-    assert stages_run(out) == {"train", "encode", "evaluate"}
+    assert stages_run(out) == {"train", "encode", "evaluate", "probe"}
     printed = run([sys.executable, "stages/compare.py", "--out", "data/eval"], dst, env)
 
     import csv
@@ -146,6 +148,8 @@ def test_channel_comparison_over_dvc_experiments(repo):
     assert all(float(r["kl_weight"]) == 1e-6 and float(r["rate_bpp"]) > 0 for r in rows)  # TINY's beta, not 0.0
     assert (dst / "data/eval/channels.png").stat().st_size > 1000
     assert (dst / "data/eval/rate_distortion.png").stat().st_size > 1000
+    assert all(0 < float(r["denoise_loss"]) < 2 for r in rows)  # the probe stage's, one a run
+    assert (dst / "data/eval/denoise.png").stat().st_size > 1000
 
 
 def test_killed_repro_resumes_training_with_whole_curves(repo):

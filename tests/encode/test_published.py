@@ -56,8 +56,8 @@ def test_published_vaes_through_dvc_repro_unchanged_and_switching_reruns_only_wh
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
-    for kind, expected in (("sd3", {"download", "prepare", "train", "encode", "evaluate"}),
-                           ("sd", {"train", "encode", "evaluate"}), ("sdxl", {"train", "encode", "evaluate"})):
+    for kind, expected in (("sd3", {"download", "prepare", "train", "encode", "evaluate", "probe"}),
+                           ("sd", {"train", "encode", "evaluate", "probe"}), ("sdxl", {"train", "encode", "evaluate", "probe"})):
         src = published_vae(tmp_path / kind, kind)
         params["model"].update({"init_from": str(src), "use_as_is": True})
         (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -189,21 +189,3 @@ def test_bad_references_are_refused_in_the_first_second(references, what):
     with pytest.raises(ParamError, match="evaluate.references") as e:
         params_from_dict({"evaluate": {"references": references}})
     assert what in str(e.value)
-
-
-def test_the_comparison_report_has_a_row_per_reference_at_its_own_channel_count(tmp_path):
-    from ldm_vae.evaluate.compare import runs_from_exp_show, write_report
-
-    metrics = {"psnr": 21.5, "ssim": 0.57, "latent_channels": 4, "compression_ratio": 48.0, "psnr_bicubic": 21.3,
-               "psnr_sd3": 27.0, "ssim_sd3": 0.8, "latent_channels_sd3": 16, "compression_ratio_sd3": 12.0,
-               "rate_bpp": 0.21}
-    params = {"params.yaml": {"data": {"loss": {"kl_weight": 0.003}}}}
-    shown = [{"rev": "workspace", "name": "mine", "data": {"metrics": {"data/eval/metrics.json": {"data": metrics}},
-                                                          "params": params}}]
-    rows = runs_from_exp_show(shown)
-    assert [(r["run"], r["latent_channels"], r["psnr"]) for r in rows] == [("mine", 4, 21.5), ("ref:sd3", 16, 27.0)]
-    assert rows[1]["compression_ratio"] == 12.0 and rows[0]["kl_weight"] == 0.003
-    write_report(rows, tmp_path)
-    table = (tmp_path / "channels.md").read_text()
-    assert "ref:sd3 | 16 |  | 12.0 | 27.0" in table and "mine | 4 | 0.003 | 48.0 | 21.5 | 0.57 | 0.21" in table
-    assert (tmp_path / "rate_distortion.png").stat().st_size > 1000  # the run's rate against its PSNR

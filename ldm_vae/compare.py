@@ -14,12 +14,13 @@ import json
 import subprocess
 from pathlib import Path
 
-from ..viz import pyplot, save_figure
+from .viz import pyplot, save_figure
 
 COLUMNS = ["run", "latent_channels", "kl_weight", "compression_ratio", "psnr", "ssim", "mse", "rate_bpp",
-           "latent_hf_share", "image_hf_share", "psnr_fp32", "psnr_bicubic", "lpips", "rfid", "collapsed_channels",
+           "latent_hf_share", "image_hf_share", "denoise_loss", "psnr_fp32", "psnr_bicubic", "lpips", "rfid", "collapsed_channels",
            "num_images"]
 METRICS_FILE = "data/eval/metrics.json"
+PROBE_FILE = "data/probe/metrics.json"  # the denoising probe's (its own stage)
 
 
 def experiment_runs(repo: Path) -> list[dict]:
@@ -35,7 +36,9 @@ def runs_from_exp_show(shown) -> list[dict]:
     rows, seen = [], set()
     for entry in _records(shown):
         data = entry.get("data") or {}
-        metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
+        shown_metrics = data.get("metrics") or {}
+        metrics = (shown_metrics.get(METRICS_FILE) or {}).get("data")
+        probe = (shown_metrics.get(PROBE_FILE) or {}).get("data") or {}
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
         if not metrics or "psnr" not in metrics:
             continue
@@ -43,6 +46,8 @@ def runs_from_exp_show(shown) -> list[dict]:
         row = {"run": entry.get("name") or str(entry.get("rev", "?"))[:7], "latent_channels": channels,
                "kl_weight": (params.get("loss") or {}).get("kl_weight")}
         row.update({k: metrics[k] for k in COLUMNS[3:] if k in metrics})
+        if "denoise_loss" in probe:
+            row.update(denoise_loss=probe["denoise_loss"], denoise_levels=probe["denoise_levels"])
         ident = (channels, round(float(metrics["psnr"]), 6), round(float(metrics.get("ssim", 0)), 6))
         if ident in seen:  # the workspace is usually also a commit or an experiment
             continue
@@ -121,6 +126,11 @@ def _plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
     if any("rate_bpp" in r for r in rows):
         _plot_rate_distortion(rows, path.with_name("rate_distortion.png"))
+    probed = {f"{r['run']}: {r['latent_channels']}ch, beta {r.get('kl_weight')}": r for r in rows if "denoise_levels" in r}
+    if probed:
+        from .probe import save_denoise_plot  # here: torch and diffusers only when a run was probed
+
+        save_denoise_plot(probed, path.with_name("denoise.png"))
 
 
 def _plot_rate_distortion(rows: list[dict], path: Path) -> None:
@@ -129,7 +139,12 @@ def _plot_rate_distortion(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.8))
     mine = [r for r in rows if "rate_bpp" in r and "psnr" in r]
-    ax.plot([r["rate_bpp"] for r in mine], [r["psnr"] for r in mine], "o")
+    xs, ys = [r["rate_bpp"] for r in mine], [r["psnr"] for r in mine]
+    if all("denoise_loss" in r for r in mine):  # the third side of the choice, as colour
+        dots = ax.scatter(xs, ys, c=[r["denoise_loss"] for r in mine], cmap="viridis_r", zorder=3)
+        fig.colorbar(dots, ax=ax, label="denoising loss (lower: easier to diffuse)")
+    else:
+        ax.plot(xs, ys, "o")
     for r in mine:
         ax.annotate(f"{r['latent_channels']}ch, beta {r.get('kl_weight')}", (r["rate_bpp"], r["psnr"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")

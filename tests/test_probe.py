@@ -1,0 +1,71 @@
+"""The denoising probe (ldm_vae/probe.py): a latent space with structure scores well below the
+no-structure line, white noise scores on it, a re-run gives the same bytes, and latents the UNet
+cannot halve are refused naming the key."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_params
+from ldm_vae.probe import run_probe
+from ldm_vae.samples import npy_bytes
+from ldm_vae.shards import ShardWriter
+
+CHANNELS, SIDE = 4, 8
+FAST = {"steps": 150, "batch_size": 16, "widths": [16, 32], "val_draws": 2, "lr": 5e-3}
+
+
+def write_latents(root, kind: str, n_train: int = 96, n_val: int = 24, side: int = SIDE):
+    """train/ and val/ latent shards (as encode writes them) and a stats.json: ``smooth`` latents are
+    a random level plus a random ramp per channel, ``noise`` ones white N(0, 1)."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(-1.5, 1.5, side)[None, :] + np.zeros((side, 1))  # [h, w]
+    for split, n in (("train", n_train), ("val", n_val)):
+        with ShardWriter(root / split, split, 1000) as w:
+            for i in range(n):
+                if kind == "smooth":
+                    a, b = rng.standard_normal((2, CHANNELS, 1, 1))
+                    z = a + b * (ramp if i % 2 else ramp.T)  # [C, h, w]
+                else:
+                    z = rng.standard_normal((CHANNELS, side, side))
+                w.write({"__key__": f"{split}{i:04d}", "mean.npy": npy_bytes(z.astype(np.float16)),
+                         "std.npy": npy_bytes(np.full(z.shape, 0.01, np.float16))})
+    stats = {"channels": CHANNELS, "latent_shape": [CHANNELS, side, side], "channel_mean": [0.0] * CHANNELS,
+             "channel_std": [1.0] * CHANNELS}
+    (root / "stats.json").write_text(json.dumps(stats))
+    return root
+
+
+def probe(latents, out, **over):
+    return run_probe(latents, out, make_params(probe={**FAST, **over}).probe)
+
+
+def test_structure_scores_below_the_no_structure_line_and_noise_on_it(tmp_path):
+    smooth = probe(write_latents(tmp_path / "smooth", "smooth"), tmp_path / "out_s")
+    noise = probe(write_latents(tmp_path / "noise", "noise"), tmp_path / "out_n")
+    for lvl in noise["denoise_levels"].values():  # white noise: nothing to find at any level
+        assert 0.9 < lvl["relative"] < 1.1, noise
+    mid = smooth["denoise_levels"]["lsnr+0"]  # half signal, half noise: smooth maps are guessable
+    assert mid["relative"] < 0.85 and mid["relative"] == pytest.approx(mid["v_mse"] / mid["baseline_v_mse"])
+    assert smooth["denoise_loss"] < noise["denoise_loss"] - 0.05, (smooth, noise)
+    assert smooth["probe_val_latents"] == 24 and smooth["probe_steps"] == 150
+    rows = (tmp_path / "out_s" / "denoise.csv").read_text().splitlines()
+    assert rows[0] == "log_snr,relative,v_mse,baseline_v_mse" and len(rows) == 1 + 5
+    assert (tmp_path / "out_s" / "denoise.png").stat().st_size > 5000
+
+
+def test_a_rerun_writes_the_same_bytes(tmp_path):
+    latents = write_latents(tmp_path / "smooth", "smooth", n_train=32, n_val=8)
+    probe(latents, tmp_path / "a", steps=20)
+    probe(latents, tmp_path / "b", steps=20)
+    for name in ("metrics.json", "denoise.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_latents_the_unet_cannot_halve_are_refused_naming_the_key(tmp_path):
+    latents = write_latents(tmp_path / "odd", "noise", n_train=8, n_val=2, side=9)
+    with pytest.raises(ValueError, match=r"probe.widths: 2 levels .* multiples of 2; these latents are 9x9"):
+        probe(latents, tmp_path / "out")
+    with pytest.raises(ValueError, match="probe.batch_size: 16: the train latents give no full batch"):
+        probe(write_latents(tmp_path / "few", "noise", n_train=8, n_val=2), tmp_path / "out")
