@@ -23,9 +23,12 @@ METRICS_FILE = "data/eval/metrics.json"
 PROBE_FILE = "data/probe/metrics.json"  # the denoising probe's (its own stage)
 
 
-def experiment_runs(repo: Path) -> list[dict]:
-    """One row per run that has evaluation metrics (workspace, commits, experiments)."""
-    proc = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True)
+def experiment_runs(repo: Path, commits: int = 1) -> list[dict]:
+    """One row per run that has evaluation metrics (workspace, commits, experiments), from the
+    experiments of HEAD and, with ``commits`` > 1, of the commits before it (``dvc exp show -n``:
+    a commit made after a sweep leaves its experiments on the commit they ran from)."""
+    cmd = ["dvc", "exp", "show", "--json"] + (["-n", str(commits)] if commits > 1 else [])
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"dvc exp show failed: {proc.stderr.strip()[-500:]}")
     return runs_from_exp_show(json.loads(proc.stdout or "[]"))
@@ -43,7 +46,8 @@ def runs_from_exp_show(shown) -> list[dict]:
         if not metrics or "psnr" not in metrics:
             continue
         channels = metrics.get("latent_channels") or (params.get("model") or {}).get("latent_channels")
-        row = {"run": entry.get("name") or str(entry.get("rev", "?"))[:7], "latent_channels": channels,
+        rev = str(entry.get("rev", "?"))
+        row = {"run": entry.get("name") or (rev if rev == "workspace" else rev[:7]), "latent_channels": channels,
                "kl_weight": (params.get("loss") or {}).get("kl_weight")}
         row.update({k: metrics[k] for k in COLUMNS[3:] if k in metrics})
         if "denoise_loss" in probe:
@@ -137,7 +141,7 @@ def _plot_rate_distortion(rows: list[dict], path: Path) -> None:
     """The ELBO's two terms, one point per run: rate (KL to the prior, bits per pixel) against
     distortion (PSNR), labelled with channels and KL weight."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.8))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     mine = [r for r in rows if "rate_bpp" in r and "psnr" in r]
     xs, ys = [r["rate_bpp"] for r in mine], [r["psnr"] for r in mine]
     if all("denoise_loss" in r for r in mine):  # the third side of the choice, as colour
@@ -146,8 +150,9 @@ def _plot_rate_distortion(rows: list[dict], path: Path) -> None:
     else:
         ax.plot(xs, ys, "o")
     for r in mine:
-        ax.annotate(f"{r['latent_channels']}ch, beta {r.get('kl_weight')}", (r["rate_bpp"], r["psnr"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+        ax.annotate(f"{r['run']}: {r['latent_channels']}ch, beta {r.get('kl_weight')}", (r["rate_bpp"], r["psnr"]),
+                    fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.margins(x=0.3, y=0.1)  # room for the labels
     ax.set(xlabel="rate: KL to N(0, I), bits per image pixel", ylabel="distortion: PSNR (dB)",
            title="rate against distortion (up and left is better)")
     fig.tight_layout()

@@ -207,13 +207,13 @@ def save_denoise_plot(runs: dict[str, dict], path: Path) -> None:
     """The relative denoising loss against log-SNR, one line per run (the comparison report draws
     every run's on one chart)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    fig, ax = plt.subplots(figsize=(8.4, 3.8))
     for name, m in runs.items():
         lam, loss = zip(*denoise_levels(m))
         ax.plot(lam, loss, "o-", label=f"{name}: {m['denoise_loss']:.3f}")
     ax.axhline(1.0, color="grey", ls="--", lw=1, label="no structure found (independent N(0, 1))")
-    ax.set(xlabel="log-SNR (noisy <- -> clean)", ylabel="v-MSE / the no-structure denoiser's",
+    ax.set(xlabel="log-SNR (left: noisier, right: cleaner)", ylabel="v-MSE / the no-structure denoiser's",
            title="denoising probe: lower is easier to diffuse")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the curves, never on them
     fig.tight_layout()
     save_figure(fig, path)

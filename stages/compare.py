@@ -5,7 +5,8 @@
 
 Writes channels.csv (declared as a DVC plot), channels.md and channels.png: PSNR / SSIM (and
 LPIPS / rFID when evaluated) of every run against its latent channel count and compression ratio;
-and rate_distortion.png: each run's rate (KL to the prior, bits per pixel) against its PSNR.
+rate_distortion.png: each run's rate (KL to the prior, bits per pixel) against its PSNR, coloured
+by its denoising loss; and denoise.png: every probed run's denoising-probe curve.
 """
 
 import argparse
@@ -16,13 +17,15 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository (default: here)")
+    ap.add_argument("--commits", type=int, default=1,
+                    help="also the experiments of this many commits back from HEAD (dvc exp show -n)")
     ap.add_argument("--out", type=Path, required=True, help="folder for channels.csv, channels.md, channels.png, rate_distortion.png")
     args = ap.parse_args()
 
     from ldm_vae.compare import experiment_runs, write_report
 
     try:
-        rows = experiment_runs(args.repo)
+        rows = experiment_runs(args.repo, args.commits)
         write_report(rows, args.out)
     except RuntimeError as e:
         sys.exit(f"compare: {e}")
