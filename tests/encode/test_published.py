@@ -56,12 +56,14 @@ def test_published_vaes_through_dvc_repro_unchanged_and_switching_reruns_only_wh
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
-    for kind, expected in (("sd3", {"download", "prepare", "train", "encode", "evaluate", "probe"}),
-                           ("sd", {"train", "encode", "evaluate", "probe"}), ("sdxl", {"train", "encode", "evaluate", "probe"})):
+    # The probe runs on the SD3-like latents (16 channels); for the other two, up to evaluate (time).
+    for kind, target, expected in (("sd3", [], {"download", "prepare", "train", "encode", "evaluate", "probe"}),
+                                   ("sd", ["evaluate"], {"train", "encode", "evaluate"}),
+                                   ("sdxl", ["evaluate"], {"train", "encode", "evaluate"})):
         src = published_vae(tmp_path / kind, kind)
         params["model"].update({"init_from": str(src), "use_as_is": True})
         (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        out = _run(["dvc", "repro"], dst, env)
+        out = _run(["dvc", "repro", *target], dst, env)
         assert stages_run(out) == expected, out[-2000:]
         assert "used as it is" in out
         for name in ("config.json", WEIGHTS):
