@@ -17,8 +17,8 @@ from pathlib import Path
 from .viz import pyplot, save_figure
 
 COLUMNS = ["run", "latent_channels", "kl_weight", "compression_ratio", "psnr", "ssim", "mse", "rate_bpp",
-           "latent_hf_share", "image_hf_share", "denoise_loss", "psnr_fp32", "psnr_bicubic", "lpips", "rfid", "collapsed_channels",
-           "num_images"]
+           "latent_hf_share", "image_hf_share", "denoise_loss", "psnr_fp32", "psnr_bicubic", "lpips", "rfid",
+           "collapsed_channels", "num_images"]
 METRICS_FILE = "data/eval/metrics.json"
 PROBE_FILE = "data/probe/metrics.json"  # the denoising probe's (its own stage)
 
@@ -130,7 +130,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
     if any("rate_bpp" in r for r in rows):
         _plot_rate_distortion(rows, path.with_name("rate_distortion.png"))
-    probed = {f"{r['run']}: {r['latent_channels']}ch, beta {r.get('kl_weight')}": r for r in rows if "denoise_levels" in r}
+    probed = {f"{r['run']}: {r['latent_channels']}ch, beta {r.get('kl_weight')}": r
+              for r in rows if "denoise_levels" in r}
     if probed:
         from .probe import save_denoise_plot  # here: torch and diffusers only when a run was probed
 

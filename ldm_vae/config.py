@@ -1,7 +1,8 @@
 """Typed, validated params: the one place that knows what params.yaml may hold.
 
 The dataclass defaults below (the data section's in config_data.py) are the one set of defaults,
-and the shipped params.yaml writes exactly them out (a test holds the two equal): a key deleted from params.yaml keeps its value.
+and the shipped params.yaml writes exactly them out (a test holds the two equal): a key deleted
+from params.yaml keeps its value.
 
 Every stage calls :func:`load_params` first, before importing torch, so a wrong value fails in
 about a second with the key, the value and what is allowed. The whole file is validated by every
