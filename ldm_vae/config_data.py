@@ -9,13 +9,17 @@ from dataclasses import dataclass
 from .param_checks import ParamError, check_at_least, check_choice, check_processes, check_range
 
 
-SOURCE_KINDS = ("builtin", "folder", "hf", "urls")
+SOURCE_KINDS = ("builtin", "folder", "hf", "urls", "s3")
 CROP_METHODS = ("multiscale", "adm", "random", "bucket")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "builtin"  # builtin | folder:<path> | hf:<name or local path> | urls:<file>
+    source: str = "builtin"  # builtin | folder:<path> | hf:<name, path or s3://...> | urls:<file or s3://...> | s3://bucket/prefix
+    # The endpoint URL of an S3-compatible store (MinIO, R2, SeaweedFS) for s3:// sources, URL
+    # lists and hf data files; "" = AWS_ENDPOINT_URL or AWS itself. Credentials never go here:
+    # they come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws.
+    s3_endpoint: str = ""
     # hf: which split and columns to read; "" means the dataset has no such column.
     split: str = "train"
     image_column: str = "image"
@@ -69,6 +73,12 @@ class DataConfig:
         check_choice("data.source", kind, SOURCE_KINDS, shown=self.source)
         if kind in ("folder", "hf", "urls") and not self.source_target:
             raise ParamError(f"data.source: {self.source!r}: {kind} needs a target, e.g. {kind}:<path>")
+        if kind == "s3" and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?", self.source):
+            raise ParamError(f"data.source: {self.source!r}: an S3 source is s3://BUCKET[/PREFIX] (bucket names: "
+                             "3-63 lowercase letters, digits, dots and hyphens)")
+        if self.s3_endpoint and not re.fullmatch(r"https?://[^\s/@]+/?", self.s3_endpoint):
+            raise ParamError(f"data.s3_endpoint: {self.s3_endpoint!r}: an http(s) URL of the store, no path and no "
+                             "credentials (e.g. http://127.0.0.1:8333), or '' for AWS_ENDPOINT_URL / AWS")
         if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:%+]+", self.split):
             raise ParamError(f"data.split: {self.split!r}: a split name (letters, digits, _ . -) or datasets' "
                              "slicing syntax ('train[:10%]', 'train+validation')")

@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import glob
 import itertools
-import json
 import multiprocessing as mp
 import random
 from pathlib import Path
 
 import torch
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 
+from . import s3
 from .samples import LATENT
 from .shards import shard_keys, tar_samples
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """webdataset's opener for ``s3://`` shards: s3fs with the AWS variables (:mod:`ldm_vae.s3`)."""
+    if mode != "rb":
+        raise ValueError(f"{url}: the loader only reads")
+    return s3.open_read(url)
+
+
+# webdataset opens shards through its scheme table: s3:// is added (never replacing another's).
+gopen_schemes.setdefault("s3", _gopen_s3)
 
 
 def expand_shards(shards) -> list[str]:
@@ -27,8 +39,10 @@ def expand_shards(shards) -> list[str]:
         shards = [shards]
     out: list[str] = []
     for s in map(str, shards):
-        if "://" in s:
-            out.append(s)  # a URL (webdataset streams http(s), s3 via pipe: etc.)
+        if s.startswith("s3://"):
+            out.extend(s3.glob(s))  # a URL, a glob or a prefix ending in '/'
+        elif "://" in s:
+            out.append(s)  # a URL (webdataset streams http(s), pipe: etc.)
         else:
             out.extend(sorted(glob.glob(s)) if any(ch in s for ch in "*?[") else [s])
     if not out:
@@ -133,7 +147,7 @@ def shard_counts(urls: list[str], stats=None, counts: dict[str, int] | None = No
     shard's own headers; by file name."""
     known: dict[str, int] = {}
     if stats is not None:
-        st = json.loads(Path(stats).read_text()) if isinstance(stats, (str, Path)) else stats
+        st = s3.load_json(stats)
         for split in st.get("splits", {}).values():
             known.update({Path(k).name: int(v) for k, v in split.get("shard_counts", {}).items()})
     known.update({Path(k).name: int(v) for k, v in (counts or {}).items()})
@@ -155,7 +169,7 @@ def shard_shapes(urls: list[str], stats=None) -> list[tuple | None]:
     (local files) its first sample's; None where unknown (a URL without stats)."""
     known: dict[str, tuple] = {}
     if stats is not None:
-        st = json.loads(Path(stats).read_text()) if isinstance(stats, (str, Path)) else stats
+        st = s3.load_json(stats)
         for split in st.get("splits", {}).values():
             known.update({Path(k).name: tuple(v) for k, v in split.get("shard_shapes", {}).items()})
     out: list[tuple | None] = []

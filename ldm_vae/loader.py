@@ -52,6 +52,7 @@ import webdataset as wds
 
 from .epochs import (EpochPlan, EpochShuffle, EpochState, epoch_slices, expand_shards, read_slices, shard_counts,
                      shard_shapes)
+from .s3 import load_json
 from .samples import LATENT
 from .shards import tar_samples
 
@@ -81,7 +82,7 @@ def _normalizer(normalize: str, stats, vae_config, inverse: bool = False) -> _Af
     if normalize == "channel":
         if stats is None:
             raise ValueError("normalize='channel' needs stats= (stats.json path or dict)")
-        st = json.loads(Path(stats).read_text()) if isinstance(stats, (str, Path)) else stats
+        st = load_json(stats)
         mean = torch.tensor(st["channel_mean"], dtype=torch.float32)[:, None, None]  # [C, 1, 1]
         std = torch.tensor(st["channel_std"], dtype=torch.float32)[:, None, None]
         return _Affine(mean, 1.0 / std, inverse)

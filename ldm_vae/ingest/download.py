@@ -34,7 +34,7 @@ from ..shards import ShardWriter, tar_members
 from .sources import iter_unit, plan_source
 
 SHARDS = "shards"
-CODE = ("ingest/download", "ingest/items", "ingest/sources", "ingest/urls", "ingest/hf_source", "images", "samples", "shards", "runner")
+CODE = ("ingest/download", "ingest/items", "ingest/sources", "ingest/urls", "ingest/hf_source", "ingest/s3_source", "s3", "images", "samples", "shards", "runner")
 
 
 def run_download(cfg: DataConfig, out: Path) -> dict | None:

@@ -20,6 +20,7 @@ import itertools
 from pathlib import Path
 from typing import Iterator
 
+from .. import s3 as store
 from ..runner import Unit
 from .items import SourceItem, fingerprint, safe_key
 
@@ -34,12 +35,12 @@ def plan_hf(cfg) -> list[Unit]:
     import datasets
 
     target = cfg.source_target
-    ds = open_dataset(target, cfg.split)
+    ds = open_dataset(target, cfg.split, cfg.s3_endpoint)
     _check_columns(cfg, ds)
     about = f"hf:{target} split {cfg.split}"
     base = {"kind": "hf", "target": target, "split": cfg.split,
             "columns": [cfg.image_column, cfg.caption_column, cfg.label_column],
-            "files": _local_files_id(target)}
+            "files": _files_id(target, cfg.s3_endpoint)}
     if isinstance(ds, datasets.Dataset):
         rows = min(len(ds), cfg.max_images) if cfg.max_images else len(ds)
         base["fingerprint"] = getattr(ds, "_fingerprint", "")
@@ -62,14 +63,15 @@ def iter_hf_unit(cfg, task) -> Iterator[SourceItem]:
     """The SourceItems of one planned unit, in dataset order."""
     import datasets
 
-    ds = open_dataset(cfg.source_target, cfg.split)
+    ds = open_dataset(cfg.source_target, cfg.split, cfg.s3_endpoint)
     features = ds.features or {}
     if isinstance(features.get(cfg.image_column), datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     label_names = None
     if cfg.label_column and isinstance(features.get(cfg.label_column), datasets.ClassLabel):
         label_names = features[cfg.label_column].names
-    root = Path(cfg.source_target) if Path(cfg.source_target).exists() else None
+    local = not store.is_s3(cfg.source_target) and Path(cfg.source_target).exists()
+    root = Path(cfg.source_target) if local else None
     if task[0] == "hf":
         _, lo, hi = task
         rows = ds.select(range(lo, hi))
@@ -110,8 +112,13 @@ def _check_columns(cfg, ds) -> None:
                              f"columns: {', '.join(columns)}")
 
 
-def _local_files_id(target: str) -> str:
-    """Sizes and mtimes of a local dataset's files: edited files redo the download's units."""
+def _files_id(target: str, endpoint: str = "") -> str:
+    """Sizes and mtimes of a local dataset's files, or ETags and sizes of its data files on S3:
+    edited files redo the download's units."""
+    if store.is_s3(target):
+        fs = store.filesystem(endpoint)
+        found = store.glob(target, endpoint)
+        return fingerprint([(p, fs.info(p).get("ETag", ""), fs.info(p).get("size", -1)) for p in found])
     path = Path(target)
     if not path.exists():
         return ""  # a hub dataset: its name (and revision) is its identity
@@ -119,10 +126,12 @@ def _local_files_id(target: str) -> str:
     return fingerprint([(p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
-def open_dataset(target: str, split: str):
+def open_dataset(target: str, split: str, endpoint: str = ""):
     """A ``datasets`` Dataset (memory-mapped) or IterableDataset (streamed) for one split."""
     import datasets
 
+    if store.is_s3(target):
+        return _open_s3(target, split, endpoint)
     path = Path(target)
     try:
         if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
@@ -144,6 +153,24 @@ def open_dataset(target: str, split: str):
     except FileNotFoundError as e:
         raise FileNotFoundError(f"data.source: hf:{target}: not a local dataset and not found on the hub ({e})") from e
     except Exception as e:  # datasets raises many types (hub offline, bad split, bad files)
+        raise ValueError(f"data.source: hf:{target} (split {split!r}): {type(e).__name__}: {e}") from e
+
+
+def _open_s3(target: str, split: str, endpoint: str):
+    """Data files on S3 (one URL or a glob: ``s3://bucket/laion/*.parquet``), streamed through
+    datasets with ``storage_options`` (endpoint and credentials as :mod:`ldm_vae.s3` says)."""
+    import datasets
+
+    builder = DATA_FILE_BUILDERS.get(Path(target.split("?")[0]).suffix.lower())
+    if builder is None:
+        raise ValueError(f"data.source: hf:{target}: data files on S3 must be one of {', '.join(DATA_FILE_BUILDERS)} "
+                         "(a URL or a glob of them)")
+    if not store.glob(target, endpoint):  # a refusal names the URL; nothing found is no dataset
+        raise store.StoreError(f"{target}: no data files match")
+    try:
+        return datasets.load_dataset(builder, data_files={split: target}, split=split, streaming=True,
+                                     storage_options=store.storage_options(endpoint))
+    except Exception as e:
         raise ValueError(f"data.source: hf:{target} (split {split!r}): {type(e).__name__}: {e}") from e
 
 

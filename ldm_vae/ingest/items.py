@@ -6,10 +6,15 @@ imports this and none imports another: no import circle.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
 import hashlib
 import json
 import re
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 @dataclass
@@ -49,3 +54,17 @@ def unique_key(key: str, raw: str, seen: dict[str, str]) -> str:
         key = f"{key}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
     seen[key] = raw
     return key
+
+
+def ordered_map(fn: Callable, items: Iterable, threads: int) -> Iterator:
+    """``fn`` of each item on ``threads`` threads, results in item order, with a bounded window
+    (4 per thread) of calls running ahead of the consumer: memory stays flat however slow it is."""
+    window = threads * 4
+    with cf.ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..runner import Unit
-from .items import SourceItem, chunks, fingerprint, folder_key, unique_key
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from .items import IMAGE_EXTENSIONS, SourceItem, chunks, fingerprint, folder_key, unique_key
 
 # Photographs that ship inside installed packages: (package, path inside it, key). Synthetic
 # test patterns, documents and the right half of the motorcycle stereo pair (near-identical to
@@ -58,6 +56,10 @@ def plan_source(cfg) -> list[Unit]:
         from .urls import plan_urls
 
         return plan_urls(cfg)
+    if kind == "s3":
+        from .s3_source import plan_s3
+
+        return plan_s3(cfg)
     files = builtin_files() if kind == "builtin" else folder_files(Path(target))
     if cfg.max_images:
         files = files[: cfg.max_images]
@@ -79,6 +81,10 @@ def iter_unit(cfg, task, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
         from .urls import iter_url_rows
 
         return iter_url_rows(cfg, task[1], skip)
+    if task[0] == "s3":
+        from .s3_source import iter_s3_unit
+
+        return iter_s3_unit(cfg, task)
     from .hf_source import iter_hf_unit
 
     return iter_hf_unit(cfg, task)

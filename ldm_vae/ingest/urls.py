@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import email.utils
 import hashlib
+import io
 import json
 import random
 import socket
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
+from .. import s3 as store
 from ..runner import Unit
 from .items import SourceItem, chunks, fingerprint, folder_key, unique_key
 
@@ -52,26 +54,20 @@ class FetchError(Exception):
         self.reason, self.detail, self.retry_after = reason, detail, retry_after
 
 
-def read_url_list(path: Path) -> list[UrlRow]:
-    """Every row of a URL list, in file order."""
-    if not path.is_file():
-        raise FileNotFoundError(f"data.source: URL list {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(path).to_pylist()
-    elif suffix == ".csv":
-        with open(path, newline="") as f:
-            records = list(csv.DictReader(f))
-    elif suffix == ".jsonl":
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+def read_url_list(target: str, endpoint: str = "") -> list[UrlRow]:
+    """Every row of a URL list (a local path or an ``s3://`` URL), in file order."""
+    target = str(target)
+    name = target.lower()
+    if store.is_s3(target):
+        with store.open_read(target, endpoint) as f:
+            records = _records(name, f)
     else:
-        with open(path) as f:
-            records = [{"url": s} for s in (line.strip() for line in f) if s and not s.startswith("#")]
+        if not Path(target).is_file():
+            raise FileNotFoundError(f"data.source: URL list {target!r} does not exist")
+        with open(target, "rb") as f:
+            records = _records(name, f)
     if records and "url" not in records[0]:
-        raise ValueError(f"data.source: {str(path)!r} has no 'url' column (columns: {', '.join(records[0])})")
+        raise ValueError(f"data.source: {target!r} has no 'url' column (columns: {', '.join(records[0])})")
     rows, seen = [], {}
     for r in records:
         url = str(r.get("url") or "").strip()
@@ -83,6 +79,20 @@ def read_url_list(path: Path) -> list[UrlRow]:
     return rows
 
 
+def _records(name: str, f) -> list[dict]:
+    """The rows of a list file opened in binary: parquet, csv, jsonl, or one URL a line."""
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(f).to_pylist()
+    text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+    if name.endswith(".csv"):
+        return list(csv.DictReader(text))
+    if name.endswith(".jsonl"):
+        return [json.loads(line) for line in text if line.strip()]
+    return [{"url": s} for s in (line.strip() for line in text) if s and not s.startswith("#")]
+
+
 def url_key(url: str) -> str:
     return "url-" + hashlib.sha1(url.encode()).hexdigest()[:16]
 
@@ -90,7 +100,7 @@ def url_key(url: str) -> str:
 def plan_urls(cfg) -> list[Unit]:
     """The list cut into units of ``cfg.unit_images`` rows. A key seen earlier in the list is
     marked here, once for the whole list, so the choice does not depend on the units."""
-    rows = read_url_list(Path(cfg.source_target))
+    rows = read_url_list(cfg.source_target, cfg.s3_endpoint)
     if cfg.max_images:
         rows = rows[: cfg.max_images]
     seen: set[str] = set()

@@ -1,0 +1,174 @@
+"""The ``s3://bucket/prefix`` source: every image object under a prefix, as ``folder:`` takes
+every image file under a folder (the same keys for the same tree).
+
+Planning streams the listing page by page and keeps, per unit, only a summary: the key the unit
+starts after, its image count, a fingerprint of its objects (key, ETag, size) and the few keys
+that needed a collision suffix. A worker lists its own slice again from that key and checks the
+fingerprint, so a listing of any length is never held, and objects changed between planning and
+reading fail the unit instead of mixing two listings. A changed object changes only its own
+unit's fingerprint: a re-run (``dvc repro -f -s download``) reads that unit again, keeps the rest.
+
+A unit is ``data.unit_images`` images in key order. As with a folder, adding objects before the
+end shifts the slices after them (those units are read again), editing objects does not.
+
+An object the store refuses alone (404: deleted since listing, 403: a policy) is that image's
+rejection (``http_404``, ...), as for a URL; a store that stops answering (connection errors and
+5xx after botocore's retries with back-off) fails the unit, naming it: the re-run reads it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from typing import Iterator
+
+from .. import s3 as store
+from ..runner import Unit
+from .items import IMAGE_EXTENSIONS, SourceItem, folder_key, ordered_map, unique_key
+
+
+def listing_root(url: str) -> str:
+    """The prefix a source lists: 's3://b/photos' and 's3://b/photos/' both mean the folder."""
+    bucket, prefix = store.split_url(url)
+    return f"s3://{bucket}/{prefix.rstrip('/') + '/' if prefix.strip('/') else ''}"
+
+
+def plan_s3(cfg) -> list[Unit]:
+    """Units of ``cfg.unit_images`` images in key order (at most ``cfg.max_images`` in all)."""
+    root = listing_root(cfg.source)
+    s3 = _client(cfg)
+    units: list[Unit] = []
+    cur = _Summary("")
+    listed = total = 0
+    with _DiskSeen() as seen:
+        for obj in _images(store.iter_objects(s3, root), root):
+            listed += 1
+            rel = obj["rel"]
+            key = unique_key(folder_key(rel), rel, seen)
+            cur.add(key, obj, folder_key(rel))
+            total += 1
+            if cur.count == cfg.unit_images:
+                units.append(cur.unit(len(units), root))
+                cur = _Summary(obj["Key"])
+            if cfg.max_images and total >= cfg.max_images:
+                break
+    if cur.count:
+        units.append(cur.unit(len(units), root))
+    if not units:
+        raise store.StoreError(f"{root}: no image objects under this prefix (extensions "
+                               f"{', '.join(sorted(IMAGE_EXTENSIONS))}): an empty dataset is not a success")
+    return units
+
+
+def iter_s3_unit(cfg, task) -> Iterator[SourceItem]:
+    """The SourceItems of one planned unit, in key order, read on ``cfg.download_workers``
+    threads; fails the unit if its slice of the listing is no longer what was planned."""
+    _, root, after, count, renamed, planned = task
+    s3 = _client(cfg)
+    bucket, _ = store.split_url(root)
+    check = hashlib.sha256()
+    objs = list(itertools.islice(_images(store.iter_objects(s3, root, start_after=after), root), count))
+    for i, obj in enumerate(objs):
+        obj["key"] = renamed.get(str(i)) or folder_key(obj["rel"])
+        check.update(_row(obj["key"], obj))
+    if len(objs) != count or check.hexdigest()[:16] != planned:
+        raise store.StoreError(f"{root}: the objects after {after or 'the start'!r} changed since the stage planned "
+                               "(listing, ETags or sizes): run the stage again")
+    yield from ordered_map(lambda o: _read(cfg, s3, bucket, o), objs, cfg.download_workers)
+
+
+def _read(cfg, s3, bucket: str, obj: dict) -> SourceItem:
+    url = f"s3://{bucket}/{obj['Key']}"
+    item = SourceItem(obj["key"], url)
+    try:
+        item.data = store.get_bytes(s3, bucket, obj["Key"], cfg.max_bytes, time.monotonic() + cfg.fetch_deadline)
+    except store.TooLarge as e:
+        item.error = f"too_large: {e}"
+    except TimeoutError as e:
+        item.error = f"timeout: {e}"
+    except Exception as e:
+        status = store.status_of(e)
+        if status is not None and 400 <= status < 500:
+            item.error = f"http_{status}: {url}"  # this object alone: deleted since listing, a policy
+        else:  # the store itself failed after the retries: the unit fails, the re-run reads it again
+            raise store.explain(url, e, s3.meta.endpoint_url) from e
+    return item
+
+
+def _client(cfg):
+    return store.client(cfg.s3_endpoint, cfg.connect_timeout, cfg.read_timeout, cfg.retries)
+
+
+def _images(objects, root: str) -> Iterator[dict]:
+    """Image objects (by extension) with their path under the prefix as ``rel``."""
+    skip = len(store.split_url(root)[1])
+    for obj in objects:
+        rel = obj["Key"][skip:]
+        if rel and not rel.endswith("/") and os.path.splitext(rel)[1].lower() in IMAGE_EXTENSIONS:
+            obj["rel"] = rel
+            yield obj
+
+
+def _row(key: str, obj: dict) -> bytes:
+    return json.dumps([key, obj["rel"], obj.get("ETag", ""), obj.get("Size", -1)]).encode()
+
+
+class _Summary:
+    """What a unit keeps of its slice of the listing while the planner streams past it."""
+
+    def __init__(self, after: str):
+        self.after, self.count, self.renamed = after, 0, {}
+        self.hash = hashlib.sha256()
+        self.first = ""
+
+    def add(self, key: str, obj: dict, plain: str) -> None:
+        if key != plain:
+            self.renamed[str(self.count)] = key  # a collision suffix: rare, so kept per unit
+        self.first = self.first or obj["rel"]
+        self.hash.update(_row(key, obj))
+        self.count += 1
+
+    def unit(self, n: int, root: str) -> Unit:
+        digest = self.hash.hexdigest()[:16]
+        ident = {"kind": "s3", "root": root, "after": self.after, "count": self.count, "objects": digest}
+        return Unit(f"u{n:05d}", ident, ("s3", root, self.after, self.count, self.renamed, digest), self.count,
+                    f"{root}{self.first} and {self.count - 1} objects after it")
+
+
+class _DiskSeen:
+    """``unique_key``'s key -> path map on disk (SQLite in a temporary folder): the planner's
+    memory stays flat however many keys the listing has."""
+
+    def __enter__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="ldm-vae-keys-")
+        self._db = sqlite3.connect(os.path.join(self._dir.name, "keys.sqlite"))
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE seen (key TEXT PRIMARY KEY, raw TEXT) WITHOUT ROWID")
+        return self
+
+    def __exit__(self, *exc):
+        self._db.close()
+        self._dir.cleanup()
+        return False
+
+    def __contains__(self, key: str) -> bool:
+        return self._get(key) is not None
+
+    def __getitem__(self, key: str) -> str:
+        raw = self._get(key)
+        if raw is None:
+            raise KeyError(key)
+        return raw
+
+    def __setitem__(self, key: str, raw: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", (key, raw))
+
+    def _get(self, key: str) -> str | None:
+        row = self._db.execute("SELECT raw FROM seen WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None

@@ -1,0 +1,200 @@
+"""S3-compatible object storage (AWS S3, R2, MinIO, SeaweedFS): one place for clients, errors and
+streams, used by the ``s3://`` source, URL lists and hf data files on S3, and the loader.
+
+Where the store is and who you are come from the standard AWS places only: ``AWS_ENDPOINT_URL``
+(or ``AWS_ENDPOINT_URL_S3``), ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE`` and ``~/.aws/{config,credentials}``.
+An ``endpoint`` argument (``data.s3_endpoint``) may name an S3-compatible store's URL: it is an
+address, never a secret, so it may live in params.yaml; credentials never do.
+
+Two clients, each where it fits: botocore (synchronous, page-by-page listing, per-object GETs
+with its ``standard`` retry mode: back-off with jitter on 503 SlowDown, throttling and dropped
+connections) for the download source, and s3fs (fsspec) for file-like reads: a URL list, hf data
+files (datasets' ``storage_options``), the loader's shards and stats.json. Both packages come with
+``pip install -e '.[s3]'`` and are imported only when an ``s3://`` URL is used.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+SCHEME = "s3://"
+INSTALL = "pip install -e '.[s3]' (s3fs, dvc-s3)"
+
+
+class StoreError(ValueError):
+    """The store refused or could not be reached: the message names the URL and the reason."""
+
+
+def is_s3(url) -> bool:
+    return isinstance(url, str) and url.startswith(SCHEME)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
+    bucket, _, key = url[len(SCHEME):].partition("/")
+    if not bucket:
+        raise StoreError(f"{url!r}: an S3 URL is s3://BUCKET[/PREFIX]")
+    return bucket, key
+
+
+def client(endpoint: str = "", connect_timeout: float = 5.0, read_timeout: float = 30.0, retries: int = 3):
+    """A botocore S3 client: endpoint from the argument or the AWS variables, credentials from the
+    AWS chain, bounded waits, ``retries`` retries in botocore's standard mode."""
+    try:
+        import botocore.config
+        import botocore.session
+    except ImportError as e:
+        raise StoreError(f"s3:// URLs need botocore: {INSTALL}") from e
+    config = botocore.config.Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                    retries={"max_attempts": retries + 1, "mode": "standard"},
+                                    max_pool_connections=32)
+    session = botocore.session.get_session()
+    return session.create_client("s3", endpoint_url=endpoint or None, config=config)
+
+
+def storage_options(endpoint: str = "") -> dict:
+    """fsspec/s3fs options (datasets' ``storage_options``): only the endpoint, when one is given;
+    s3fs reads the rest from the AWS variables and files."""
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def filesystem(endpoint: str = ""):
+    try:
+        import s3fs
+    except ImportError as e:
+        raise StoreError(f"s3:// URLs need s3fs: {INSTALL}") from e
+    return s3fs.S3FileSystem(**storage_options(endpoint))
+
+
+def explain(url: str, e: BaseException, endpoint: str = "") -> StoreError:
+    """A StoreError naming ``url`` and, in words, why the store refused (or was not reached)."""
+    code = _code(e)
+    where = endpoint or "AWS's default (AWS_ENDPOINT_URL is not set)"
+    reasons = {
+        "NoSuchBucket": "the bucket does not exist",
+        "AccessDenied": "access denied: these credentials may not read it",
+        "AllAccessDisabled": "access denied",
+        "InvalidAccessKeyId": "the access key is not known to the store (AWS_ACCESS_KEY_ID)",
+        "SignatureDoesNotMatch": "the secret key is wrong (AWS_SECRET_ACCESS_KEY)",
+        "InvalidToken": "the session token is wrong or expired (AWS_SESSION_TOKEN)",
+        "ExpiredToken": "the session token has expired (AWS_SESSION_TOKEN)",
+        "NoSuchKey": "no such object",
+        "NoCredentials": "no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+        "Unreachable": f"cannot reach the store's endpoint ({where}): {e}",
+    }
+    text = reasons.get(code) or f"{code}: {e}"
+    return StoreError(f"{url}: {text}"[:600])
+
+
+def _code(e: BaseException) -> str:
+    import botocore.exceptions as bx
+
+    if isinstance(e, bx.ClientError):
+        code = str(e.response.get("Error", {}).get("Code", "ClientError"))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return {"404": "NoSuchKey", "403": "AccessDenied"}.get(code, code) if status else code
+    if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return "NoCredentials"
+    if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
+                      bx.ConnectionClosedError, bx.ProxyConnectionError)):
+        return "Unreachable"
+    return type(e).__name__
+
+
+def status_of(e: BaseException) -> int | None:
+    """The HTTP status of a botocore ClientError (None for a network failure)."""
+    import botocore.exceptions as bx
+
+    if isinstance(e, bx.ClientError):
+        return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
+def iter_objects(s3, url: str, start_after: str = "", page_size: int = 1000) -> Iterator[dict]:
+    """{Key, ETag, Size} of every object under ``url``'s prefix after ``start_after``, in key order,
+    one page (``page_size`` keys) at a time: a listing of any length is never held."""
+    bucket, prefix = split_url(url)
+    kwargs = {"Bucket": bucket, "Prefix": prefix, "PaginationConfig": {"PageSize": page_size}}
+    if start_after:
+        kwargs["StartAfter"] = start_after
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(**kwargs):
+            yield from page.get("Contents", ())
+    except Exception as e:
+        if _is_store_failure(e):
+            raise explain(url, e, s3.meta.endpoint_url) from e
+        raise
+
+
+def _is_store_failure(e: BaseException) -> bool:
+    import botocore.exceptions as bx
+
+    return isinstance(e, (bx.ClientError, bx.BotoCoreError))
+
+
+def get_bytes(s3, bucket: str, key: str, max_bytes: int, deadline: float) -> bytes:
+    """One object's bytes; raises ``TooLarge`` past ``max_bytes`` (declared or read) and
+    ``TimeoutError`` past ``deadline`` (``time.monotonic()``), checked between chunks."""
+    resp = s3.get_object(Bucket=bucket, Key=key)
+    body = resp["Body"]
+    try:
+        if resp.get("ContentLength", 0) > max_bytes:
+            raise TooLarge(f"{resp['ContentLength']} bytes > data.max_bytes {max_bytes}")
+        out = bytearray()
+        for chunk in body.iter_chunks(1 << 16):
+            out += chunk
+            if len(out) > max_bytes:
+                raise TooLarge(f"more than data.max_bytes {max_bytes}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("over data.fetch_deadline")
+        return bytes(out)
+    finally:
+        body.close()
+
+
+class TooLarge(Exception):
+    pass
+
+
+def open_read(url: str, endpoint: str = ""):
+    """A binary file object of an ``s3://`` object through s3fs (a URL list, stats.json, a shard:
+    read front to back with read-ahead); a StoreError names the URL when the store refuses."""
+    fs = filesystem(endpoint)
+    try:
+        return fs.open(url, "rb", block_size=8 << 20, cache_type="readahead")
+    except FileNotFoundError as e:
+        raise StoreError(f"{url}: no such object or bucket") from e
+    except PermissionError as e:
+        raise StoreError(f"{url}: access denied ({e})") from e
+
+
+def load_json(ref):
+    """A JSON document given as a dict (returned as is), a local path or an ``s3://`` URL."""
+    import json
+    from pathlib import Path
+
+    if isinstance(ref, dict):
+        return ref
+    if is_s3(str(ref)):
+        with open_read(str(ref)) as f:
+            return json.loads(f.read())
+    return json.loads(Path(ref).read_text())
+
+
+def glob(pattern: str, endpoint: str = "") -> list[str]:
+    """``s3://`` URLs matching a glob, or every ``.tar`` under a prefix ending in '/', sorted."""
+    fs = filesystem(endpoint)
+    try:
+        if pattern.endswith("/"):
+            found = [p for p in fs.find(pattern) if p.endswith(".tar")]
+        else:
+            found = fs.glob(pattern) if any(ch in pattern for ch in "*?[") else [pattern]
+    except FileNotFoundError as e:
+        raise StoreError(f"{pattern}: no such bucket or prefix") from e
+    except PermissionError as e:
+        raise StoreError(f"{pattern}: access denied ({e})") from e
+    except OSError as e:
+        raise StoreError(f"{pattern}: {type(e).__name__}: {e}") from e
+    return sorted(p if p.startswith(SCHEME) else SCHEME + p for p in found)
