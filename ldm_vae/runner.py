@@ -46,7 +46,11 @@ BARRIER_TIMEOUT = datetime.timedelta(hours=6)
 
 
 class UnitFailed(RuntimeError):
-    """A unit's work raised: the message names the stage, the unit and what it reads."""
+    """A unit's work raised: the message names the stage, the unit and what it reads. ``abort``:
+    the work said no later unit can succeed (its error had ``abort_stage``: a store that is down),
+    so no more units are started; a re-run does them."""
+
+    abort = False
 
 
 @dataclass
@@ -175,7 +179,9 @@ def _call(work: Callable[[Unit], dict], unit: Unit) -> dict:
     try:
         return work(unit)
     except Exception as e:
-        raise UnitFailed(f"unit {unit.name} ({unit.about or 'no input'}): {type(e).__name__}: {e}") from e
+        failed = UnitFailed(f"unit {unit.name} ({unit.about or 'no input'}): {type(e).__name__}: {e}")
+        failed.abort = bool(getattr(e, "abort_stage", False))
+        raise failed from e
 
 
 @contextlib.contextmanager
@@ -219,6 +225,8 @@ def _execute(out: Path, mine: list[Unit], work, helpers: tuple | None, desc: str
                     _stamp(out, unit, _call(work, unit))
                 except UnitFailed as e:
                     failed.append(e)  # the other units go on: none of their work is lost
+                    if e.abort:
+                        _raise_first(failed, len(mine) - n - 1)
             _raise_first(failed)
         else:
             _run_pool(out, mine, work, *helpers, bar)
@@ -229,24 +237,30 @@ def _execute(out: Path, mine: list[Unit], work, helpers: tuple | None, desc: str
 
 def _run_pool(out: Path, mine: list[Unit], work, pool: cf.ProcessPoolExecutor, counter, bar) -> None:
     futures = {pool.submit(_call, work, u): u for u in mine}
-    finished, failed = 0, []
+    finished, failed, skipped = 0, [], 0
     pending = set(futures)
     while pending:  # on an interrupt, _helpers' shutdown cancels what has not started
         ready, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
         for f in ready:
+            if f.cancelled():
+                continue
             if f.exception() is not None:
                 failed.append(f.exception())  # the other units go on: none of their work is lost
+                if getattr(f.exception(), "abort", False):  # ... unless none of them can succeed
+                    skipped += sum(p.cancel() for p in pending)
                 continue
             _stamp(out, futures[f], f.result())
             finished += 1
         bar.set_postfix_str(f"units {finished}/{len(mine)}", refresh=False)
         bar.update(counter.value - bar.n)
-    _raise_first(failed)
+    _raise_first(failed, skipped)
 
 
-def _raise_first(failed: list[BaseException]) -> None:
+def _raise_first(failed: list[BaseException], skipped: int = 0) -> None:
     if failed:
         more = f" (and {len(failed) - 1} more units failed)" if len(failed) > 1 else ""
+        if skipped:
+            more += f" ({skipped} units not started: a re-run does them)"
         raise UnitFailed(f"{failed[0]}{more}") from failed[0]
 
 

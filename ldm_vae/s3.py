@@ -24,7 +24,11 @@ INSTALL = "pip install -e '.[s3]' (s3fs, dvc-s3)"
 
 
 class StoreError(ValueError):
-    """The store refused or could not be reached: the message names the URL and the reason."""
+    """The store refused or could not be reached: the message names the URL and the reason.
+    ``abort_stage``: the store is down (unreachable, 5xx after the retries), so every later unit
+    would fail the same way: the runner hands out no more (:mod:`ldm_vae.runner`)."""
+
+    abort_stage = False
 
 
 def is_s3(url) -> bool:
@@ -85,7 +89,9 @@ def explain(url: str, e: BaseException, endpoint: str = "") -> StoreError:
         "Unreachable": f"cannot reach the store's endpoint ({where}): {e}",
     }
     text = reasons.get(code) or f"{code}: {e}"
-    return StoreError(f"{url}: {text}"[:600])
+    error = StoreError(f"{url}: {text}"[:600])
+    error.abort_stage = code == "Unreachable" or (status_of(e) or 0) >= 500
+    return error
 
 
 def _code(e: BaseException) -> str:

@@ -170,3 +170,21 @@ def copy_repo(dst: Path) -> tuple[Path, dict]:
 
 def pytest_configure(config):
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on 127.0.0.1 for the whole session (s3server.py)."""
+    from s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The AWS variables of the test server set in this process (and so in its children)."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server
