@@ -204,3 +204,45 @@ def glob(pattern: str, endpoint: str = "") -> list[str]:
     except OSError as e:
         raise StoreError(f"{pattern}: {type(e).__name__}: {e}") from e
     return sorted(p if p.startswith(SCHEME) else SCHEME + p for p in found)
+
+
+def publish(folder, url: str, endpoint: str = "") -> list[str]:
+    """Upload a stage's output folder to ``url`` under the same relative names (what a trainer on
+    another machine streams: ``latent_loader("s3://.../train/", stats="s3://.../stats.json")``).
+    The runner's records (``.done/``) and temporary files stay behind; objects already there with
+    the same size are skipped, so a re-run after a cut finishes the upload. Returns the URLs."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    root, fs = Path(folder), filesystem(endpoint)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(root).parts) and not p.name.endswith(".tmp"))
+    if not files:
+        raise StoreError(f"{folder}: nothing to publish")
+    dest = url.rstrip("/")
+    done = []
+    for p in tqdm(files, desc=f"publish {dest}", unit="file", mininterval=1.0):
+        target = f"{dest}/{p.relative_to(root).as_posix()}"
+        try:
+            if not (fs.exists(target) and fs.size(target) == p.stat().st_size):
+                fs.put_file(str(p), target)
+        except (PermissionError, FileNotFoundError, OSError) as e:
+            raise StoreError(f"{target}: {type(e).__name__}: {e}") from e
+        done.append(target)
+    return done
+
+
+if __name__ == "__main__":  # python -m ldm_vae.s3 publish data/latents s3://bucket/run1/latents
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Upload an output folder (latents) to S3 under the same names.")
+    ap.add_argument("command", choices=["publish"])
+    ap.add_argument("folder")
+    ap.add_argument("url")
+    ap.add_argument("--endpoint", default="", help="an S3-compatible store's URL (default: AWS_ENDPOINT_URL)")
+    args = ap.parse_args()
+    try:
+        print(f"published {len(publish(args.folder, args.url, args.endpoint))} files to {args.url}")
+    except StoreError as e:
+        raise SystemExit(f"publish: {e}")

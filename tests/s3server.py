@@ -73,7 +73,7 @@ class SeaweedS3:
         cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.root / 'data'}",
                f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
                f"-s3.port={p['s3']}", "-s3", f"-s3.config={self.root / 's3.json'}", "-s3.port.iceberg=0",
-               "-s3.port.lance=0", "-master.telemetry=false", "-volume.max=50", "-master.volumeSizeLimitMB=64"]
+               "-s3.port.lance=0", "-master.telemetry=false", "-volume.max=400", "-master.volumeSizeLimitMB=64"]
         (self.root / "data").mkdir(exist_ok=True)
         log = open(self.root / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

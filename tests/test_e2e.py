@@ -96,6 +96,35 @@ def test_a_forced_rerun_leaves_the_tree_clean_and_plots_show_without_warnings(re
     assert run(["git", "status", "--porcelain"], dst, env).strip() == ""  # dvc_plots/ is ignored
 
 
+def test_dvc_remote_on_s3_round_trip(repo, s3_server, tmp_path):
+    """The README's remote commands against a real S3 server: `dvc push`, then in a fresh clone
+    `dvc pull` gets every output byte for byte and `dvc repro` runs no stage. The remote holds an
+    object per output file (shards), not per image."""
+    dst, env = repo
+    env = {**env, **s3_server.env}
+    s3_server.make_bucket("dvc-store")
+    run(["dvc", "remote", "add", "-d", "-f", "store", "s3://dvc-store/ldm-vae"], dst, env)
+    run(["git", "add", ".dvc/config"], dst, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "remote"], dst, env)
+    run(["dvc", "push"], dst, env)
+    outs = [p for p in (dst / "data").rglob("*") if p.is_file() and ".done" not in p.parts
+            and not p.name.startswith(".") and "checkpoints" not in p.parts and p.name != "run_info.json"]
+    pushed = s3_server.keys("s3://dvc-store/ldm-vae/")
+    kept = len((dst / "data/raw/manifest.jsonl").read_text().splitlines())
+    samples = sum(json.loads((dst / "data/prepared/counts.json").read_text())[s]["samples"] for s in ("train", "val"))
+    assert len(pushed) <= len(outs) + 20  # each file once (identical ones shared), plus a .dir per folder
+    assert len(pushed) < (kept + 2 * samples) / 2  # a file per image or sample would be more than twice this
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(dst), str(clone)], tmp_path, env)
+    env_clone = {**env, "PYTHONPATH": str(clone)}
+    run(["dvc", "pull"], clone, env_clone)
+    for p in outs:
+        copy = clone / p.relative_to(dst)
+        assert copy.is_file() and copy.read_bytes() == p.read_bytes(), p
+    assert stages_run(run(["dvc", "repro"], clone, env_clone)) == set()
+
+
 def test_redone_data_units_with_the_same_bytes_rerun_nothing_downstream(repo):
     """Touched raw shards make prepare redo its units (new records), but the samples are the same
     bytes: train, encode and evaluate, which read only the split folders, stay up to date."""

@@ -167,3 +167,34 @@ def test_a_stale_count_fails_naming_the_shard(latents):
     ds = latent_dataset(str(out / "val" / "*.tar"), normalize="none", shuffle=0, counts={name: real + 5})
     with pytest.raises(ValueError, match=f"{name}.*fewer samples than its count"):
         list(ds)
+
+
+def test_loader_streams_from_s3_as_from_local_files(latents, s3_env, monkeypatch):
+    """The shards and stats.json uploaded to a real S3 server (a prefix, no local copy): under 2
+    ranks x 2 workers every rank gets the same batches, in the same order, as from local files."""
+    from ldm_vae.s3 import publish
+
+    out, _ = latents
+    s3_env.make_bucket("latents")
+    published = publish(out, "s3://latents/run1")  # what the README's publish command runs
+    assert "s3://latents/run1/stats.json" in published and not [u for u in published if "/.done/" in u]
+    local = dict(shards=str(out / "train" / "*.tar"), stats=out / "stats.json")
+    remote = dict(shards="s3://latents/run1/train/", stats="s3://latents/run1/stats.json")
+    orders = {}
+    for where, args in (("local", local), ("s3", remote)):
+        for epoch in (0, 1):
+            for rank in range(2):
+                monkeypatch.setenv("RANK", str(rank))
+                monkeypatch.setenv("WORLD_SIZE", "2")
+                loader = latent_loader(args["shards"], stats=args["stats"], batch_size=4, num_workers=2,
+                                       sample_posterior=False, flip=False, shuffle=20)
+                loader.set_epoch(epoch)
+                orders[where, epoch, rank] = [(k, b["latent"][i].sum().item()) for b in loader
+                                              for i, k in enumerate(b["key"])]
+    for key, got in orders.items():
+        if key[0] == "s3":
+            assert got == orders[("local",) + key[1:]] and got  # same samples, order and values
+    for epoch in (0, 1):
+        a, b = ([k for k, _ in orders["s3", epoch, r]] for r in (0, 1))
+        assert len(a) == len(b) and not set(a) & set(b)  # equal shares, no sample twice
+    assert orders["s3", 0, 0] != orders["s3", 1, 0]  # set_epoch reshuffles
