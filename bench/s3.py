@@ -1,7 +1,7 @@
 """Object storage at the 2,000-image scale: a real S3-compatible server (SeaweedFS on 127.0.0.1),
 the download stage from a bucket against the same folder, and a DVC remote's push and pull.
 
-    python bench/s3.py [--images 2000] [--work /tmp/ldm-vae-s3] [--repeat 2]
+    python bench/s3.py [--images 2000] [--work /tmp/ldm-vae-s3] [--repeat 2] [--listing 10000 100000]
 
 1. The photo-like JPEG folder of bench/scale.py (500x375, ~47 kB), uploaded to s3://bench/photos.
 2. ``run_download`` from ``folder:`` and from ``s3://`` in this process, sides alternated
@@ -11,6 +11,8 @@ the download stage from a bucket against the same folder, and a DVC remote's pus
    encode` (encode with a fresh small VAE, as bench/scale.py), then `dvc push` to an S3 remote,
    a fresh `git clone` and `dvc pull` there, timed; objects in the remote against output files,
    shards and images; and `dvc repro` in the clone (must run nothing).
+4. ``--listing N ...``: buckets of N 1-byte ``.jpg`` keys, planned as an ``s3://`` source: the
+   planner's peak Python memory (tracemalloc) and keys/s, which should not grow with N.
 """
 
 from __future__ import annotations
@@ -94,11 +96,44 @@ def remote_round_trip(folder: Path, work: Path, server) -> dict:
             "pulled_byte_for_byte": same}
 
 
+def planner_memory(server, sizes: list[int]) -> list[dict]:
+    """Peak Python memory (tracemalloc) and time of planning an s3:// source of n keys: flat in n
+    is the claim (the listing streams; units keep summaries; collisions go to SQLite on disk)."""
+    import tracemalloc
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import make_params
+    from ldm_vae.ingest.s3_source import plan_s3
+
+    rows, have = [], 0
+    server.make_bucket("listing")
+    c = server.client()
+    for n in sorted(sizes):
+        with ThreadPoolExecutor(16) as pool:  # keys only matter to a plan: 1-byte objects
+            list(pool.map(lambda i: c.put_object(Bucket="listing", Key=f"keys/{i // 1000:04d}/{i:08d}.jpg", Body=b"x"),
+                          range(have, n)))
+        have = n
+        cfg = make_params(data={"source": "s3://listing/keys", "unit_images": 5000}).data
+        tracemalloc.start()
+        t = time.perf_counter()
+        units = plan_s3(cfg)
+        sec = time.perf_counter() - t
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        rows.append({"keys": n, "units": len(units), "plan_s": round(sec, 2), "peak_mib": round(peak / 2**20, 2),
+                     "keys_per_s": round(n / sec)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ldm-vae-s3"))
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--listing", type=int, nargs="*", default=[],
+                    help="also plan listings of these many keys and report the planner's peak memory")
+    ap.add_argument("--no-remote", action="store_true", help="skip the DVC push/pull round trip")
     args = ap.parse_args()
     from s3server import SeaweedS3
     from scale import photo_folder
@@ -117,7 +152,10 @@ def main() -> None:
             rate = {s: sorted(r["images_per_s"] for r in rows if r["source"] == s) for s in ("folder", "s3")}
             print(json.dumps({"download_images_per_s": rate,
                               "s3_over_folder": round(sum(rate["s3"]) / sum(rate["folder"]), 3)}), flush=True)
-        print(json.dumps(remote_round_trip(folder, args.work, server)), flush=True)
+        if not args.no_remote:
+            print(json.dumps(remote_round_trip(folder, args.work, server)), flush=True)
+        if args.listing:
+            planner_memory(server, args.listing)
     finally:
         server.stop()
 

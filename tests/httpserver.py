@@ -25,6 +25,8 @@ class Route:
     headers: dict = field(default_factory=dict)  # extra or replaced headers ({"Content-Length": "abc"})
     drip: float = 0.0  # send the body a byte at a time, this many seconds apart
     redirect: str = ""  # answer 302 to this path
+    fail_body: bytes = b"try again"  # what a failed answer says (an S3 error's XML)
+    cut_first: int = 0  # after fail_first, this many answers send half the body and drop the connection
 
 
 @dataclass
@@ -50,7 +52,11 @@ class ImageServer:
                 if route is None:
                     return self._send(404, b"not found", "text/plain")
                 if n <= route.fail_first:
-                    return self._send(route.fail_status, b"try again", "text/plain", route.fail_headers)
+                    return self._send(route.fail_status, route.fail_body, "text/plain", route.fail_headers)
+                if n <= route.fail_first + route.cut_first:
+                    self.close_connection = True
+                    return self._send(route.status, route.body[: len(route.body) // 2], route.content_type,
+                                      {"Content-Length": str(len(route.body))})
                 if route.redirect:
                     return self._send(302, b"", "text/plain", {"Location": route.redirect})
                 self._send(route.status, route.body, route.content_type, route.headers, route.drip)

@@ -117,8 +117,8 @@ def _files_id(target: str, endpoint: str = "") -> str:
     edited files redo the download's units."""
     if store.is_s3(target):
         fs = store.filesystem(endpoint)
-        found = store.glob(target, endpoint)
-        return fingerprint([(p, fs.info(p).get("ETag", ""), fs.info(p).get("size", -1)) for p in found])
+        infos = [(p, fs.info(p)) for p in store.glob(target, endpoint)]
+        return fingerprint([(p, info.get("ETag", ""), info.get("size", -1)) for p, info in infos])
     path = Path(target)
     if not path.exists():
         return ""  # a hub dataset: its name (and revision) is its identity

@@ -45,10 +45,9 @@ def plan_s3(cfg) -> list[Unit]:
     s3 = _client(cfg)
     units: list[Unit] = []
     cur = _Summary("")
-    listed = total = 0
+    total = 0
     with _DiskSeen() as seen:
         for obj in _images(store.iter_objects(s3, root), root):
-            listed += 1
             rel = obj["rel"]
             key = unique_key(folder_key(rel), rel, seen)
             cur.add(key, obj, folder_key(rel))
@@ -78,7 +77,8 @@ def iter_s3_unit(cfg, task) -> Iterator[SourceItem]:
         obj["key"] = renamed.get(str(i)) or folder_key(obj["rel"])
         check.update(_row(obj["key"], obj))
     if len(objs) != count or check.hexdigest()[:16] != planned:
-        raise store.StoreError(f"{root}: the objects after {after or 'the start'!r} changed since the stage planned "
+        where = f"s3://{bucket}/{after}" if after else "the start of the prefix"
+        raise store.StoreError(f"{root}: the objects after {where} changed since the stage planned "
                                "(listing, ETags or sizes): run the stage again")
     yield from ordered_map(lambda o: _read(cfg, s3, bucket, o), objs, cfg.download_workers)
 
@@ -87,11 +87,15 @@ def _read(cfg, s3, bucket: str, obj: dict) -> SourceItem:
     url = f"s3://{bucket}/{obj['Key']}"
     item = SourceItem(obj["key"], url)
     try:
-        item.data = store.get_bytes(s3, bucket, obj["Key"], cfg.max_bytes, time.monotonic() + cfg.fetch_deadline)
+        item.data = store.get_bytes(s3, bucket, obj["Key"], cfg.max_bytes, time.monotonic() + cfg.fetch_deadline,
+                                    cfg.retries, cfg.retry_backoff)
     except store.TooLarge as e:
         item.error = f"too_large: {e}"
     except TimeoutError as e:
         item.error = f"timeout: {e}"
+    except store.StoreError as e:  # cut on every try: the store is failing, the unit fails
+        e.abort_stage = True
+        raise
     except Exception as e:
         status = store.status_of(e)
         if status is not None and 400 <= status < 500:

@@ -4,6 +4,7 @@ and names the URL, a store that stops mid-read fails the stage and a re-run fini
 
 import hashlib
 import io
+import re
 import subprocess
 import sys
 import time
@@ -184,7 +185,9 @@ def test_a_store_that_stops_mid_read_fails_the_stage_and_a_rerun_finishes(s3_ser
     done = len(list((out / ".done").glob("u*.json")))
     assert proc.returncode != 0 and 3 <= done < 40, stderr[-2000:]
     assert took < 30  # one unit's retries, then no more units are started
-    assert "cannot reach the store's endpoint" in stderr and "units not started: a re-run does them" in stderr
+    # the pause lands in a request or in a body being read: either way the stage says so and stops
+    assert re.search(r"cannot reach the store's endpoint|the store stopped sending", stderr), stderr[-2000:]
+    assert "units not started: a re-run does them" in stderr
     assert not (out / "manifest.jsonl").exists()
 
     start = time.monotonic()
@@ -194,3 +197,62 @@ def test_a_store_that_stops_mid_read_fails_the_stage_and_a_rerun_finishes(s3_ser
     assert [r["key"] for r in read_manifest(out)] == sorted(bodies)  # every image once, in key order
     assert raw_images(out) == bodies
     assert all(hashlib.sha256(bodies[r["key"]]).hexdigest() == r["sha256"] for r in read_manifest(out))
+
+
+def _listing(bucket: str, prefix: str, objects: dict[str, bytes]) -> bytes:
+    """A ListObjectsV2 answer, as S3 writes it."""
+    rows = "".join(f"<Contents><Key>{prefix}{name}</Key><ETag>&quot;{hashlib.md5(body).hexdigest()}&quot;</ETag>"
+                   f"<Size>{len(body)}</Size><LastModified>2026-01-01T00:00:00.000Z</LastModified></Contents>"
+                   for name, body in sorted(objects.items()))
+    return (f'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"<Name>{bucket}</Name><Prefix>{prefix}</Prefix><KeyCount>{len(objects)}</KeyCount><MaxKeys>1000</MaxKeys>"
+            f"<EncodingType>url</EncodingType><IsTruncated>false</IsTruncated>{rows}</ListBucketResult>").encode()
+
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+def test_slow_down_and_cut_bodies_are_retried(monkeypatch, tmp_path):
+    """An S3 endpoint (this test's HTTP server speaking S3's XML) that answers 503 SlowDown to the
+    listing and to an object, cuts another object's body mid-way, and has lost a third: the first
+    two are retried and kept, the lost one is that image's `http_404`."""
+    objects = {f"{c}.png": image_bytes(photo(48, 48, seed=200 + i)) for i, c in enumerate("abcd")}
+    server = ImageServer()
+    try:
+        server.routes["/flaky?list-type=2&prefix=photos%2F&max-keys=1000&encoding-type=url"] = Route(
+            _listing("flaky", "photos/", objects), fail_first=1, fail_status=503, fail_body=SLOW_DOWN,
+            content_type="application/xml")
+        server.routes["/flaky/photos/a.png"] = Route(objects["a.png"], fail_first=2, fail_status=503,
+                                                     fail_body=SLOW_DOWN)
+        server.routes["/flaky/photos/b.png"] = Route(objects["b.png"], cut_first=1)
+        server.routes["/flaky/photos/d.png"] = Route(objects["d.png"])  # c.png: gone since the listing
+        for name, value in {"AWS_ENDPOINT_URL": server.url, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            monkeypatch.setenv(name, value)
+        cfg = make_params(data={"source": "s3://flaky/photos", "num_workers": "1", "retries": 3,
+                                "retry_backoff": 0.05}).data
+        summary = run_download(cfg, tmp_path / "raw")
+    finally:
+        server.close()
+    assert summary == {"kept": 3, "rejected": 1, "reasons": {"http_404": 1}}
+    assert raw_images(tmp_path / "raw") == {k: objects[f"{k}.png"] for k in "abd"}
+    assert server.hits["/flaky/photos/a.png"] == 3 and server.hits["/flaky/photos/b.png"] == 2
+
+
+def test_a_prefix_changed_after_planning_fails_the_unit(photos, s3_env, s3_server):
+    """A worker lists its own slice again: an object added or rewritten after the plan fails the
+    unit (naming the prefix) instead of mixing two listings."""
+    from ldm_vae.ingest.s3_source import iter_s3_unit, plan_s3
+
+    s3_server.upload(photos, "s3://photos/moving")
+    cfg = make_params(data={"source": "s3://photos/moving", "unit_images": 4}).data
+    units = plan_s3(cfg)
+    assert [u.size for u in units] == [4, 4, 2]
+    s3_server.put("s3://photos/moving/a c.png", image_bytes(photo(50, 50, seed=7)))  # sorts into unit 0
+    with pytest.raises(StoreError, match="s3://photos/moving/: the objects after the start of the prefix changed"):
+        list(iter_s3_unit(cfg, units[0].task))
+    assert len(list(iter_s3_unit(cfg, units[1].task))) == 4  # its slice (after img2.png) is unchanged
+    s3_server.put("s3://photos/moving/img4.png", image_bytes(photo(50, 50, seed=8)))  # rewritten: a new ETag
+    with pytest.raises(StoreError, match="the objects after s3://photos/moving/img2.png changed"):
+        list(iter_s3_unit(cfg, units[1].task))
