@@ -43,9 +43,11 @@ def split_url(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def client(endpoint: str = "", connect_timeout: float = 5.0, read_timeout: float = 30.0, retries: int = 3):
+def client(endpoint: str = "", connect_timeout: float = 5.0, read_timeout: float = 30.0, retries: int = 3,
+           connections: int = 16):
     """A botocore S3 client: endpoint from the argument or the AWS variables, credentials from the
-    AWS chain, bounded waits, ``retries`` retries in botocore's standard mode."""
+    AWS chain, bounded waits, ``retries`` retries in botocore's standard mode, a pool of
+    ``connections`` (one per fetching thread)."""
     try:
         import botocore.config
         import botocore.session
@@ -53,7 +55,7 @@ def client(endpoint: str = "", connect_timeout: float = 5.0, read_timeout: float
         raise StoreError(f"s3:// URLs need botocore: {INSTALL}") from e
     config = botocore.config.Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
                                     retries={"max_attempts": retries + 1, "mode": "standard"},
-                                    max_pool_connections=32)
+                                    max_pool_connections=connections)
     session = botocore.session.get_session()
     # LastModified stays the store's text: parsing it (dateutil) was 55% of planning a listing
     # (100,000 keys: 10 of 18 s), and nothing here reads it.

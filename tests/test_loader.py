@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -180,8 +181,9 @@ def test_loader_streams_from_s3_as_from_local_files(latents, s3_env, monkeypatch
     assert "s3://latents/run1/stats.json" in published and not [u for u in published if "/.done/" in u]
     local = dict(shards=str(out / "train" / "*.tar"), stats=out / "stats.json")
     remote = dict(shards="s3://latents/run1/train/", stats="s3://latents/run1/stats.json")
-    orders = {}
+    orders, took = {}, {}
     for where, args in (("local", local), ("s3", remote)):
+        start = time.monotonic()
         for epoch in (0, 1):
             for rank in range(2):
                 monkeypatch.setenv("RANK", str(rank))
@@ -191,6 +193,8 @@ def test_loader_streams_from_s3_as_from_local_files(latents, s3_env, monkeypatch
                 loader.set_epoch(epoch)
                 orders[where, epoch, rank] = [(k, b["latent"][i].sum().item()) for b in loader
                                               for i, k in enumerate(b["key"])]
+        took[where] = round(time.monotonic() - start, 1)
+    print(f"4 epochs x ranks of the loader: {took} s")
     for key, got in orders.items():
         if key[0] == "s3":
             assert got == orders[("local",) + key[1:]] and got  # same samples, order and values

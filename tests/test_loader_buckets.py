@@ -129,3 +129,39 @@ def test_bucketed_shards_in_real_two_process_ddp_finish(tmp_path):
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert reports[0]["batches"] == reports[1]["batches"] > 0
     assert reports[0]["seen"] + reports[1]["seen"] == sum(n - n % 2 for n in SHAPES.values())
+
+
+def test_bucketed_shards_from_s3_give_the_local_batches(buckets, s3_env, monkeypatch, tmp_path):
+    """The bucket plan comes from stats.json by shard name, so published shards read from a real
+    S3 server give every rank the same batches (shapes, keys, order) as the local files."""
+    from ldm_vae.s3 import publish
+    from ldm_vae.shards import shard_keys
+
+    folder, _ = buckets
+    shards = sorted(folder.glob("*.tar"))
+    stats = {"splits": {"train": {"shard_counts": {p.name: len(shard_keys(str(p))) for p in shards},
+                                  "shard_shapes": {p.name: _shape_of(p) for p in shards}}}}
+    pub = tmp_path / "pub"
+    (pub / "train").mkdir(parents=True)
+    for p in shards:
+        (pub / "train" / p.name).write_bytes(p.read_bytes())
+    (pub / "stats.json").write_text(json.dumps(stats))
+    s3_env.make_bucket("latents")
+    publish(pub, "s3://latents/buckets")
+    for rank in range(2):
+        here = _epoch(folder, rank, 1, monkeypatch, batch_size=4, stats=stats)
+        monkeypatch.setenv("RANK", str(rank))
+        loader = latent_loader("s3://latents/buckets/train/*.tar", num_workers=2, normalize="none", shuffle=8,
+                               batch_size=4, stats="s3://latents/buckets/stats.json")
+        loader.set_epoch(1)
+        there = list(loader)
+        assert [(tuple(b["latent"].shape), b["key"]) for b in there] == \
+               [(tuple(b["latent"].shape), b["key"]) for b in here] and len({tuple(b["latent"].shape[1:]) for b in there}) == 3
+
+
+def _shape_of(path) -> list[int]:
+    """The latent shape of a shard's first sample."""
+    from ldm_vae.samples import LATENT
+    from ldm_vae.shards import iter_samples
+
+    return list(LATENT.get(next(iter_samples([str(path)])), "mean").shape)

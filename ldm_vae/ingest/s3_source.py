@@ -107,7 +107,8 @@ def _read(cfg, s3, bucket: str, obj: dict) -> SourceItem:
 
 def _client(cfg):
     aws = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))  # who and where
-    return _cached_client(aws, cfg.s3_endpoint, cfg.connect_timeout, cfg.read_timeout, cfg.retries)
+    return _cached_client(aws, cfg.s3_endpoint, cfg.connect_timeout, cfg.read_timeout, cfg.retries,
+                          cfg.download_workers)
 
 
 @functools.lru_cache(maxsize=4)

@@ -14,8 +14,6 @@ that were not finished.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures as cf
 import csv
 import dataclasses
 import email.utils
@@ -33,7 +31,7 @@ from urllib.parse import urlsplit
 
 from .. import s3 as store
 from ..runner import Unit
-from .items import SourceItem, chunks, fingerprint, folder_key, unique_key
+from .items import SourceItem, chunks, fingerprint, folder_key, ordered_map, unique_key
 
 RETRY_STATUS = {429, 500, 502, 503, 504}  # and any other 5xx
 CHUNK = 1 << 16
@@ -115,38 +113,20 @@ def plan_urls(cfg) -> list[Unit]:
 
 def iter_url_rows(cfg, rows: list[tuple[UrlRow, str | None]], skip: set[str] = frozenset()) -> Iterator[SourceItem]:
     """SourceItems of ``rows`` (row, error) in order, fetched on ``cfg.download_workers`` threads
-    (a bounded window of fetches runs ahead of the item being yielded)."""
+    (a bounded window of fetches runs ahead of the item being yielded: ``ordered_map``)."""
     fetcher = Fetcher(cfg)
-    window = cfg.download_workers * 4  # fetches in flight or finished but not yet taken
-    with cf.ThreadPoolExecutor(cfg.download_workers, thread_name_prefix="fetch") as pool:
-        pending: collections.deque = collections.deque()
-        it = iter(rows)
-
-        def submit(entry) -> None:
-            row, error = entry
-            fetch = not error and row.key not in skip
-            pending.append((row, pool.submit(fetcher.fetch, row.url) if fetch else None, error))
-
-        for entry in it:
-            submit(entry)
-            if len(pending) >= window:
-                break
-        while pending:
-            yield _item(*pending.popleft())
-            nxt = next(it, None)
-            if nxt is not None:
-                submit(nxt)
+    return ordered_map(lambda entry: _item(fetcher, *entry, skip), rows, cfg.download_workers)
 
 
-def _item(row: UrlRow, future: cf.Future | None, error: str | None) -> SourceItem:
+def _item(fetcher: "Fetcher", row: UrlRow, error: str | None, skip: set[str]) -> SourceItem:
     item = SourceItem(row.key, row.url, caption=row.caption, label=row.label)
     if error:
         item.error = error
         return item
-    if future is None:
+    if row.key in skip:
         return item  # not fetched: the caller has its bytes
     try:
-        data, final = future.result()
+        data, final = fetcher.fetch(row.url)
     except FetchError as e:
         item.error = f"{e.reason}: {e.detail}"
         return item
