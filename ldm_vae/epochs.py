@@ -24,7 +24,7 @@ from .shards import shard_keys, tar_samples
 
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
-    """webdataset's opener for ``s3://`` shards: s3fs with the AWS variables (:mod:`ldm_vae.s3`)."""
+    """webdataset's opener for ``s3://`` shards: a streamed GET with the AWS variables (:mod:`ldm_vae.s3`)."""
     if mode != "rb":
         raise ValueError(f"{url}: the loader only reads")
     return s3.open_read(url)
@@ -40,7 +40,7 @@ def expand_shards(shards) -> list[str]:
     out: list[str] = []
     for s in map(str, shards):
         if s.startswith("s3://"):
-            out.extend(s3.glob(s))  # a URL, a glob or a prefix ending in '/'
+            out.extend(s3.glob(s, suffix=".tar"))  # a URL, a glob or a prefix ending in '/'
         elif "://" in s:
             out.append(s)  # a URL (webdataset streams http(s), pipe: etc.)
         else:

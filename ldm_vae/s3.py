@@ -7,11 +7,12 @@ Where the store is and who you are come from the standard AWS places only: ``AWS
 An ``endpoint`` argument (``data.s3_endpoint``) may name an S3-compatible store's URL: it is an
 address, never a secret, so it may live in params.yaml; credentials never do.
 
-Two clients, each where it fits: botocore (synchronous, page-by-page listing, per-object GETs
-with its ``standard`` retry mode: back-off with jitter on 503 SlowDown, throttling and dropped
-connections) for the download source, and s3fs (fsspec) for file-like reads: a URL list, hf data
-files (datasets' ``storage_options``), the loader's shards and stats.json. Both packages come with
-``pip install -e '.[s3]'`` and are imported only when an ``s3://`` URL is used.
+Everything here goes through botocore, synchronously: page-by-page listing, per-object GETs
+with its ``standard`` retry mode (back-off with jitter on 503 SlowDown, throttling and dropped
+connections), and streamed GETs for the loader's shards, URL lists and stats.json (no asyncio
+client in a process that forks dataloader workers: see :func:`process_client`). Only hf data
+files on S3 go through s3fs, which ``datasets`` opens itself from ``storage_options``. Both come
+with ``pip install -e '.[s3]'`` and are imported only when an ``s3://`` URL is used.
 """
 
 from __future__ import annotations
@@ -67,14 +68,6 @@ def storage_options(endpoint: str = "") -> dict:
     """fsspec/s3fs options (datasets' ``storage_options``): only the endpoint, when one is given;
     s3fs reads the rest from the AWS variables and files."""
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-
-
-def filesystem(endpoint: str = ""):
-    try:
-        import s3fs
-    except ImportError as e:
-        raise StoreError(f"s3:// URLs need s3fs: {INSTALL}") from e
-    return s3fs.S3FileSystem(**storage_options(endpoint))
 
 
 def explain(url: str, e: BaseException, endpoint: str = "") -> StoreError:
@@ -199,16 +192,36 @@ class TooLarge(Exception):
     pass
 
 
+def process_client(endpoint: str = ""):
+    """This process's botocore client for file-like reads (the loader, URL lists, stats.json):
+    one per process id and AWS settings. Synchronous on purpose: an asyncio client (s3fs) in a
+    process that forks dataloader workers shares its epoll instance with them, and a worker that
+    drops its inherited copy of the connections unregisters the parent's sockets: the parent's
+    next request then waited out a 15 s timeout (measured, 8 loaders in a row: 50 s)."""
+    import os
+
+    aws = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = (os.getpid(), aws, endpoint)
+    if key not in _CLIENTS:
+        _CLIENTS.clear()  # another process's (a fork's parent) or other settings': never reused
+        _CLIENTS[key] = client(endpoint, read_timeout=60.0)
+    return _CLIENTS[key]
+
+
+_CLIENTS: dict = {}
+
+
 def open_read(url: str, endpoint: str = ""):
-    """A binary file object of an ``s3://`` object through s3fs (a URL list, stats.json, a shard:
-    read front to back with read-ahead); a StoreError names the URL when the store refuses."""
-    fs = filesystem(endpoint)
+    """A binary stream of an ``s3://`` object (read front to back: a shard, a URL list,
+    stats.json); a StoreError names the URL when the store refuses."""
+    bucket, key = split_url(url)
+    s3 = process_client(endpoint)
     try:
-        return fs.open(url, "rb", block_size=8 << 20, cache_type="readahead")
-    except FileNotFoundError as e:
-        raise StoreError(f"{url}: no such object or bucket") from e
-    except PermissionError as e:
-        raise StoreError(f"{url}: access denied ({e})") from e
+        return s3.get_object(Bucket=bucket, Key=key)["Body"]
+    except Exception as e:
+        if _is_store_failure(e):
+            raise explain(url, e, s3.meta.endpoint_url) from e
+        raise
 
 
 def load_json(ref):
@@ -224,21 +237,21 @@ def load_json(ref):
     return json.loads(Path(ref).read_text())
 
 
-def glob(pattern: str, endpoint: str = "") -> list[str]:
-    """``s3://`` URLs matching a glob, or every ``.tar`` under a prefix ending in '/', sorted."""
-    fs = filesystem(endpoint)
-    try:
-        if pattern.endswith("/"):
-            found = [p for p in fs.find(pattern) if p.endswith(".tar")]
-        else:
-            found = fs.glob(pattern) if any(ch in pattern for ch in "*?[") else [pattern]
-    except FileNotFoundError as e:
-        raise StoreError(f"{pattern}: no such bucket or prefix") from e
-    except PermissionError as e:
-        raise StoreError(f"{pattern}: access denied ({e})") from e
-    except OSError as e:
-        raise StoreError(f"{pattern}: {type(e).__name__}: {e}") from e
-    return sorted(p if p.startswith(SCHEME) else SCHEME + p for p in found)
+def glob(pattern: str, endpoint: str = "", suffix: str = "") -> list[str]:
+    """``s3://`` URLs matching a glob (``*`` ``?`` ``[...]``; ``*`` also crosses '/'), or every
+    object ending in ``suffix`` under a prefix ending in '/', sorted; a plain URL as it is."""
+    import fnmatch
+    import re
+
+    wild = re.search(r"[*?\[]", pattern)
+    if not wild and not pattern.endswith("/"):
+        return [pattern]
+    fixed = pattern[: wild.start()] if wild else pattern
+    bucket, _ = split_url(fixed)
+    found = [f"s3://{bucket}/{o['Key']}" for o in iter_objects(process_client(endpoint), fixed)]
+    if wild:
+        return sorted(u for u in found if fnmatch.fnmatchcase(u, pattern))
+    return sorted(u for u in found if u.endswith(suffix))
 
 
 def publish(folder, url: str, endpoint: str = "") -> list[str]:
@@ -250,7 +263,7 @@ def publish(folder, url: str, endpoint: str = "") -> list[str]:
 
     from tqdm import tqdm
 
-    root, fs = Path(folder), filesystem(endpoint)
+    root, s3 = Path(folder), process_client(endpoint)
     files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(root).parts) and not p.name.endswith(".tmp"))
     if not files:
@@ -259,13 +272,27 @@ def publish(folder, url: str, endpoint: str = "") -> list[str]:
     done = []
     for p in tqdm(files, desc=f"publish {dest}", unit="file", mininterval=1.0):
         target = f"{dest}/{p.relative_to(root).as_posix()}"
+        bucket, key = split_url(target)
         try:
-            if not (fs.exists(target) and fs.size(target) == p.stat().st_size):
-                fs.put_file(str(p), target)
-        except (PermissionError, FileNotFoundError, OSError) as e:
-            raise StoreError(f"{target}: {type(e).__name__}: {e}") from e
+            if _size(s3, bucket, key) != p.stat().st_size:
+                with open(p, "rb") as f:
+                    s3.put_object(Bucket=bucket, Key=key, Body=f)
+        except Exception as e:
+            if _is_store_failure(e):
+                raise explain(target, e, s3.meta.endpoint_url) from e
+            raise
         done.append(target)
     return done
+
+
+def _size(s3, bucket: str, key: str) -> int | None:
+    """An object's size, None when it does not exist."""
+    try:
+        return s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    except Exception as e:
+        if status_of(e) == 404:
+            return None
+        raise
 
 
 if __name__ == "__main__":  # python -m ldm_vae.s3 publish data/latents s3://bucket/run1/latents

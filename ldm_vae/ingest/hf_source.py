@@ -116,9 +116,10 @@ def _files_id(target: str, endpoint: str = "") -> str:
     """Sizes and mtimes of a local dataset's files, or ETags and sizes of its data files on S3:
     edited files redo the download's units."""
     if store.is_s3(target):
-        fs = store.filesystem(endpoint)
-        infos = [(p, fs.info(p)) for p in store.glob(target, endpoint)]
-        return fingerprint([(p, info.get("ETag", ""), info.get("size", -1)) for p, info in infos])
+        s3 = store.process_client(endpoint)
+        heads = [(url, s3.head_object(Bucket=store.split_url(url)[0], Key=store.split_url(url)[1]))
+                 for url in store.glob(target, endpoint)]
+        return fingerprint([(url, head.get("ETag", ""), head.get("ContentLength", -1)) for url, head in heads])
     path = Path(target)
     if not path.exists():
         return ""  # a hub dataset: its name (and revision) is its identity

@@ -58,7 +58,7 @@ def read_url_list(target: str, endpoint: str = "") -> list[UrlRow]:
     name = target.lower()
     if store.is_s3(target):
         with store.open_read(target, endpoint) as f:
-            records = _records(name, f)
+            records = _records(name, io.BytesIO(f.read()))  # parquet needs to seek
     else:
         if not Path(target).is_file():
             raise FileNotFoundError(f"data.source: URL list {target!r} does not exist")

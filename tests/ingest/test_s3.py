@@ -125,8 +125,8 @@ FAILURES = {
     "unknown key": ("s3://photos/set", {"AWS_ACCESS_KEY_ID": "nobody"}, "access key is not known"),
     "wrong endpoint": ("s3://photos/set", {"AWS_ENDPOINT_URL": None}, "cannot reach the store's endpoint"),
     "empty prefix": ("s3://photos/nothing-here", {}, "no image objects under this prefix"),
-    "url list missing": ("urls:s3://photos/no-list.parquet", {}, "no such object or bucket"),
-    "hf files missing": ("hf:s3://no-such-bucket/*.parquet", {}, "no such bucket|no data files match"),
+    "url list missing": ("urls:s3://photos/no-list.parquet", {}, "no such object"),
+    "hf files missing": ("hf:s3://no-such-bucket/*.parquet", {}, "the bucket does not exist"),
 }
 
 
