@@ -192,19 +192,21 @@ class TooLarge(Exception):
     pass
 
 
-def process_client(endpoint: str = ""):
-    """This process's botocore client for file-like reads (the loader, URL lists, stats.json):
-    one per process id and AWS settings. Synchronous on purpose: an asyncio client (s3fs) in a
-    process that forks dataloader workers shares its epoll instance with them, and a worker that
-    drops its inherited copy of the connections unregisters the parent's sockets: the parent's
-    next request then waited out a 15 s timeout (measured, 8 loaders in a row: 50 s)."""
+def process_client(endpoint: str = "", **settings):
+    """This process's botocore client for ``endpoint`` and ``settings`` (:func:`client`'s), one per
+    process id and AWS settings (botocore's clients are thread-safe; making one takes ~0.1 s).
+    Synchronous on purpose: an asyncio client (s3fs) in a process that forks dataloader workers
+    shares its epoll instance with them, and a worker that drops its inherited copy of the
+    connections unregisters the parent's sockets: the parent's next request then waited out a
+    15 s timeout (measured, 8 loaders in a row: 50 s)."""
     import os
 
     aws = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
-    key = (os.getpid(), aws, endpoint)
+    key = (os.getpid(), aws, endpoint, tuple(sorted(settings.items())))
     if key not in _CLIENTS:
-        _CLIENTS.clear()  # another process's (a fork's parent) or other settings': never reused
-        _CLIENTS[key] = client(endpoint, read_timeout=60.0)
+        for other in [k for k in _CLIENTS if k[0] != key[0]]:
+            del _CLIENTS[other]  # a fork's parent's: its connections are never shared
+        _CLIENTS[key] = client(endpoint, **{"read_timeout": 60.0, **settings})
     return _CLIENTS[key]
 
 

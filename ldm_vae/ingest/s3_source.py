@@ -18,7 +18,6 @@ rejection (``http_404``, ...), as for a URL; a store that stops answering (conne
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -106,16 +105,8 @@ def _read(cfg, s3, bucket: str, obj: dict) -> SourceItem:
 
 
 def _client(cfg):
-    aws = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))  # who and where
-    return _cached_client(aws, cfg.s3_endpoint, cfg.connect_timeout, cfg.read_timeout, cfg.retries,
-                          cfg.download_workers)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_client(aws, *args):
-    """One client per worker process and AWS settings (botocore's clients are thread-safe; making
-    one takes ~0.1 s, a unit's whole read on a fast store)."""
-    return store.client(*args)
+    return store.process_client(cfg.s3_endpoint, connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
+                                retries=cfg.retries, connections=cfg.download_workers)
 
 
 def _images(objects, root: str) -> Iterator[dict]:
