@@ -17,6 +17,7 @@ with ``pip install -e '.[s3]'`` and are imported only when an ``s3://`` URL is u
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Iterator
 
@@ -97,8 +98,7 @@ def _code(e: BaseException) -> str:
 
     if isinstance(e, bx.ClientError):
         code = str(e.response.get("Error", {}).get("Code", "ClientError"))
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return {"404": "NoSuchKey", "403": "AccessDenied"}.get(code, code) if status else code
+        return {"404": "NoSuchKey", "403": "AccessDenied"}.get(code, code)  # HEAD answers carry only the status
     if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError)):
         return "NoCredentials"
     if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
@@ -123,19 +123,20 @@ def iter_objects(s3, url: str, start_after: str = "", page_size: int = 1000) -> 
     kwargs = {"Bucket": bucket, "Prefix": prefix, "PaginationConfig": {"PageSize": page_size}}
     if start_after:
         kwargs["StartAfter"] = start_after
-    try:
+    with _refusals(url, s3):
         for page in s3.get_paginator("list_objects_v2").paginate(**kwargs):
             yield from page.get("Contents", ())
-    except Exception as e:
-        if _is_store_failure(e):
-            raise explain(url, e, s3.meta.endpoint_url) from e
-        raise
 
 
-def _is_store_failure(e: BaseException) -> bool:
+@contextlib.contextmanager
+def _refusals(url: str, s3) -> Iterator[None]:
+    """botocore's errors inside become a StoreError naming ``url`` (:func:`explain`)."""
     import botocore.exceptions as bx
 
-    return isinstance(e, (bx.ClientError, bx.BotoCoreError))
+    try:
+        yield
+    except (bx.ClientError, bx.BotoCoreError) as e:
+        raise explain(url, e, s3.meta.endpoint_url) from e
 
 
 def get_bytes(s3, bucket: str, key: str, max_bytes: int, deadline: float, retries: int = 3,
@@ -218,12 +219,8 @@ def open_read(url: str, endpoint: str = ""):
     stats.json); a StoreError names the URL when the store refuses."""
     bucket, key = split_url(url)
     s3 = process_client(endpoint)
-    try:
+    with _refusals(url, s3):
         return s3.get_object(Bucket=bucket, Key=key)["Body"]
-    except Exception as e:
-        if _is_store_failure(e):
-            raise explain(url, e, s3.meta.endpoint_url) from e
-        raise
 
 
 def load_json(ref):
@@ -275,14 +272,10 @@ def publish(folder, url: str, endpoint: str = "") -> list[str]:
     for p in tqdm(files, desc=f"publish {dest}", unit="file", mininterval=1.0):
         target = f"{dest}/{p.relative_to(root).as_posix()}"
         bucket, key = split_url(target)
-        try:
+        with _refusals(target, s3):
             if _size(s3, bucket, key) != p.stat().st_size:
                 with open(p, "rb") as f:
                     s3.put_object(Bucket=bucket, Key=key, Body=f)
-        except Exception as e:
-            if _is_store_failure(e):
-                raise explain(target, e, s3.meta.endpoint_url) from e
-            raise
         done.append(target)
     return done
 

@@ -117,7 +117,7 @@ def _files_id(target: str, endpoint: str = "") -> str:
     edited files redo the download's units."""
     if store.is_s3(target):
         s3 = store.process_client(endpoint)
-        heads = [(url, s3.head_object(Bucket=store.split_url(url)[0], Key=store.split_url(url)[1]))
+        heads = [(url, s3.head_object(**dict(zip(("Bucket", "Key"), store.split_url(url)))))
                  for url in store.glob(target, endpoint)]
         return fingerprint([(url, head.get("ETag", ""), head.get("ContentLength", -1)) for url, head in heads])
     path = Path(target)
