@@ -145,6 +145,10 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_bad_steps: int = 5  # non-finite steps in a row (each skipped) before training stops
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast; the trained weights stay float32
+    # Threads of a CPU run, shared among its processes (0: torch's choice, every core). The float
+    # sums, and so the trained weights, depend on it: fixed, a run repeats on another machine of the
+    # same CPU kind whatever its core count (README: What reproduces). Ignored on GPUs.
+    cpu_threads: int = 2
     scale_samples: int = 512  # train samples encoded to measure scaling/shift factors
     seed: int = 0
 
@@ -157,6 +161,7 @@ class TrainConfig:
         check_range("train.lr", self.lr, 0.0, 1.0, open_lo=True)
         check_range("train.lr_min_ratio", self.lr_min_ratio, 0.0, 1.0)
         check_at_least("train.warmup_steps", self.warmup_steps, 0)
+        check_at_least("train.cpu_threads", self.cpu_threads, 0)
         check_at_least("train.weight_decay", self.weight_decay, 0.0)
         check_range("train.adam_beta1", self.adam_beta1, 0.0, 1.0, open_hi=True)
         check_range("train.adam_beta2", self.adam_beta2, 0.0, 1.0, open_hi=True)

@@ -35,7 +35,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(num_processes: int, mixed_precision: str, script_argv: list[str], cpu: bool) -> tuple[list[str], dict]:
+def cpu_threads_per_process(cpu_threads: int, num_processes: int) -> int:
+    """``train.cpu_threads`` shared among a CPU run's processes (0: the cores shared)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    total = cpu_threads or cores
+    return max(1, total // num_processes)
+
+
+def launch_command(num_processes: int, mixed_precision: str, script_argv: list[str], cpu: bool,
+                   cpu_threads: int = 0) -> tuple[list[str], dict]:
     """The ``accelerate launch`` command line and environment for ``num_processes`` local processes."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
            "--num_processes", str(num_processes), "--mixed_precision", mixed_precision,
@@ -45,18 +53,19 @@ def launch_command(num_processes: int, mixed_precision: str, script_argv: list[s
         # Without this, --multi_gpu on a machine with no GPU starts unsynchronised copies;
         # with it, accelerate sets up gloo DDP on the CPU.
         env["ACCELERATE_USE_CPU"] = "true"
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+        env["OMP_NUM_THREADS"] = str(cpu_threads_per_process(cpu_threads, num_processes))
     return cmd, env
 
 
-def relaunch(num_processes: int, mixed_precision: str, script_argv: list[str]) -> int:
+def relaunch(num_processes: int, mixed_precision: str, script_argv: list[str], cpu_threads: int = 0) -> int:
     """Run ``script_argv`` under accelerate with ``num_processes`` processes; its exit status.
 
     SIGTERM/SIGINT (dvc stopping, Ctrl-C) are passed on, so no worker outlives the stage.
     """
     import torch
 
-    cmd, env = launch_command(num_processes, mixed_precision, script_argv, cpu=not torch.cuda.is_available())
+    cmd, env = launch_command(num_processes, mixed_precision, script_argv, cpu=not torch.cuda.is_available(),
+                              cpu_threads=cpu_threads)
     print(f"launching {num_processes} processes: {' '.join(cmd)}", flush=True)
     child = subprocess.Popen(cmd, env=env)
 
@@ -66,3 +75,27 @@ def relaunch(num_processes: int, mixed_precision: str, script_argv: list[str]) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     return child.wait()
+
+
+# What a CPU run's floats depend on besides the thread count: the kernels torch, oneDNN and MKL pick
+# for the CPU. These variables hold all three to AVX2 (README: What reproduces); the stages never set them.
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+
+
+def environment() -> dict:
+    """What a run's numbers depend on: device, CPU model and the instruction set torch uses,
+    the kernel variables set, threads, torch's version (for run_info.json)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu": cpu,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "kernel_variables": {k: os.environ[k] for k in KERNEL_VARIABLES if k in os.environ},
+            "torch": torch.__version__}

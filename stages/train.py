@@ -54,7 +54,7 @@ def main() -> None:
         return
     processes = resolve_processes(params.train.num_processes)
     if processes > 1 and not launched():
-        sys.exit(relaunch(processes, params.train.mixed_precision, sys.argv))
+        sys.exit(relaunch(processes, params.train.mixed_precision, sys.argv, params.train.cpu_threads))
 
     from ldm_vae.train.training import TrainingDiverged, train
 
@@ -68,6 +68,10 @@ def main() -> None:
         print(f"train: {result['steps']} steps on {result['processes']} process(es) in {result['train_seconds']} s, "
               f"val PSNR {result['val_psnr']:.2f} dB, data/vae/config.json: scaling_factor "
               f"{result['vae_scaling_factor']:.4f}, shift_factor {result['vae_shift_factor']:.4f}")
+        env = result["environment"]
+        print(f"train: the weights depend on: {env['device']}, {env['cpu']} ({env['cpu_capability']} kernels"
+              f"{', ' + ' '.join(f'{k}={v}' for k, v in env['kernel_variables'].items()) if env['kernel_variables'] else ''}), "
+              f"{env['threads']} threads, torch {env['torch']} (data/train/run_info.json)")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from .checkpoints import Progress, resume_latest, save_checkpoint
 from ..config import Params, stage_hash, stage_hash_of
 from ..data import load_images, train_stream
 from ..export import export_vae
+from ..launch import cpu_threads_per_process, environment
 from .losses import VAELoss, build_discriminator, reconstruction_loss
 from ..metrics import psnr, to_unit
 from ..model import TrainedAutoencoder, build_vae
@@ -84,6 +85,8 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
         # process per call, so 8 GPUs would run the warm-up and the cosine 8x too fast.
         step_scheduler_with_optimizer=False,
     )
+    if not torch.cuda.is_available():  # the weights depend on the thread count: fixed, a run repeats
+        torch.set_num_threads(cpu_threads_per_process(tcfg.cpu_threads, accelerator.num_processes))
     # The order of what follows is the order of the random draws (weights, then the loader's
     # worker seeds after a resume restored the RNG): changing it changes every trained VAE.
     set_seed(tcfg.seed, device_specific=True)  # per-rank posterior noise; weights come from rank 0
@@ -272,6 +275,7 @@ class _Trainer:
             _, scale_images = load_images(train_shards, limit=self.tcfg.scale_samples)
             factors = export_vae(vae, scale_images, vae_dir)
         result = {"steps": self.progress.step, "train_seconds": round(self.progress.seconds, 1),
+                  "environment": environment(),
                   "val_psnr": round(self.val_psnr, 3), "resumed": resumed,
                   "processes": self.accelerator.num_processes, "skipped_steps": self.progress.skipped,
                   # The factors written into data/vae/config.json, estimated on train.scale_samples

@@ -8,7 +8,8 @@ Only the main process writes. Layout under the log folder (``dvc plots show`` re
     samples/step-<n>.png             originals | reconstructions of fixed validation images
     metrics.json                     the last values and the run summary (steps, factors)
     curves.png                       training loss and validation PSNR, for offline eyes
-    run_info.json                    train_seconds, mean images/s, resumed (not a stage output, not in git)
+    run_info.json                    train_seconds, mean images/s, resumed, environment (device, CPU,
+                                     instruction set, threads, torch; not a stage output, not in git)
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from ..viz import save_curves, save_grid
 # run_info.json is no stage output and is ignored by git.
 RUN_INFO_FILE = "run_info.json"
 CURVES_FILE = "curves.png"
-RUN_INFO = ("train_seconds", "resumed")  # also "resumed": a re-run of a finished run only re-exports
+# "resumed": a re-run of a finished run only re-exports. "environment": what the weights depend on
+# (device, CPU and its instruction set, threads, torch): it differs machine to machine.
+RUN_INFO = ("train_seconds", "resumed", "environment")
 SPEEDS = ("train/images_per_s",)
 
 

@@ -37,6 +37,22 @@ def test_train_writes_curves_and_sample_grids(pipeline_dir):
     assert metrics["steps"] == 6 and metrics["train"]["loss"] == curve(logs, "train/loss")[-1][1]
 
 
+def test_a_run_repeats_byte_for_byte_and_records_what_it_depends_on(pipeline_dir, tmp_path):
+    """Same data, params, code, CPU kind and train.cpu_threads: the same weights, byte for byte (the
+    session's pipeline trained the first copy, earlier, in another state of this process)."""
+    tr, va = shard_paths(pipeline_dir / "prepared" / "train"), shard_paths(pipeline_dir / "prepared" / "val")
+    result = train(make_params(data={"source": "folder:unused"}), tr, va, tmp_path / "vae", tmp_path / "logs",
+                   tmp_path / "ckpt")
+    assert result["resumed"] is False
+    name = "diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "vae" / name).read_bytes() == (pipeline_dir / "vae" / name).read_bytes()
+    env = json.loads((tmp_path / "logs" / "run_info.json").read_text())["environment"]
+    assert env["device"] == "cpu" and env["threads"] == 2 and env["torch"] == torch.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
+    # Machine-specific, so never in what git and DVC compare.
+    assert "environment" not in json.loads((tmp_path / "logs" / "metrics.json").read_text())
+
+
 def test_lr_warms_up_then_decays_to_floor():
     cfg = make_params(train={"max_steps": 100, "warmup_steps": 10, "lr_min_ratio": 0.1}).train
     f = lr_lambda(cfg)

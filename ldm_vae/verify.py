@@ -1,0 +1,205 @@
+"""Find damaged outputs: every file the pipeline's stages wrote, checked against ``dvc.lock``, and
+every shard's tar headers walked.
+
+    python -m ldm_vae.verify            # the whole pipeline, from the repository root
+    python -m ldm_vae.verify data/latents --jobs 4
+
+Why DVC alone does not find it: the outputs are hard links into the DVC cache (README: Storage),
+so a file changed in place (root ignores the read-only bit; a copy that stopped half-way) changes
+the cache object with it. ``dvc status`` trusts a file whose size and mtime it has seen, and
+``dvc checkout --relink`` links the damaged cache object straight back. Here every byte is hashed
+again and compared with the md5 that dvc.lock recorded when the stage ran.
+
+For each damaged file it prints what is wrong and how to get it back: from an intact cache copy
+(``dvc checkout``), from a DVC remote (``dvc pull``), or by running its stage again
+(``dvc repro -f -s``). The damaged cache object is removed first in the last two: DVC would
+otherwise link it back. Exit status 1 when something is damaged. It never changes a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .shards import tar_members
+
+_CHUNK = 1 << 20
+
+
+@dataclass
+class Expected:
+    """One file a stage's output holds, as dvc.lock recorded it."""
+    path: Path  # relative to the repository root
+    md5: str
+    stage: str
+    out: str  # the output (file or folder) in dvc.lock that holds it
+    size: int | None = None
+
+
+@dataclass
+class Damage:
+    file: Expected
+    what: str
+    cache_object: Path | None = None  # the cache's copy of the expected bytes, when it exists
+    cache_ok: bool = False  # that copy is intact (not the damaged file's own inode)
+
+
+def md5_of(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_object(cache: Path, md5: str) -> Path:
+    """Where DVC 3 keeps an object: ``<cache>/files/md5/ab/cdef...`` (``.dir`` for a folder's list)."""
+    return cache / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def expected_files(lock: dict, cache: Path, only: list[Path]) -> tuple[list[Expected], list[str]]:
+    """Every file of every stage output in dvc.lock (folders through their ``.dir`` lists in the
+    cache), limited to ``only`` (paths or folders; empty: all). Also the problems that stop a
+    folder from being checked file by file."""
+    files, problems = [], []
+    for stage, entry in (lock.get("stages") or {}).items():
+        for out in entry.get("outs") or []:
+            path, md5 = Path(out["path"]), out.get("md5")
+            if not md5 or (only and not any(_within(path, o) or _within(o, path) for o in only)):
+                continue
+            if not md5.endswith(".dir"):
+                files.append(Expected(path, md5, stage, out["path"], out.get("size")))
+                continue
+            listing = cache_object(cache, md5)
+            if not listing.is_file() or md5_of(listing) != md5[:-4]:
+                problems.append(f"{path}: the cache has no intact list of its files ({listing}): `dvc fetch "
+                                f"{out['path']}` (from a remote) or `dvc repro -f -s {stage}`, then verify again")
+                continue
+            for item in json.loads(listing.read_text()):
+                files.append(Expected(path / item["relpath"], item["md5"], stage, out["path"]))
+    if only:
+        files = [f for f in files if any(_within(f.path, o) for o in only)]
+    return files, problems
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check(file: Expected, root: Path, cache: Path) -> Damage | None:
+    """What is wrong with one file (None: it is as dvc.lock says), and the state of its cache copy."""
+    path = root / file.path
+    what = None
+    if not path.is_file():
+        what = "missing"
+    elif file.size is not None and path.stat().st_size != file.size:
+        what = f"{path.stat().st_size} bytes, dvc.lock says {file.size}"
+    elif (digest := md5_of(path)) != file.md5:
+        what = f"content differs from dvc.lock (md5 {digest}, recorded {file.md5})"
+    elif path.suffix == ".tar":
+        what = _tar_problem(path)
+    if what is None:
+        return None
+    obj = cache_object(cache, file.md5)
+    if not obj.is_file():
+        return Damage(file, what)
+    same = path.exists() and os.path.samefile(obj, path)
+    return Damage(file, what, obj, cache_ok=not same and md5_of(obj) == file.md5)
+
+
+def _tar_problem(path: Path) -> str | None:
+    """A shard whose bytes are what dvc.lock recorded still gets its headers walked: a shard that
+    was bad when written (or dvc.lock written over a damaged one) shows here."""
+    try:
+        with open(path, "rb") as f:
+            for _ in tar_members(f, read_data=False):
+                pass
+    except ValueError as e:
+        return f"not a readable tar: {e}"
+    return None
+
+
+def remedies(damaged: list[Damage], remotes: bool) -> list[str]:
+    """Shell lines that bring every damaged file back, in order."""
+    lines, stages, pulls, checkouts = [], [], [], []
+    for d in damaged:
+        if d.cache_ok:
+            checkouts.append(d.file.out)
+            continue
+        if d.cache_object is not None:  # the damaged bytes under the right name: DVC would link it back
+            lines.append(f"rm -f {d.cache_object}")
+        if d.what != "missing":
+            lines.append(f"rm -f {d.file.path}")
+        (pulls if remotes else stages).append(d.file.out if remotes else d.file.stage)
+    lines += [f"dvc checkout -f {out}" for out in dict.fromkeys(checkouts)]
+    lines += [f"dvc pull -f {out}" for out in dict.fromkeys(pulls)]
+    lines += [f"dvc repro -f -s {stage}" for stage in dict.fromkeys(stages)]
+    if stages:
+        lines.append("dvc repro   # then the stages downstream, if their inputs came out different")
+    return lines
+
+
+def verify(root: Path, only: list[Path], jobs: int, progress: bool = True) -> tuple[list[Damage], list[str], int]:
+    """(damaged files, problems, files checked) of the repository at ``root``."""
+    from dvc.repo import Repo
+
+    lock_path = root / "dvc.lock"
+    if not lock_path.is_file():
+        return [], [f"{lock_path}: no dvc.lock: nothing has run here yet (`dvc repro`, or `dvc pull` a run)"], 0
+    with Repo(str(root)) as repo:
+        cache = Path(repo.cache.local.path)
+    files, problems = expected_files(yaml.safe_load(lock_path.read_text()) or {}, cache, only)
+    damaged = []
+    total = sum((root / f.path).stat().st_size for f in files if (root / f.path).is_file())
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress,
+              dynamic_ncols=True) as bar, cf.ThreadPoolExecutor(jobs) as pool:  # hashlib lets go of the GIL
+        futures = {pool.submit(check, f, root, cache): f for f in files}
+        for future in cf.as_completed(futures):
+            f = futures[future]
+            if (d := future.result()) is not None:
+                damaged.append(d)
+            bar.update((root / f.path).stat().st_size if (root / f.path).is_file() else 0)
+    damaged.sort(key=lambda d: str(d.file.path))
+    return damaged, problems, len(files)
+
+
+def _has_remote(root: Path) -> bool:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return bool(repo.config.get("remote"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="*", type=Path, help="outputs or folders to check (default: every output)")
+    ap.add_argument("--root", type=Path, default=Path("."), help="the repository (default: here)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="files hashed at once")
+    args = ap.parse_args(argv)
+    root = args.root.resolve()
+    only = [Path(os.path.relpath(p.resolve(), root)) for p in args.paths]
+    damaged, problems, checked = verify(root, only, max(1, args.jobs), progress=sys.stderr.isatty())
+    for p in problems:
+        print(f"cannot check: {p}")
+    for d in damaged:
+        print(f"DAMAGED {d.file.path} ({d.file.stage}): {d.what}")
+    if damaged:
+        print("\nTo get them back (from the repository root):")
+        print("\n".join(f"  {line}" for line in remedies(damaged, _has_remote(root))))
+    print(f"verify: {checked} files checked against dvc.lock, {len(damaged)} damaged"
+          + (f", {len(problems)} outputs not checkable" if problems else ""))
+    return 1 if damaged or problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
