@@ -2,8 +2,9 @@
 rate-distortion plane (rate: KL to the prior in bits per pixel; distortion: PSNR), one point a run.
 
 The runs are DVC experiments (``dvc exp run -S model.latent_channels=8``) and the workspace;
-their params and metrics come from ``dvc exp show --json``, so the report shows exactly what
-``dvc exp show`` does, as a table and a plot a person can read at a glance. The reference VAEs a
+their params and headline metrics come from ``dvc exp show --json``, the rest from each run's
+``details.json`` as git holds it in the run's commit, so the report shows what ``dvc exp show``
+does and more, as a table and a plot a person can read at a glance. The reference VAEs a
 run scored (``evaluate.references``) are rows of their own, ``ref:<name>``.
 """
 
@@ -19,8 +20,11 @@ from .viz import pyplot, save_figure
 COLUMNS = ["run", "latent_channels", "kl_weight", "compression_ratio", "psnr", "ssim", "mse", "rate_bpp",
            "latent_hf_share", "image_hf_share", "denoise_loss", "psnr_fp32", "psnr_bicubic", "lpips", "rfid",
            "collapsed_channels", "num_images"]
-METRICS_FILE = "data/eval/metrics.json"
+METRICS_FILE = "data/eval/metrics.json"  # the headline (evaluation.HEADLINE's short names)
 PROBE_FILE = "data/probe/metrics.json"  # the denoising probe's (its own stage)
+DETAILS = {METRICS_FILE: "data/eval/details.json", PROBE_FILE: "data/probe/details.json"}  # every number
+FULL_NAMES = {"fp16_db": "psnr_fp16_cost", "hf_share": "latent_hf_share", "collapsed": "collapsed_channels",
+              "denoise": "denoise_loss"}  # headline -> details names (evaluation.HEADLINE, probe.py)
 
 
 def experiment_runs(repo: Path, commits: int = 1) -> list[dict]:
@@ -31,27 +35,46 @@ def experiment_runs(repo: Path, commits: int = 1) -> list[dict]:
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"dvc exp show failed: {proc.stderr.strip()[-500:]}")
-    return runs_from_exp_show(json.loads(proc.stdout or "[]"))
+    return runs_from_exp_show(json.loads(proc.stdout or "[]"), lambda rev, path: _details(repo, rev, path))
 
 
-def runs_from_exp_show(shown) -> list[dict]:
-    """Rows from ``dvc exp show --json`` output (walked generically: the nesting differs by version)."""
+def _details(repo: Path, rev: str, path: str) -> dict:
+    """A run's details.json: the workspace's file, or the one git holds in the run's commit."""
+    if rev == "workspace":
+        file = Path(repo) / path
+        return json.loads(file.read_text()) if file.is_file() else {}
+    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
+def runs_from_exp_show(shown, details=None) -> list[dict]:
+    """Rows from ``dvc exp show --json`` output (walked generically: the nesting differs by version).
+    ``details(rev, path)``: that run's details.json beside a metrics file ({} when there is none)."""
     rows, seen = [], set()
     for entry in _records(shown):
         data = entry.get("data") or {}
         shown_metrics = data.get("metrics") or {}
-        metrics = (shown_metrics.get(METRICS_FILE) or {}).get("data")
-        probe = (shown_metrics.get(PROBE_FILE) or {}).get("data") or {}
+        rev = str(entry.get("rev", "?"))
+
+        def full(file: str) -> dict | None:
+            headline = (shown_metrics.get(file) or {}).get("data")
+            if not headline:
+                return None
+            more = details(rev, DETAILS[file]) if details is not None else {}
+            return {**{FULL_NAMES.get(k, k): v for k, v in headline.items()}, **more}
+
+        metrics, probe = full(METRICS_FILE), full(PROBE_FILE) or {}
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
         if not metrics or "psnr" not in metrics:
             continue
         channels = metrics.get("latent_channels") or (params.get("model") or {}).get("latent_channels")
-        rev = str(entry.get("rev", "?"))
         row = {"run": entry.get("name") or (rev if rev == "workspace" else rev[:7]), "latent_channels": channels,
                "kl_weight": (params.get("loss") or {}).get("kl_weight")}
         row.update({k: metrics[k] for k in COLUMNS[3:] if k in metrics})
         if "denoise_loss" in probe:
-            row.update(denoise_loss=probe["denoise_loss"], denoise_levels=probe["denoise_levels"])
+            row["denoise_loss"] = probe["denoise_loss"]
+            if "denoise_levels" in probe:
+                row["denoise_levels"] = probe["denoise_levels"]
         ident = (channels, round(float(metrics["psnr"]), 6), round(float(metrics.get("ssim", 0)), 6))
         if ident in seen:  # the workspace is usually also a commit or an experiment
             continue

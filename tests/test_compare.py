@@ -11,9 +11,12 @@ def test_the_comparison_report_has_a_row_per_reference_at_its_own_channel_count(
     params = {"params.yaml": {"data": {"loss": {"kl_weight": 0.003}}}}
     probe = {"denoise_loss": 0.87, "denoise_levels": {"lsnr-3": {"relative": 0.95}, "lsnr+0": {"relative": 0.7},
                                                       "lsnr+3": {"relative": 0.96}}}
+    # dvc exp show has the headline (short names); the rest comes from the run's details.json.
     shown = [{"rev": "workspace", "name": "mine", "data": {"params": params, "metrics": {
-        "data/eval/metrics.json": {"data": metrics}, "data/probe/metrics.json": {"data": probe}}}}]
-    rows = runs_from_exp_show(shown)
+        "data/eval/metrics.json": {"data": {"psnr": 21.5, "ssim": 0.57, "rate_bpp": 0.21}},
+        "data/probe/metrics.json": {"data": {"denoise": 0.87}}}}}]
+    details = {"data/eval/details.json": metrics, "data/probe/details.json": probe}
+    rows = runs_from_exp_show(shown, lambda rev, path: details[path] if rev == "workspace" else {})
     assert [(r["run"], r["latent_channels"], r["psnr"]) for r in rows] == [("mine", 4, 21.5), ("ref:sd3", 16, 27.0)]
     assert rows[1]["compression_ratio"] == 12.0 and rows[0]["kl_weight"] == 0.003
     write_report(rows, tmp_path)

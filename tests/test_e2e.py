@@ -63,13 +63,17 @@ def test_repro_writes_every_contract(repo):
     sample = next(iter(wds.WebDataset(sorted(map(str, (dst / "data/latents/val").glob("*.tar")))[0], shardshuffle=False)))
     assert {"__key__", "mean.npy", "std.npy", "json"} <= set(sample)
 
-    metrics = json.loads((dst / "data/eval/metrics.json").read_text())
+    metrics = json.loads((dst / "data/eval/details.json").read_text())
     assert {"psnr", "ssim", "psnr_bicubic", "num_images"} <= set(metrics)
     assert metrics["num_images"] == prepared["val"]["samples"]
+    # dvc metrics show: the headline of evaluate and the probe, one line each within 120 columns.
+    table = run(["dvc", "metrics", "show"], dst, env).splitlines()
+    assert [line.split()[0] for line in table] == ["Path", "data/eval/metrics.json", "data/probe/metrics.json"]
+    assert max(map(len, table)) <= 120 and "psnr_bicubic" in table[0] and "denoise" in table[0]
     assert (dst / "data/eval/per_image.csv").exists() and (dst / "data/eval/recon_grid.png").exists()
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], dst, env))
-    assert "psnr" in json.dumps(shown) and "denoise_loss" in json.dumps(shown)
-    probe = json.loads((dst / "data/probe/metrics.json").read_text())
+    assert "psnr" in json.dumps(shown) and "denoise" in json.dumps(shown)
+    probe = json.loads((dst / "data/probe/details.json").read_text())
     assert probe["probe_val_latents"] == prepared["val"]["samples"] and len(probe["denoise_levels"]) == 5
 
 
@@ -152,7 +156,7 @@ def test_channel_change_reruns_only_model_stages(repo):
 
     sample = next(iter(wds.WebDataset(sorted(map(str, (dst / "data/latents/train").glob("*.tar")))[0], shardshuffle=False)))
     assert npy_load(sample["mean.npy"]).shape == (8, 4, 4)
-    assert json.loads((dst / "data/eval/metrics.json").read_text())["latent_channels"] == 8
+    assert json.loads((dst / "data/eval/details.json").read_text())["latent_channels"] == 8
     assert np.isfinite(json.loads((dst / "data/eval/metrics.json").read_text())["psnr"])
 
 

@@ -89,7 +89,7 @@ def test_no_sample_lost_and_every_latent_is_its_bucket_over_8(bucket_repo):
 
 def test_evaluate_reports_each_bucket_and_shows_images_whole(bucket_repo):
     repo, _ = bucket_repo
-    metrics = json.loads((repo / "data/eval/metrics.json").read_text())
+    metrics = json.loads((repo / "data/eval/details.json").read_text())
     per_bucket = metrics["buckets"]
     assert sum(b["count"] for b in per_bucket.values()) == metrics["num_images"]
     with open(repo / "data/eval/per_image.csv") as f:

@@ -59,7 +59,7 @@ def test_a_rerun_writes_the_same_bytes(tmp_path):
     latents = write_latents(tmp_path / "smooth", "smooth", n_train=32, n_val=8)
     probe(latents, tmp_path / "a", steps=20)
     probe(latents, tmp_path / "b", steps=20)
-    for name in ("metrics.json", "denoise.csv"):
+    for name in ("metrics.json", "details.json", "denoise.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 

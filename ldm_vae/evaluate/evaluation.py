@@ -160,7 +160,7 @@ class _Tile:
 
 
 def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
-    """per_image.csv, the grids, latent health and metrics.json; returns the metrics."""
+    """per_image.csv, the grids, latent health, details.json and metrics.json; returns the details."""
     buckets = sorted({r["bucket"] for r in kept.rows})
     # The bucket column only where there are several (data.crop: bucket).
     rows = kept.rows if len(buckets) > 1 else [{k: v for k, v in r.items() if k != "bucket"} for r in kept.rows]
@@ -205,8 +205,23 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
     metrics.update(health_metrics(channel_rows))
     metrics.update(scorer.spectra.metrics())
     scorer.spectra.save_plot(out / "spectrum.png")
-    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out / "details.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out / "metrics.json", json.dumps(headline(metrics), indent=2) + "\n")
     return metrics
+
+
+# metrics.json, what `dvc metrics show` prints: the headline under short names, rounded to what can
+# be told apart, so that it and the probe's fit one 120-column line (README: What a healthy demo
+# prints). details.json holds every number unrounded under its full name (per channel, per bucket,
+# the references, the latent statistics); it is no DVC metric. short name -> (full name, decimals)
+HEADLINE = {"psnr": ("psnr", 3), "ssim": ("ssim", 4), "psnr_bicubic": ("psnr_bicubic", 3),
+            "fp16_db": ("psnr_fp16_cost", 4), "rate_bpp": ("rate_bpp", 4), "hf_share": ("latent_hf_share", 3),
+            "collapsed": ("collapsed_channels", None), "lpips": ("lpips", 4), "rfid": ("rfid", 2)}
+
+
+def headline(metrics: dict) -> dict:
+    return {short: metrics[full] if places is None else round(metrics[full], places)
+            for short, (full, places) in HEADLINE.items() if full in metrics}
 
 
 def save_recon_grid(tiles: list[_Tile], path: Path) -> None:

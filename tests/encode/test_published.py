@@ -74,7 +74,7 @@ def test_published_vaes_through_dvc_repro_unchanged_and_switching_reruns_only_wh
         assert stats["channels"] == KINDS[kind]["latent_channels"]
         assert stats["vae_scaling_factor"] == KINDS[kind]["scaling_factor"]
         _latents_are_its_encodings(dst, AutoencoderKL.from_pretrained(src).eval())
-        metrics = json.loads((dst / "data/eval/metrics.json").read_text())
+        metrics = json.loads((dst / "data/eval/details.json").read_text())
         assert metrics["latent_channels"] == KINDS[kind]["latent_channels"] and np.isfinite(metrics["psnr"])
         assert json.loads((dst / "data/train/metrics.json").read_text())["steps"] == 0
 

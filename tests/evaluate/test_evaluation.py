@@ -27,8 +27,11 @@ def evaluated(pipeline_dir, tmp_path_factory):
 
 def test_metrics_json_and_per_image_csv_agree(evaluated):
     base, metrics, stats = evaluated
-    on_disk = json.loads((base / "eval" / "metrics.json").read_text())
-    assert on_disk == metrics
+    assert json.loads((base / "eval" / "details.json").read_text()) == metrics
+    # metrics.json (what `dvc metrics show` prints): the headline, short names, rounded.
+    headline = json.loads((base / "eval" / "metrics.json").read_text())
+    assert set(headline) == {"psnr", "ssim", "psnr_bicubic", "fp16_db", "rate_bpp", "hf_share", "collapsed"}
+    assert headline["psnr"] == round(metrics["psnr"], 3) and headline["collapsed"] == metrics["collapsed_channels"]
     rows = list(csv.DictReader(open(base / "eval" / "per_image.csv")))
     assert len(rows) == metrics["num_images"] == stats["splits"]["val"]["count"]
     assert abs(sum(float(r["psnr"]) for r in rows) / len(rows) - metrics["psnr"]) < 1e-3
