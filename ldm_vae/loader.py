@@ -54,7 +54,7 @@ from .epochs import (EpochPlan, EpochShuffle, EpochState, epoch_slices, expand_s
                      shard_shapes)
 from .s3 import load_json
 from .samples import LATENT
-from .shards import tar_samples
+from .shards import ShardError, tar_samples
 
 NORMALIZE = ("channel", "vae", "none")
 
@@ -233,10 +233,25 @@ def bucket_batch_sizes(shapes, batch_size: int, policy: str = "samples") -> dict
 
 
 class LatentLoader(torch.utils.data.DataLoader):
-    """A DataLoader with ``set_epoch`` (epoch mode)."""
+    """A DataLoader with ``set_epoch`` (epoch mode), whose error for a damaged shard says so on its
+    first line, naming the shard and how to find every damaged file (not at the bottom of a worker's
+    traceback)."""
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except ShardError as e:
+            raise ShardError(f"damaged shard {_shard_problem(e)}; {ShardError.HINT}") from e
+
+
+def _shard_problem(e: ShardError) -> str:
+    """"<shard>: <what>" of a ShardError, raised here or re-raised from a loader worker (whose
+    message is the worker's traceback, ending with the original error's line)."""
+    lines = [line.split("ShardError: ", 1)[1] for line in str(e).splitlines() if "ShardError: " in line]
+    return lines[-1] if lines else str(e).splitlines()[0]
 
 
 def latent_loader(shards, batch_size: int, num_workers: int = 2, drop_last: bool = False,

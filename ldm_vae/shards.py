@@ -211,15 +211,23 @@ def shard_keys(path: str) -> list[str]:
     return keys
 
 
+class ShardError(ValueError):
+    """A shard that cannot be read as written (truncated, a corrupt header, a sample that does not
+    decode): the message starts with the shard's path or URL."""
+
+    HINT = ("`python -m ldm_vae.verify`, run where the shard was made, finds every damaged file and says how "
+            "to get it back")
+
+
 @contextlib.contextmanager
 def _naming(path) -> Iterator[None]:
-    """A malformed shard's ValueError names the shard."""
+    """A malformed shard's ValueError names the shard (a ShardError)."""
     try:
         yield
+    except ShardError:
+        raise
     except ValueError as e:
-        if str(path) in str(e):
-            raise
-        raise ValueError(f"{path}: {e}") from e
+        raise ShardError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
 
 
 def tar_members(stream: BinaryIO, read_data: bool = True) -> Iterator[tuple[str, bytes | None]]:

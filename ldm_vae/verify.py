@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from .runner import RECORDS
 from .shards import tar_members
 
 _CHUNK = 1 << 20
@@ -61,33 +62,46 @@ def md5_of(path: Path) -> str:
 
 
 def cache_object(cache: Path, md5: str) -> Path:
-    """Where DVC 3 keeps an object: ``<cache>/files/md5/ab/cdef...`` (``.dir`` for a folder's list)."""
-    return cache / "files" / "md5" / md5[:2] / md5[2:]
+    """Where DVC 3 keeps an object: ``<cache>/ab/cdef...`` (``.dir`` for a folder's list), ``cache``
+    being DVC's md5 cache folder (``.dvc/cache/files/md5``)."""
+    return cache / md5[:2] / md5[2:]
 
 
-def expected_files(lock: dict, cache: Path, only: list[Path]) -> tuple[list[Expected], list[str]]:
-    """Every file of every stage output in dvc.lock (folders through their ``.dir`` lists in the
-    cache), limited to ``only`` (paths or folders; empty: all). Also the problems that stop a
-    folder from being checked file by file."""
+def expected_files(lock: dict, root: Path, cache: Path, only: list[Path]) -> tuple[list[Expected], list[str]]:
+    """Every file of every stage output in dvc.lock, limited to ``only`` (paths or folders; empty:
+    all). Also the problems of folders that cannot be checked file by file."""
     files, problems = [], []
     for stage, entry in (lock.get("stages") or {}).items():
         for out in entry.get("outs") or []:
             path, md5 = Path(out["path"]), out.get("md5")
             if not md5 or (only and not any(_within(path, o) or _within(o, path) for o in only)):
                 continue
-            if not md5.endswith(".dir"):
+            if md5.endswith(".dir"):
+                listed, problem = _folder(root, path, md5, stage, cache)
+                files += listed
+                problems += [problem] if problem else []
+            else:
                 files.append(Expected(path, md5, stage, out["path"], out.get("size")))
-                continue
-            listing = cache_object(cache, md5)
-            if not listing.is_file() or md5_of(listing) != md5[:-4]:
-                problems.append(f"{path}: the cache has no intact list of its files ({listing}): `dvc fetch "
-                                f"{out['path']}` (from a remote) or `dvc repro -f -s {stage}`, then verify again")
-                continue
-            for item in json.loads(listing.read_text()):
-                files.append(Expected(path / item["relpath"], item["md5"], stage, out["path"]))
     if only:
         files = [f for f in files if any(_within(f.path, o) for o in only)]
     return files, problems
+
+
+def _folder(root: Path, path: Path, md5: str, stage: str, cache: Path) -> tuple[list[Expected], str | None]:
+    """A folder output's files: from its list in the cache (``<md5>.dir``, itself checked), or,
+    where the cache has none (``cache: false`` outputs, a clone never pulled), from the folder
+    itself when its files hash to the folder's md5 the way DVC hashes a folder."""
+    listing = cache_object(cache, md5)
+    if listing.is_file() and md5_of(listing) == md5[:-4]:
+        items = json.loads(listing.read_text())
+    else:
+        items = sorted(({"md5": md5_of(p), "relpath": p.relative_to(root / path).as_posix()}
+                        for p in (root / path).rglob("*") if p.is_file() and RECORDS not in p.parts),
+                       key=lambda item: item["relpath"])
+        if hashlib.md5(json.dumps(items, sort_keys=True).encode()).hexdigest() != md5[:-4]:
+            return [], (f"{path}: differs from dvc.lock, and the cache has no list of its files to tell which "
+                        f"(`dvc checkout -f {path}`, `dvc pull -f {path}` or `dvc repro -f -s {stage}`)")
+    return [Expected(path / item["relpath"], item["md5"], stage, str(path)) for item in items], None
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -104,6 +118,8 @@ def check(file: Expected, root: Path, cache: Path) -> Damage | None:
         what = f"{path.stat().st_size} bytes, dvc.lock says {file.size}"
     elif (digest := md5_of(path)) != file.md5:
         what = f"content differs from dvc.lock (md5 {digest}, recorded {file.md5})"
+        if path.suffix == ".tar" and (tar := _tar_problem(path)):
+            what += f"; {tar}"
     elif path.suffix == ".tar":
         what = _tar_problem(path)
     if what is None:
@@ -128,7 +144,8 @@ def _tar_problem(path: Path) -> str | None:
 
 
 def remedies(damaged: list[Damage], remotes: bool) -> list[str]:
-    """Shell lines that bring every damaged file back, in order."""
+    """Shell lines that bring every damaged file back, in order (stages in dvc.lock's order, which
+    is the pipeline's)."""
     lines, stages, pulls, checkouts = [], [], [], []
     for d in damaged:
         if d.cache_ok:
@@ -156,7 +173,8 @@ def verify(root: Path, only: list[Path], jobs: int, progress: bool = True) -> tu
         return [], [f"{lock_path}: no dvc.lock: nothing has run here yet (`dvc repro`, or `dvc pull` a run)"], 0
     with Repo(str(root)) as repo:
         cache = Path(repo.cache.local.path)
-    files, problems = expected_files(yaml.safe_load(lock_path.read_text()) or {}, cache, only)
+    lock = yaml.safe_load(lock_path.read_text()) or {}
+    files, problems = expected_files(lock, root, cache, only)
     damaged = []
     total = sum((root / f.path).stat().st_size for f in files if (root / f.path).is_file())
     from tqdm import tqdm
@@ -169,7 +187,8 @@ def verify(root: Path, only: list[Path], jobs: int, progress: bool = True) -> tu
             if (d := future.result()) is not None:
                 damaged.append(d)
             bar.update((root / f.path).stat().st_size if (root / f.path).is_file() else 0)
-    damaged.sort(key=lambda d: str(d.file.path))
+    order = {name: i for i, name in enumerate(lock.get("stages") or {})}
+    damaged.sort(key=lambda d: (order.get(d.file.stage, 0), str(d.file.path)))
     return damaged, problems, len(files)
 
 

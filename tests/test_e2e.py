@@ -227,3 +227,71 @@ def test_killed_repro_resumes_training_with_whole_curves(repo):
     assert json.loads((logs / "run_info.json").read_text())["train_seconds"] > 0
     assert (dst / "data/vae/diffusion_pytorch_model.safetensors").read_bytes() == vae_before
     assert [s for s, _ in curve(logs, "train/loss")] == list(range(5, 121, 5))
+
+
+def _damage(path, how: str) -> None:
+    """Damage an output in place, through its hard link into the DVC cache, as a stray write does
+    (root ignores the read-only bit DVC sets)."""
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        if how == "truncate":
+            f.truncate(os.path.getsize(path) // 2)
+        else:  # flip one bit in the middle
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 1]))
+
+
+def _follow(advice: str, dst, env) -> None:
+    """Run the lines verify printed under "To get them back", as a person would paste them."""
+    lines = advice.split("To get them back (from the repository root):\n", 1)[1].splitlines()
+    for line in lines:
+        if not line.startswith("  "):
+            break
+        subprocess.run(line.split("#")[0], shell=True, cwd=dst, env=env, check=True, capture_output=True)
+
+
+def test_verify_finds_damage_and_its_advice_brings_it_back(repo, tmp_path):
+    """A truncated shard, a flipped bit and a missing file, written through the hard links (so the
+    cache objects are damaged too): verify names each one, the loader's first line names the shard
+    and verify; the commands verify prints (no remote: re-run the stage; a remote: pull) make every
+    output match dvc.lock again."""
+    from ldm_vae import latent_loader
+    from ldm_vae.shards import ShardError
+
+    dst, env = repo
+    verify = [sys.executable, "-m", "ldm_vae.verify"]
+    subprocess.run(["dvc", "remote", "remove", "store"], cwd=dst, env=env, capture_output=True)  # no remote
+    assert "0 damaged" in run(verify, dst, env)
+    latent = sorted((dst / "data/latents/train").glob("*.tar"))[0]
+    prepared = sorted((dst / "data/prepared/train").glob("*.tar"))[0]
+    _damage(latent, "truncate")
+    _damage(prepared, "flip")
+    (dst / "data/raw/manifest.jsonl").unlink()
+
+    found = subprocess.run(verify, cwd=dst, env=env, capture_output=True, text=True)
+    assert found.returncode == 1 and "3 damaged" in found.stdout
+    rel = lambda p: str(p.relative_to(dst))  # noqa: E731
+    assert f"DAMAGED {rel(latent)} (encode): content differs" in found.stdout and "truncated tar" in found.stdout
+    assert f"DAMAGED {rel(prepared)} (prepare): content differs" in found.stdout
+    assert "DAMAGED data/raw/manifest.jsonl (download): missing" in found.stdout
+    with pytest.raises(ShardError) as err:
+        for _ in latent_loader(str(latent), stats=str(dst / "data/latents/stats.json"), batch_size=4, num_workers=1):
+            pass
+    first = str(err.value).splitlines()[0]
+    assert first.startswith(f"damaged shard {latent}: truncated tar") and "python -m ldm_vae.verify" in first
+
+    _follow(found.stdout, dst, env)
+    assert "0 damaged" in run(verify, dst, env)
+    assert stages_run(run(["dvc", "repro"], dst, env)) <= {"train", "encode", "evaluate", "probe"}
+
+    # With a remote: the damaged cache object goes, `dvc pull` brings the bytes back.
+    run(["dvc", "remote", "add", "-d", "-f", "here", str(tmp_path / "remote")], dst, env)
+    run(["dvc", "push"], dst, env)
+    _damage(latent, "truncate")
+    found = subprocess.run(verify, cwd=dst, env=env, capture_output=True, text=True)
+    assert found.returncode == 1 and "dvc pull -f data/latents" in found.stdout
+    _follow(found.stdout, dst, env)
+    assert "0 damaged" in run(verify, dst, env)
+    assert stages_run(run(["dvc", "repro"], dst, env)) == set()
