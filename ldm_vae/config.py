@@ -240,7 +240,7 @@ class ProbeConfig:
 def reference_name(location: str) -> str:
     """A reference VAE's short name in metrics and columns: "stabilityai/sd-vae-ft-ema" ->
     "sd-vae-ft-ema", "black-forest-labs/FLUX.1-dev/vae" -> "FLUX_1-dev"."""
-    parts = [p for p in location.strip("/").split("/") if p]
+    parts = [p for p in location.partition("@")[0].strip("/").split("/") if p]
     if len(parts) > 1 and parts[-1] == "vae":
         parts = parts[:-1]
     return re.sub(r"[^A-Za-z0-9_-]", "_", parts[-1]) if parts else "reference"

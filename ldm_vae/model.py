@@ -3,7 +3,6 @@ latent scale measured on data that makes it usable by a diffusion model."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +10,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from .config import ModelConfig, ParamError
+from .inputs import loading_kwargs, pretrained_location
 
 DOWNSAMPLING = 8  # 4 blocks, 3 stride-2 downsamplings: the SD "kl-f8" family
 # The layers whose shape depends on latent_channels: what reinit_latent_layers starts afresh.
@@ -22,30 +22,13 @@ def build_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
     vae = _fresh_vae(cfg, sample_size)
     if cfg.init_from:
         where = pretrained_location(cfg.init_from)
-        check_pretrained(cfg, AutoencoderKL.load_config(where[0], subfolder=where[1]))
-        state = AutoencoderKL.from_pretrained(where[0], subfolder=where[1]).state_dict()
+        check_pretrained(cfg, AutoencoderKL.load_config(where.path, **loading_kwargs(where)))
+        state = AutoencoderKL.from_pretrained(where.path, **loading_kwargs(where)).state_dict()
         if cfg.reinit_latent_layers:
             state = {k: v for k, v in state.items() if not k.startswith(LATENT_LAYERS)}
         missing, unexpected = vae.load_state_dict(state, strict=False)
         assert not unexpected and all(k.startswith(LATENT_LAYERS) for k in missing), (missing, unexpected)
     return vae
-
-
-def pretrained_location(init_from: str) -> tuple[str, str | None]:
-    """(folder or hub repo, sub-folder) of a diffusers VAE: a local folder holding config.json or
-    vae/config.json, else a hub id whose path past ``org/name`` is the sub-folder."""
-    path = Path(init_from).expanduser()
-    if path.is_dir():
-        if (path / "config.json").exists():
-            return str(path), None
-        if (path / "vae" / "config.json").exists():
-            return str(path), "vae"
-        raise ParamError(f"model.init_from: {init_from!r}: a folder without config.json or vae/config.json "
-                         "(expected a diffusers AutoencoderKL saved with save_pretrained)")
-    parts = init_from.strip("/").split("/")
-    if len(parts) < 2 or path.is_absolute() or init_from.startswith("."):
-        raise ParamError(f"model.init_from: {init_from!r}: no such folder, and not a hub id (org/name[/subfolder])")
-    return "/".join(parts[:2]), "/".join(parts[2:]) or None
 
 
 def check_pretrained(cfg: ModelConfig, config: dict) -> None:
@@ -73,7 +56,7 @@ def check_init_from(cfg: ModelConfig) -> None:
     if cfg.init_from:
         where = pretrained_location(cfg.init_from)
         try:
-            config = AutoencoderKL.load_config(where[0], subfolder=where[1])
+            config = AutoencoderKL.load_config(where.path, **loading_kwargs(where))
         except (OSError, ValueError) as e:
             raise ParamError(f"model.init_from: {cfg.init_from!r}: cannot read its config "
                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None

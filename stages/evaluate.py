@@ -19,6 +19,7 @@ def main() -> None:
     ap.add_argument("--latents", type=Path, required=True)
     ap.add_argument("--prepared", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True, help="metrics.json, per_image.csv, recon_grid.png")
+    ap.add_argument("--inputs", type=Path, help="the inputs stage's folder: references at the commits it recorded")
     args = ap.parse_args()
     params = load_params_or_exit(args.params)
     from ldm_vae.evaluate.perceptual import MetricUnavailable, check_available
@@ -32,11 +33,12 @@ def main() -> None:
 
     from ldm_vae.evaluate.evaluation import load_references, run_evaluate
     from ldm_vae.export import load_vae
+    from ldm_vae.inputs import pinned_references
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vae = load_vae(args.vae, device)
     try:
-        references = load_references(params.evaluate.references, device)
+        references = load_references(pinned_references(params.evaluate.references, args.inputs), device)
     except (OSError, ValueError) as e:
         sys.exit(f"evaluate: {e}")
     stats = json.loads((args.latents / "stats.json").read_text())

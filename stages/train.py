@@ -23,8 +23,12 @@ def main() -> None:
     ap.add_argument("--vae", type=Path, required=True, help="export folder (diffusers save_pretrained)")
     ap.add_argument("--logs", type=Path, required=True, help="curves, metrics and sample grids")
     ap.add_argument("--checkpoints", type=Path, required=True, help="resumable training state")
+    ap.add_argument("--inputs", type=Path, help="the inputs stage's folder: model.init_from at the commit it recorded")
     args = ap.parse_args()
     params = load_params_or_exit(args.params)
+    from ldm_vae.inputs import pinned_init_from
+
+    params = pinned_init_from(params, args.inputs)
 
     from ldm_vae.launch import launched, relaunch, resolve_processes
     from ldm_vae.lpips import WeightsUnavailable, load_lpips, require_weights

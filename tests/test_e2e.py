@@ -22,7 +22,9 @@ def run(cmd, cwd, env):
 
 
 def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([a-z]+)'", output))
+    """The stages a dvc command ran, less the inputs stage: that one runs on every `dvc repro` (it
+    is how DVC sees a changed local VAE folder, ldm_vae/inputs.py; test_local_inputs_...)."""
+    return set(re.findall(r"Running stage '([a-z]+)'", output)) - {"inputs"}
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +297,42 @@ def test_verify_finds_damage_and_its_advice_brings_it_back(repo, tmp_path):
     _follow(found.stdout, dst, env)
     assert "0 damaged" in run(verify, dst, env)
     assert stages_run(run(["dvc", "repro"], dst, env)) == set()
+
+
+def test_local_inputs_are_tracked_by_content(repo, tmp_path):
+    """A local model.init_from and evaluate.references folder: weights overwritten in place re-run
+    what reads them and nothing else; an unchanged folder re-runs nothing (the inputs stage runs
+    every time and rewrites the same bytes)."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    dst, env = repo
+    init, ref = tmp_path / "init-vae", tmp_path / "ref-vae"
+    shutil.copytree(dst / "data/vae", init)
+    shutil.copytree(dst / "data/vae", ref)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["model"]["init_from"] = str(init)
+    params["evaluate"]["references"] = [str(ref)]
+    params["train"]["max_steps"] = 6
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], dst, env)
+    assert "Running stage 'inputs'" in out and stages_run(out) == {"train", "encode", "evaluate", "probe"}
+    recorded = json.loads((dst / "data/inputs/references.json").read_text())["ref-vae"]
+    assert set(recorded["files"]) == {"config.json", "diffusion_pytorch_model.safetensors", "latent_stats.json"}
+    before = {p.name: p.read_bytes() for p in (dst / "data/inputs").iterdir()}
+    out = run(["dvc", "repro"], dst, env)
+    assert "Running stage 'inputs'" in out and stages_run(out) == set()
+    assert {p.name: p.read_bytes() for p in (dst / "data/inputs").iterdir()} == before  # git stays clean
+
+    def overwrite(folder):  # the same folder, other weights, as a person's fine-tune would leave it
+        vae = AutoencoderKL.from_pretrained(folder)
+        with torch.no_grad():
+            vae.decoder.conv_out.bias.add_(0.01)
+        vae.save_pretrained(folder)
+
+    overwrite(ref)
+    assert stages_run(run(["dvc", "repro"], dst, env)) == {"evaluate"}
+    overwrite(init)
+    assert stages_run(run(["dvc", "repro"], dst, env)) == {"train", "encode", "evaluate", "probe"}

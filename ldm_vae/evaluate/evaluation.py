@@ -23,7 +23,7 @@ from ..files import atomic_write
 from ..images import decode_uint8
 from ..samples import LATENT, batched, image_bytes
 from .health import ChannelStats, health_metrics, write_health
-from ..model import pretrained_location
+from ..inputs import loading_kwargs, pretrained_location
 from ..metrics import psnr, resize_baseline, ssim, to_unit
 from .perceptual import Lpips, RFid
 from .spectrum import Spectra
@@ -240,6 +240,7 @@ def load_references(locations: tuple[str, ...], device) -> dict[str, Autoencoder
     """name -> VAE for ``evaluate.references`` (folders, or hub ids[/subfolder] when online)."""
     refs = {}
     for location in locations:
-        repo, sub = pretrained_location(location)
-        refs[reference_name(location)] = AutoencoderKL.from_pretrained(repo, subfolder=sub).to(device).eval()
+        where = pretrained_location(location, "evaluate.references")
+        refs[reference_name(location)] = AutoencoderKL.from_pretrained(
+            where.path, **loading_kwargs(where)).to(device).eval()
     return refs

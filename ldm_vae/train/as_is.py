@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL
 from ..config import Params
 from ..data import load_images
 from ..files import atomic_path
-from ..model import pretrained_location
+from ..inputs import pretrained_location
 from .trainlog import TrainLog
 from .training import VAL_IMAGES, validate_vae
 
@@ -52,13 +52,13 @@ def export_as_is(params: Params, val_shards: list[str], vae_dir: Path, log_dir: 
 
 def _local_folder(init_from: str) -> Path:
     """The folder that holds the VAE's two files: local, or downloaded from the hub (online)."""
-    repo, sub = pretrained_location(init_from)
+    repo, sub, revision = pretrained_location(init_from)
     folder = Path(repo)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
         prefix = f"{sub}/" if sub else ""
-        folder = Path(snapshot_download(repo, allow_patterns=[prefix + n for n in FILES]))
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=[prefix + n for n in FILES]))
     folder = folder / sub if sub else folder
     missing = [n for n in FILES if not (folder / n).is_file()]
     if missing:

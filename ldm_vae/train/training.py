@@ -31,6 +31,7 @@ from .checkpoints import Progress, resume_latest, save_checkpoint
 from ..config import Params, stage_hash, stage_hash_of
 from ..data import load_images, train_stream
 from ..export import export_vae
+from ..inputs import fingerprint, pretrained_location
 from ..launch import cpu_threads_per_process, environment
 from .losses import VAELoss, build_discriminator, reconstruction_loss
 from ..metrics import psnr, to_unit
@@ -57,18 +58,22 @@ def lr_lambda(cfg):
 # The train stage's own code: the ldm_vae modules its script imports (dvc.yaml lists the same,
 # a test checks). Editing anything else (the URL downloader, the evaluator) keeps checkpoints.
 TRAIN_CODE = ("train/training", "train/as_is", "train/checkpoints", "train/trainlog", "train/losses", "train/discriminator",
-              "launch", "model", "lpips", "data", "samples", "export", "images", "shards", "files", "metrics", "viz")
+              "launch", "model", "inputs", "lpips", "data", "samples", "export", "images", "shards", "files", "metrics", "viz")
 
 
 def run_hash(params: Params, train_shards: list[str]) -> str:
-    """What shapes a run: its model/loss/train params, the exact training data (names, sizes) and
-    the train stage's code. With the code in it, a run re-done by ``dvc repro`` because the
-    training code changed starts afresh instead of resuming (or re-exporting) what the old code
-    trained."""
+    """What shapes a run: its model/loss/train params, the exact training data (names, sizes), the
+    train stage's code, and a local model.init_from's files (a hub id is pinned to its commit in the
+    params already). With the code in it, a run re-done by ``dvc repro`` because the training code
+    changed starts afresh instead of resuming (or re-exporting) what the old code trained; with the
+    init_from files, so does a run whose starting weights were overwritten in place."""
     data_id = [(Path(p).name, Path(p).stat().st_size) for p in train_shards]
     here = Path(__file__).parents[1]  # ldm_vae/
     code = [(name, hashlib.sha256((here / f"{name}.py").read_bytes()).hexdigest()) for name in TRAIN_CODE]
-    return "-".join([stage_hash(params.model, params.loss, params.train), stage_hash_of(data_id), stage_hash_of(code)])
+    init = params.model.init_from
+    start = fingerprint(init, "model.init_from") if init and pretrained_location(init).local else {}
+    return "-".join([stage_hash(params.model, params.loss, params.train), stage_hash_of(data_id),
+                     stage_hash_of([code, start])])
 
 
 def train(params: Params, train_shards: list[str], val_shards: list[str], vae_dir: Path, log_dir: Path,
