@@ -8,6 +8,7 @@ into a linked file would change the cached copy too.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -42,3 +43,12 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def md5_of(path: Path) -> str:
+    """A file's md5, read in 1 MiB chunks: what DVC records for it in dvc.lock."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -16,14 +16,13 @@ A location is ``folder``, ``org/name``, ``org/name/subfolder``, each optionally 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from pathlib import Path
 from typing import NamedTuple
 
 from .config import ParamError, Params, reference_name
-from .files import atomic_write
+from .files import atomic_write, md5_of
 
 INIT_FROM_FILE, REFERENCES_FILE = "init_from.json", "references.json"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -65,16 +64,8 @@ def fingerprint(location: str, key: str) -> dict:
     if where.local:
         root = Path(where.path) / (where.subfolder or "")
         files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-        return {"location": location, "files": {p.relative_to(root).as_posix(): _md5(p) for p in files}}
+        return {"location": location, "files": {p.relative_to(root).as_posix(): md5_of(p) for p in files}}
     return {"location": location, "revision": hub_commit(where.path, where.revision)}
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hub_commit(repo: str, revision: str | None) -> str | None:

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import yaml
 
+from .files import md5_of
 from .runner import RECORDS
 from .shards import tar_members
-
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -51,14 +50,6 @@ class Damage:
     what: str
     cache_object: Path | None = None  # the cache's copy of the expected bytes, when it exists
     cache_ok: bool = False  # that copy is intact (not the damaged file's own inode)
-
-
-def md5_of(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_object(cache: Path, md5: str) -> Path:
