@@ -47,14 +47,13 @@ SETTINGS = {
 def worker(out: Path, steps: int, threads: int) -> None:
     import torch
 
-    torch.set_num_threads(threads)
     from ldm_vae.config import load_params
     from ldm_vae.shards import shard_paths
     from ldm_vae.train.training import train
 
     params = load_params(ROOT / "params.yaml")
     params = replace(params, train=replace(params.train, max_steps=steps, checkpoint_every=10 ** 9,
-                                           val_every=steps, sample_every=steps))
+                                           val_every=steps, sample_every=steps, cpu_threads=threads))
     prepared = ROOT / "data" / "prepared"
     t = time.perf_counter()
     result = train(params, shard_paths(prepared / "train"), shard_paths(prepared / "val"), out / "vae",
