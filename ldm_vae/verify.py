@@ -134,13 +134,17 @@ def _tar_problem(path: Path) -> str | None:
     return None
 
 
-def remedies(damaged: list[Damage], remotes: bool) -> list[str]:
+def remedies(damaged: list[Damage], remotes: bool, in_git: set[Path] = frozenset()) -> list[str]:
     """Shell lines that bring every damaged file back, in order (stages in dvc.lock's order, which
-    is the pipeline's)."""
+    is the pipeline's). ``in_git``: damaged files git tracks (``cache: false`` outputs, which the
+    DVC cache and remotes never hold)."""
     lines, stages, pulls, checkouts = [], [], [], []
     for d in damaged:
         if d.cache_ok:
             checkouts.append(d.file.out)
+            continue
+        if d.cache_object is None and d.file.path in in_git:
+            lines.append(f"git checkout -- {d.file.path}")
             continue
         if d.cache_object is not None:  # the damaged bytes under the right name: DVC would link it back
             lines.append(f"rm -f {d.cache_object}")
@@ -190,6 +194,13 @@ def _has_remote(root: Path) -> bool:
         return bool(repo.config.get("remote"))
 
 
+def _in_git(root: Path, paths: list[Path]) -> set[Path]:
+    import subprocess
+
+    proc = subprocess.run(["git", "ls-files", "-z", "--", *map(str, paths)], cwd=root, capture_output=True, text=True)
+    return {Path(p) for p in proc.stdout.split("\0") if p} if proc.returncode == 0 else set()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", type=Path, help="outputs or folders to check (default: every output)")
@@ -205,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"DAMAGED {d.file.path} ({d.file.stage}): {d.what}")
     if damaged:
         print("\nTo get them back (from the repository root):")
-        print("\n".join(f"  {line}" for line in remedies(damaged, _has_remote(root))))
+        lines = remedies(damaged, _has_remote(root), _in_git(root, [d.file.path for d in damaged]))
+        print("\n".join(f"  {line}" for line in lines))
     print(f"verify: {checked} files checked against dvc.lock, {len(damaged)} damaged"
           + (f", {len(problems)} outputs not checkable" if problems else ""))
     return 1 if damaged or problems else 0
