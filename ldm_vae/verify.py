@@ -159,39 +159,37 @@ def remedies(damaged: list[Damage], remotes: bool, in_git: set[Path] = frozenset
     return lines
 
 
-def verify(root: Path, only: list[Path], jobs: int, progress: bool = True) -> tuple[list[Damage], list[str], int]:
-    """(damaged files, problems, files checked) of the repository at ``root``."""
+def dvc_settings(root: Path) -> tuple[Path, bool]:
+    """(DVC's md5 cache folder, whether a remote is configured) of the repository at ``root``."""
     from dvc.repo import Repo
 
-    lock_path = root / "dvc.lock"
-    if not lock_path.is_file():
-        return [], [f"{lock_path}: no dvc.lock: nothing has run here yet (`dvc repro`, or `dvc pull` a run)"], 0
     with Repo(str(root)) as repo:
-        cache = Path(repo.cache.local.path)
-    lock = yaml.safe_load(lock_path.read_text()) or {}
+        return Path(repo.cache.local.path), bool(repo.config.get("remote"))
+
+
+def verify(root: Path, only: list[Path], jobs: int, cache: Path,
+           progress: bool = True) -> tuple[list[Damage], list[str], int]:
+    """(damaged files, problems, files checked) of the repository at ``root`` (which has a dvc.lock)."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
     files, problems = expected_files(lock, root, cache, only)
+    sizes = {f.path: _size(root / f.path) for f in files}
     damaged = []
-    total = sum((root / f.path).stat().st_size for f in files if (root / f.path).is_file())
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress,
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="verify", disable=not progress,
               dynamic_ncols=True) as bar, cf.ThreadPoolExecutor(jobs) as pool:  # hashlib lets go of the GIL
         futures = {pool.submit(check, f, root, cache): f for f in files}
         for future in cf.as_completed(futures):
-            f = futures[future]
             if (d := future.result()) is not None:
                 damaged.append(d)
-            bar.update((root / f.path).stat().st_size if (root / f.path).is_file() else 0)
+            bar.update(sizes[futures[future].path])
     order = {name: i for i, name in enumerate(lock.get("stages") or {})}
     damaged.sort(key=lambda d: (order.get(d.file.stage, 0), str(d.file.path)))
     return damaged, problems, len(files)
 
 
-def _has_remote(root: Path) -> bool:
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return bool(repo.config.get("remote"))
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
 
 
 def _in_git(root: Path, paths: list[Path]) -> set[Path]:
@@ -209,14 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = args.root.resolve()
     only = [Path(os.path.relpath(p.resolve(), root)) for p in args.paths]
-    damaged, problems, checked = verify(root, only, max(1, args.jobs), progress=sys.stderr.isatty())
+    if not (root / "dvc.lock").is_file():
+        print(f"verify: {root / 'dvc.lock'}: no dvc.lock: nothing has run here yet (`dvc repro`, or `dvc pull` a run)")
+        return 1
+    cache, has_remote = dvc_settings(root)
+    damaged, problems, checked = verify(root, only, max(1, args.jobs), cache, progress=sys.stderr.isatty())
     for p in problems:
         print(f"cannot check: {p}")
     for d in damaged:
         print(f"DAMAGED {d.file.path} ({d.file.stage}): {d.what}")
     if damaged:
         print("\nTo get them back (from the repository root):")
-        lines = remedies(damaged, _has_remote(root), _in_git(root, [d.file.path for d in damaged]))
+        lines = remedies(damaged, has_remote, _in_git(root, [d.file.path for d in damaged]))
         print("\n".join(f"  {line}" for line in lines))
     print(f"verify: {checked} files checked against dvc.lock, {len(damaged)} damaged"
           + (f", {len(problems)} outputs not checkable" if problems else ""))
