@@ -237,6 +237,25 @@ class ProbeConfig:
             check_range("probe.log_snrs", x, -20, 20)
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where the units of download, prepare and encode run (ldm_vae/engine/). No stage lists this
+    section in dvc.yaml: the outputs are the same bytes on either engine, so switching re-runs nothing."""
+    kind: str = "local"  # local: this machine's processes | ray: a Ray cluster (README: A cluster)
+    ray_address: str = ""  # "" = RAY_ADDRESS, else the cluster `ray start` began on this node; "local": a new one
+    max_retries: int = 3  # Ray runs a unit again this often when its worker or node is lost (not on a bad input)
+
+    def check(self) -> None:
+        check_choice("engine.kind", self.kind, ("local", "ray"))
+        check_at_least("engine.max_retries", self.max_retries, 0)
+        if self.kind == "ray":
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                raise ParamError("engine.kind: ray: the ray package is not installed here: "
+                                 "pip install -e '.[cluster]' (README: A cluster)")
+
+
 def reference_name(location: str) -> str:
     """A reference VAE's short name in metrics and columns: "stabilityai/sd-vae-ft-ema" ->
     "sd-vae-ft-ema", "black-forest-labs/FLUX.1-dev/vae" -> "FLUX_1-dev"."""
@@ -255,6 +274,7 @@ class Params:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

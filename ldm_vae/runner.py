@@ -9,8 +9,9 @@ group):
    still the files it wrote (size and mtime),
    deletes everything else in the stage's output folders (half-written ``.tmp`` shards, outputs of
    other params, of a unit a kill interrupted), and broadcasts the units left to do.
-2. Rank r of W takes units r, r+W, r+2W, ... of that list and runs them on a pool of ``workers``
-   local processes (or in this process). A unit writes its outputs under temporary names and
+2. Rank r of W takes units r, r+W, r+2W, ... of that list and runs them on its engine
+   (:mod:`ldm_vae.engine`): a pool of ``workers`` local processes, this process, or a Ray cluster,
+   where an idle worker takes the next unit. A unit writes its outputs under temporary names and
    renames them; its record is written after that, so a kill loses only the units in flight. A
    unit that fails does not stop the others: they finish and are recorded, then the stage fails
    naming the unit and what it reads.
@@ -18,49 +19,33 @@ group):
    (merges a manifest, checks coverage, writes stats). Records are read in unit order, never in
    the order units finished, which is why results do not depend on the process count.
 
-Several machines run the same stage command under one launcher each, with the output folder on a
-shared filesystem (``accelerate launch --num_machines N --machine_rank R ...``); the group talks
+Several machines are the Ray engine's (``engine.kind: ray``): one stage command, its units
+scheduled over the cluster. A launcher group (W > 1) is one machine's GPUs running encode; it talks
 through gloo, only for one broadcast and the barriers.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextlib
 import datetime
 import hashlib
 import json
-import multiprocessing as mp
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
+from .engine import open_engine
 from .files import atomic_write
+from .units import Unit, UnitFailed, call, set_tick, tick
+
+# The stages import the unit pieces from here, with the runner's own.
+__all__ = ["Unit", "UnitFailed", "tick", "run_units", "iter_records", "record_path", "code_hash", "group",
+           "cpu_share", "resolve_workers", "check_launcher", "RECORDS"]
 
 RECORDS = ".done"
 
 # Rank 0 waits at the final barrier for the slowest rank's last unit; a unit on a slow node is
 # minutes, so hours only ever pass for a rank that hangs.
 BARRIER_TIMEOUT = datetime.timedelta(hours=6)
-
-
-class UnitFailed(RuntimeError):
-    """A unit's work raised: the message names the stage, the unit and what it reads. ``abort``:
-    the work said no later unit can succeed (its error had ``abort_stage``: a store that is down),
-    so no more units are started; a re-run does them."""
-
-    abort = False
-
-
-@dataclass
-class Unit:
-    name: str  # unique within the stage; the record's file name: "u00003", "train-s00012"
-    ident: dict  # JSON: what a record must hold to count as this unit, done
-    task: Any = None  # what the work function needs (picklable when run on a pool)
-    size: int = 0  # items, for the progress bar (0: unknown)
-    about: str = ""  # what it reads, for error messages ("shards/raw-u00003-00000.tar")
-    extra: dict = field(default_factory=dict)
 
 
 def group() -> tuple[int, int]:
@@ -76,7 +61,10 @@ def group() -> tuple[int, int]:
 
 
 def cpu_share() -> int:
-    """CPU cores for this process: its affinity divided among the launcher's local processes."""
+    """CPU cores for this process: a Ray task's CPUs, else its affinity divided among the launcher's
+    local processes."""
+    if os.environ.get("LDM_VAE_TASK_CPUS"):  # set by the Ray engine (engine/ray_cluster.py) in its tasks
+        return int(os.environ["LDM_VAE_TASK_CPUS"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
@@ -97,7 +85,8 @@ def code_hash(*modules: str) -> str:
 
 def run_units(out: Path, plan: Callable[[], list[Unit]], work: Callable[[Unit], dict], *, clean: list[str],
               workers: int = 1, desc: str, item: str = "img", agree: str = "",
-              redo: Callable[[dict], bool] | None = None) -> list[Unit] | None:
+              redo: Callable[[dict], bool] | None = None, engine=None, shared: list[Path] = (),
+              gpu: bool = False, launcher_group: bool = False) -> list[Unit] | None:
     """Run every unit not yet done; return all units (rank 0, for :func:`iter_records`) or None.
 
     ``work(unit)`` writes the unit's outputs and returns its record: ``outputs`` (paths relative
@@ -107,13 +96,38 @@ def run_units(out: Path, plan: Callable[[], list[Unit]], work: Callable[[Unit], 
     ``redo(record)``: True for a valid record whose unit should run again (URL fetches that
     failed); its outputs are kept and the record is passed as ``unit.extra["previous"]``, so the
     work can reuse what it finished.
+    ``engine``: an :class:`~ldm_vae.config.EngineConfig` (None: local) and, for the Ray engine,
+    ``shared``: the folders every node must see (``out`` first), ``gpu``: a GPU per task where the
+    cluster has them. ``launcher_group``: the stage may run as the ranks of one machine's launcher
+    (encode on several GPUs); several machines are the Ray engine's.
     """
+    check_launcher(desc, engine, launcher_group)
     rank, world = group()
-    with _helpers(workers, work) as helpers:  # their start-up overlaps rank 0's planning
-        return _run(out, plan, work, clean, helpers, desc, item, agree, redo, rank, world)
+    # The pool's start-up (or the cluster's checks) overlap rank 0's planning.
+    with open_engine(engine, workers, work, shared=[Path(out), *shared], gpu=gpu) as runs_on:
+        if hasattr(runs_on, "describe") and rank == 0:
+            print(f"{desc}: {runs_on.describe()}", flush=True)
+        return _run(out, plan, work, clean, runs_on, desc, item, agree, redo, rank, world)
 
 
-def _run(out, plan, work, clean, helpers, desc, item, agree, redo, rank, world) -> list[Unit] | None:
+def check_launcher(desc: str, engine, launcher_group: bool) -> None:
+    """Fail at once, saying what to use instead, for a launcher group this stage cannot run as."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return
+    if engine is not None and engine.kind == "ray":
+        raise ValueError(f"{desc}: engine.kind: ray runs the units on the cluster: start the stage without a "
+                         "launcher (one command, on any node of the cluster)")
+    if not launcher_group:
+        raise ValueError(f"{desc}: runs as one process with a pool of workers (data.num_workers), not under a "
+                         f"launcher (WORLD_SIZE={world}); for several machines use engine.kind: ray (README: A cluster)")
+    if world != int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+        raise ValueError(f"{desc}: a launcher group spans several machines (WORLD_SIZE={world}, LOCAL_WORLD_SIZE="
+                         f"{os.environ.get('LOCAL_WORLD_SIZE')}); for several machines use engine.kind: ray "
+                         "(README: A cluster); a launcher runs the GPUs of one machine")
+
+
+def _run(out, plan, work, clean, engine, desc, item, agree, redo, rank, world) -> list[Unit] | None:
     units = todo = None
     if rank == 0:
         units = plan()
@@ -135,12 +149,16 @@ def _run(out, plan, work, clean, helpers, desc, item, agree, redo, rank, world) 
         if shared[1] != agree:
             raise RuntimeError(f"rank {rank} disagrees with rank 0 ({agree} vs {shared[1]}): "
                                "were the inputs changed while the ranks started?")
-    _execute(out, todo[rank::world], work, helpers, f"{desc} rank {rank}" if world > 1 else desc, item)
+    _execute(out, todo[rank::world], work, engine, f"{desc} rank {rank}" if world > 1 else desc, item)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()  # every rank's records are written
-    return units if rank == 0 else None
+    if rank != 0:
+        return None
+    # Again after the run: a task lost with its node (and run again elsewhere) leaves its partial file.
+    _remove_unrecorded(out, clean, _valid(out, units))
+    return units
 
 
 def record_path(out: Path, unit: Unit) -> Path:
@@ -153,107 +171,62 @@ def iter_records(out: Path, units: list[Unit]) -> Iterator[dict]:
         yield json.loads(record_path(out, unit).read_text())
 
 
-# -- progress across processes ------------------------------------------------------------------
-
-_tick: Callable[[int], None] | None = None
-
-
-def tick(n: int = 1) -> None:
-    """Work functions call this per item done; the rank's progress bar shows the total."""
-    if _tick is not None:
-        _tick(n)
-
-
-def _pool_init(counter, work) -> None:
-    """Each pool process, as it starts; ``work`` is unused here: unpickling it imported its modules."""
-    global _tick
-
-    def add(n: int) -> None:
-        with counter.get_lock():
-            counter.value += n
-
-    _tick = add
-
-
-def _call(work: Callable[[Unit], dict], unit: Unit) -> dict:
-    try:
-        return work(unit)
-    except Exception as e:
-        failed = UnitFailed(f"unit {unit.name} ({unit.about or 'no input'}): {type(e).__name__}: {e}")
-        failed.abort = bool(getattr(e, "abort_stage", False))
-        raise failed from e
-
-
-@contextlib.contextmanager
-def _helpers(workers: int, work) -> Iterator[tuple | None]:
-    """(pool, counter) of ``workers`` processes, started at once (None for one worker).
-
-    spawn: a fresh interpreter per worker, safe whatever threads this process runs (tqdm's monitor,
-    gloo). Its start and imports cost a few tenths of a second, so the processes start before
-    rank 0 plans (listing a million files takes seconds) rather than after; ``work`` goes in the
-    initializer's arguments, so that each one imports the work's modules as it starts. A run with
-    one unit to do pays for starts it does not use: a fraction of a second.
-    """
-    if workers <= 1:
-        yield None
-        return
-    ctx = mp.get_context("spawn")
-    counter = ctx.Value("q", 0)
-    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init, initargs=(counter, work))
-    try:
-        for _ in range(workers):
-            pool.submit(int)  # a process is spawned per submit while none is idle
-        yield pool, counter
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _execute(out: Path, mine: list[Unit], work, helpers: tuple | None, desc: str, item: str) -> None:
-    global _tick
+def _execute(out: Path, mine: list[Unit], work, engine, desc: str, item: str) -> None:
     from tqdm import tqdm  # here: the pool's processes never draw a bar
 
     total = sum(u.size for u in mine)
     bar = tqdm(total=total or None, desc=desc, unit=item, dynamic_ncols=True, mininterval=1.0,
                position=int(os.environ.get("LOCAL_RANK", "0")))
     try:
-        if helpers is None or len(mine) <= 1:
-            _tick = bar.update
-            failed = []
-            for n, unit in enumerate(mine):
-                bar.set_postfix_str(f"unit {n + 1}/{len(mine)}", refresh=False)
-                try:
-                    _stamp(out, unit, _call(work, unit))
-                except UnitFailed as e:
-                    failed.append(e)  # the other units go on: none of their work is lost
-                    if e.abort:
-                        _raise_first(failed, len(mine) - n - 1)
-            _raise_first(failed)
+        if engine.inline(len(mine)):
+            _run_inline(out, mine, work, bar)
         else:
-            _run_pool(out, mine, work, *helpers, bar)
+            _drive(out, mine, engine, bar)
     finally:
-        _tick = None
+        set_tick(None)
         bar.close()
 
 
-def _run_pool(out: Path, mine: list[Unit], work, pool: cf.ProcessPoolExecutor, counter, bar) -> None:
-    futures = {pool.submit(_call, work, u): u for u in mine}
-    finished, failed, skipped = 0, [], 0
-    pending = set(futures)
-    while pending:  # on an interrupt, _helpers' shutdown cancels what has not started
-        ready, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
-        for f in ready:
-            if f.cancelled():
+def _run_inline(out: Path, mine: list[Unit], work, bar) -> None:
+    set_tick(bar.update)
+    failed = []
+    for n, unit in enumerate(mine):
+        bar.set_postfix_str(f"unit {n + 1}/{len(mine)}", refresh=False)
+        try:
+            _stamp(out, unit, call(work, unit))
+        except UnitFailed as e:
+            failed.append(e)  # the other units go on: none of their work is lost
+            if e.abort:
+                _raise_first(failed, len(mine) - n - 1)
+    _raise_first(failed)
+
+
+def _drive(out: Path, mine: list[Unit], engine, bar) -> None:
+    """Keep ``engine.capacity`` units in flight (an idle worker takes the next one), stamp each
+    record as its unit finishes, and show the items done across every process and node."""
+    queue = iter(mine)
+    in_flight: dict = {}  # engine handle -> unit
+    finished, failed, stop = 0, [], False
+    while True:
+        while not stop and len(in_flight) < engine.capacity and (unit := next(queue, None)) is not None:
+            in_flight[engine.submit(unit)] = unit
+        if not in_flight:
+            break
+        for handle in engine.wait(list(in_flight), timeout=1.0):
+            unit = in_flight.pop(handle)
+            try:
+                record = engine.result(handle, unit)
+            except Exception as e:  # UnitFailed; or the pool itself broke (a process killed)
+                if not isinstance(e, UnitFailed):
+                    e = UnitFailed(f"unit {unit.name} ({unit.about or 'no input'}): {type(e).__name__}: {e}")
+                failed.append(e)  # the other units go on: none of their work is lost
+                stop = stop or e.abort  # ... unless none of them can succeed: start no more
                 continue
-            if f.exception() is not None:
-                failed.append(f.exception())  # the other units go on: none of their work is lost
-                if getattr(f.exception(), "abort", False):  # ... unless none of them can succeed
-                    skipped += sum(p.cancel() for p in pending)
-                continue
-            _stamp(out, futures[f], f.result())
+            _stamp(out, unit, record)
             finished += 1
         bar.set_postfix_str(f"units {finished}/{len(mine)}", refresh=False)
-        bar.update(counter.value - bar.n)
-    _raise_first(failed, skipped)
+        bar.update(engine.progress() - bar.n)
+    _raise_first(failed, len(mine) - finished - len(failed))
 
 
 def _raise_first(failed: list[BaseException], skipped: int = 0) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
@@ -72,7 +73,9 @@ class ShardWriter:
 
     def _open(self) -> None:
         name = f"{self.prefix}-{self.index:05d}.tar"
-        self._tmp = self.directory / f".{name}.tmp"
+        # A name of this attempt's own: a unit that Ray re-runs elsewhere, while the lost worker
+        # still writes, never shares a half-written file with it (the runner removes strays).
+        self._tmp = self.directory / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
         self._stream = open(self._tmp, "wb")
 
     def _close(self) -> None:

@@ -1,8 +1,7 @@
 """Download stage: find every image of ``data.source``, keep the good ones, record the rest.
 
-Every core (``data.num_workers``); several machines: run the command under one launcher per
-machine on a shared output folder (``accelerate launch --num_machines N --machine_rank R
---num_processes N ...``, one process each): rank r takes units r, r+N, ..., rank 0 merges.
+Every core (``data.num_workers``); several machines: ``engine.kind: ray`` runs the units as tasks on
+a Ray cluster, with the output folder on a filesystem every node mounts (README: A cluster).
 
     python stages/download.py --out data/raw
 """
@@ -26,11 +25,9 @@ def main() -> None:
     from ldm_vae.runner import UnitFailed
 
     try:
-        summary = run_download(params.data, args.out)
+        summary = run_download(params.data, args.out, params.engine)
     except (FileNotFoundError, ValueError, UnitFailed) as e:  # a missing list/folder, an unknown column
         sys.exit(f"download: {e}")
-    if summary is None:
-        return  # not rank 0: rank 0 merges and reports
     print(f"download: kept {summary['kept']}, rejected {summary['rejected']} {json.dumps(summary['reasons'])}")
     if summary["kept"] == 0:
         sys.exit(f"download: no usable image in {params.data.source!r}; see {args.out}/rejected.jsonl")

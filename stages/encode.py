@@ -1,11 +1,10 @@
 """Encode stage: every prepared image -> posterior mean/std in latent webdataset shards.
 
 One process per GPU (encode.num_processes: auto): with more than one, the command re-runs itself
-under ``accelerate launch``, each rank on its own input shards. Several nodes: start it on every
-node yourself with the output folder on a shared filesystem, e.g. ``accelerate launch
---num_machines 2 --machine_rank R --main_process_ip H --num_processes 16 stages/encode.py ...``;
-rank 0 checks coverage and writes stats.json once every rank is done. A killed run, run again,
-keeps what it finished (see ldm_vae/encode/encoding.py).
+under ``accelerate launch``, each rank on its own input shards. Several machines: ``engine.kind:
+ray``, a Ray task per input shard (a GPU each where the cluster has GPUs) on a shared output
+folder (README: A cluster); the driver checks coverage and writes stats.json. A killed run, run
+again, keeps what it finished (see ldm_vae/encode/encoding.py).
 
     python stages/encode.py --vae data/vae --prepared data/prepared --out data/latents
 """
@@ -36,14 +35,16 @@ def main() -> None:
         check_dtype(params.encode, "cuda" if _has_gpu() else "cpu")  # before any process starts
     except ValueError as e:
         sys.exit(f"encode: {e}")
+    on_ray = params.engine.kind == "ray"
     processes = resolve_processes(params.encode.num_processes)
-    if processes > 1 and not launched():
+    if processes > 1 and not launched() and not on_ray:
         sys.exit(relaunch(processes, "no", sys.argv))
 
-    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if _has_gpu() else "cpu"
+    # On Ray, the tasks load the VAE themselves; the driver's copy gives the fingerprint and stats.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if _has_gpu() and not on_ray else "cpu"
     vae = load_vae(args.vae, device)
     try:
-        stats = run_encode(vae, args.prepared, args.out, params.encode)
+        stats = run_encode(vae, args.prepared, args.out, params.encode, params.engine, args.vae)
     except (CoverageError, ValueError, UnitFailed) as e:
         sys.exit(f"encode: {e}")
     if stats is None:

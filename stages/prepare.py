@@ -1,7 +1,7 @@
 """Prepare stage: raw images -> square (or aspect-ratio bucket) RGB crops in train/val webdataset shards.
 
-Every core (``data.num_workers``); several machines as for download (one launcher per machine,
-shared folders): rank r takes raw shards r, r+N, ..., rank 0 writes counts.json.
+Every core (``data.num_workers``); several machines as for download (``engine.kind: ray``, shared
+folders): one unit per raw shard, whichever node is free takes the next.
 
     python stages/prepare.py --raw data/raw --out data/prepared
 """
@@ -24,11 +24,9 @@ def main() -> None:
     from ldm_vae.ingest.prepare import run_prepare
 
     try:
-        counts = run_prepare(params.data, args.raw, args.out)
+        counts = run_prepare(params.data, args.raw, args.out, params.engine)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # UnitFailed names the raw shard
         sys.exit(f"prepare: {e}")
-    if counts is None:
-        return  # not rank 0
     for split, c in counts.items():
         print(f"prepare {split}: {c['samples']} samples from {c['images']} images in {c['shards']} shards")
         if "buckets" in c:

@@ -188,3 +188,28 @@ def s3_env(s3_server, monkeypatch):
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on 127.0.0.1 (head and second node, 1 CPU each) for the whole
+    session (raycluster.py); this process can be its driver (``ray_engine``)."""
+    import shutil
+    import tempfile
+
+    from raycluster import RayCluster, patch_this_process
+
+    root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
+    cluster = RayCluster(root).start()
+    patch_this_process()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_engine(ray_cluster):
+    """engine params that run a stage's units on the test cluster."""
+    from ldm_vae.config import EngineConfig
+
+    return EngineConfig(kind="ray", ray_address=ray_cluster.address)

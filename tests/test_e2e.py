@@ -131,17 +131,32 @@ def test_dvc_remote_on_s3_round_trip(repo, s3_server, tmp_path):
     assert stages_run(run(["dvc", "repro"], clone, env_clone)) == set()
 
 
-def test_redone_data_units_with_the_same_bytes_rerun_nothing_downstream(repo):
-    """Touched raw shards make prepare redo its units (new records), but the samples are the same
-    bytes: train, encode and evaluate, which read only the split folders, stay up to date."""
+def test_data_stages_redone_on_ray_give_the_same_bytes_and_rerun_nothing(repo, ray_cluster):
+    """`dvc repro -f` of download, prepare and encode with `engine.kind: ray` on the two-node
+    cluster: their units are redone (new records), with the local engine's bytes (dvc.lock
+    unchanged), so nothing downstream re-runs, and the next `dvc repro` runs nothing. The engine
+    is in no stage's params: switching it re-runs nothing either."""
+    from raycluster import LOOPBACK
+
     dst, env = repo
-    for shard in (dst / "data/raw/shards").iterdir():
-        os.utime(shard)
+    env = {**env, "PYTHONPATH": f"{LOOPBACK}{os.pathsep}{env['PYTHONPATH']}"}  # Ray on 127.0.0.1 (raycluster.py)
+    params_file = dst / "params.yaml"
+    local = params_file.read_text()
+    params = yaml.safe_load(local)
+    params["engine"] = {"kind": "ray", "ray_address": ray_cluster.address}
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    lock = (dst / "dvc.lock").read_text()
     before = {p.name: p.read_text() for p in (dst / "data/prepared/.done").iterdir()}
-    out = run(["dvc", "repro", "-f", "-s", "prepare"], dst, env)
-    assert stages_run(out) == {"prepare"}
-    assert {p.name: p.read_text() for p in (dst / "data/prepared/.done").iterdir()} != before  # redone
-    assert stages_run(run(["dvc", "repro"], dst, env)) == set()
+    try:
+        assert stages_run(run(["dvc", "repro"], dst, env)) == set()  # the engine is no stage's param
+        out = run(["dvc", "repro", "-f", "-s", "download", "prepare", "encode"], dst, env)
+        assert stages_run(out) == {"download", "prepare", "encode"}
+        assert out.count("on the Ray cluster: 2 nodes") == 3
+        assert {p.name: p.read_text() for p in (dst / "data/prepared/.done").iterdir()} != before  # redone
+        assert (dst / "dvc.lock").read_text() == lock  # the same bytes as the local engine's
+        assert stages_run(run(["dvc", "repro"], dst, env)) == set()
+    finally:
+        params_file.write_text(local)
 
 
 def test_channel_change_reruns_only_model_stages(repo):

@@ -1,8 +1,8 @@
 """The encode stage: every prepared sample encoded exactly once, by one or many processes.
 
 Several processes are one launcher group (the stage starts ``accelerate launch`` itself for the
-GPUs of one machine; several machines are started by hand, one launcher per node, on a shared
-output folder). Work is planned per input shard by the stage runner (:mod:`ldm_vae.runner`): rank
+GPUs of one machine); several machines are a Ray cluster (``engine.kind: ray``: a task per input
+shard, a GPU each where there are GPUs, on a shared output folder). Work is planned per input shard by the stage runner (:mod:`ldm_vae.runner`): rank
 r of W takes units r, r+W, ... of what is left and writes ``<split>-r<rank>-s<input>-<n>.tar`` (its
 own names: no two processes ever write one file). Each finished input shard leaves a done-record
 (``.done/<split>-s<input>.json``: output shards, count, exact moments, and the ident that must
@@ -29,7 +29,7 @@ from ..config import EncodeConfig
 from .latents import SPLITS, encode_shard, vae_fingerprint
 from ..model import LatentMoments
 from ..files import atomic_write
-from ..runner import Unit, code_hash, group, iter_records, run_units, tick
+from ..runner import Unit, check_launcher, code_hash, cpu_share, group, iter_records, run_units, tick
 from ..shards import shard_keys, shard_paths
 
 CODE = ("encode/encoding", "encode/latents", "data", "samples", "images", "shards", "model", "runner")
@@ -39,20 +39,24 @@ class CoverageError(RuntimeError):
     pass
 
 
-def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig) -> dict | None:
+def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig, engine=None,
+               vae_dir: Path | None = None) -> dict | None:
     """Encode what is not yet encoded, check coverage, write and return stats.json.
 
-    Alone, the process does everything. Under a launcher (``accelerate launch`` / ``torchrun`` on
-    one or many nodes: WORLD_SIZE > 1) it is one rank of a group (:mod:`ldm_vae.runner`): rank 0
-    plans, each rank encodes its share, and after a barrier rank 0 alone checks coverage and
-    writes stats.json; the other ranks return None.
+    Alone, the process does everything. Under a launcher (``accelerate launch`` on one machine's
+    GPUs: WORLD_SIZE > 1) it is one rank of a group (:mod:`ldm_vae.runner`): rank 0 plans, each
+    rank encodes its share, and after a barrier rank 0 alone checks coverage and writes
+    stats.json; the other ranks return None. With ``engine.kind: ray`` each input shard is a Ray
+    task (a GPU each where the cluster has them) that loads the VAE from ``vae_dir``; ``vae``
+    here serves the fingerprint and the statistics.
     """
     check_dtype(cfg, next(vae.parameters()).device.type)
     if vae.config.get("force_upcast") and cfg.dtype != "fp32":
         print(f"encode: the VAE's config says force_upcast: encoding in fp32, not {cfg.dtype}", flush=True)
     fingerprint = vae_fingerprint(vae)
     prepared, out = Path(prepared), Path(out)
-    rank, world = group()
+    check_launcher("encode", engine, launcher_group=True)  # before a launcher's process group forms
+    rank, _ = group()
 
     def plan() -> list[Unit]:
         code = code_hash(*CODE)
@@ -68,12 +72,16 @@ def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig)
                 units.append(Unit(f"{split}-s{i:05d}", ident, (split, i, path), about=path))
         return units
 
-    # In this process: the VAE lives here (threads or the GPU give the parallelism).
-    units = run_units(out, plan, lambda u: _encode_unit(vae, out, cfg, u, rank, fingerprint), clean=list(SPLITS),
-                      desc="encode", agree=fingerprint)
+    # Locally in this process: the VAE lives here (threads or the GPU give the parallelism).
+    on_ray = engine is not None and engine.kind == "ray"
+    if on_ray and vae_dir is None:
+        raise ValueError("encode on Ray: the tasks load the VAE from its folder; pass vae_dir")
+    work = EncodeWork(vae_dir, out, cfg, fingerprint, rank, None if on_ray else vae)
+    units = run_units(out, plan, work, clean=list(SPLITS), desc="encode", agree=fingerprint, engine=engine,
+                      shared=[prepared] + ([vae_dir] if on_ray else []), gpu=True, launcher_group=True)
     if units is None:
         return None
-    return _finish(vae, prepared, out, units, fingerprint, world)
+    return _finish(vae, prepared, out, units, fingerprint)
 
 
 def check_dtype(cfg: EncodeConfig, device_type: str) -> None:
@@ -81,29 +89,54 @@ def check_dtype(cfg: EncodeConfig, device_type: str) -> None:
         raise ValueError(f"encode.dtype: {cfg.dtype!r}: needs a GPU (half-precision autocast); use fp32 on a CPU")
 
 
-def _encode_unit(vae, out: Path, cfg: EncodeConfig, unit: Unit, rank: int, fingerprint: str) -> dict:
-    # channels_last: the convolutions' fast path on CPU (oneDNN) and on GPU tensor cores; measured
-    # 1.6x faster per image on the 2-core CPU. It changes the memory layout only, not the numbers.
-    vae.to(memory_format=torch.channels_last)
-    split, i, path = unit.task
-    record = encode_shard(vae, path, out / split, split, i, cfg, rank, fingerprint, tick)
-    record["outputs"] = [f"{split}/{n}" for n in record["outputs"]]
-    record["split"] = split
-    return record
+class EncodeWork:
+    """One input shard's work. Locally it holds the stage's VAE; pickled for a Ray task it drops
+    it, and the task's process loads the VAE from ``vae_dir`` once (on its GPU, else its CPU) and
+    checks that it is the driver's (same fingerprint)."""
+
+    def __init__(self, vae_dir, out: Path, cfg: EncodeConfig, fingerprint: str, rank: int, vae=None):
+        self.vae_dir, self.out, self.cfg, self.fingerprint, self.rank, self.vae = vae_dir, out, cfg, fingerprint, rank, vae
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "vae": None}
+
+    def __call__(self, unit: Unit) -> dict:
+        vae = self.vae if self.vae is not None else _task_vae(self.vae_dir, self.fingerprint)
+        # channels_last: the convolutions' fast path on CPU (oneDNN) and on GPU tensor cores; measured
+        # 1.6x faster per image on the 2-core CPU. It changes the memory layout only, not the numbers.
+        vae.to(memory_format=torch.channels_last)
+        split, i, path = unit.task
+        record = encode_shard(vae, path, self.out / split, split, i, self.cfg, self.rank, self.fingerprint, tick)
+        record["outputs"] = [f"{split}/{n}" for n in record["outputs"]]
+        record["split"] = split
+        return record
 
 
-def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fingerprint: str, world: int) -> dict:
+_TASK_VAES: dict = {}  # (folder, fingerprint) -> the VAE, once per Ray worker process
+
+
+def _task_vae(vae_dir, fingerprint: str) -> AutoencoderKL:
+    key = (str(Path(vae_dir).resolve()), fingerprint)
+    if key not in _TASK_VAES:
+        from ..export import load_vae
+
+        torch.set_num_threads(cpu_share())  # the task's CPUs (a Ray task: its num_cpus)
+        vae = load_vae(vae_dir, "cuda" if torch.cuda.is_available() else "cpu")
+        if vae_fingerprint(vae) != fingerprint:
+            raise ValueError(f"the VAE in {vae_dir} on this node is not the driver's (fingerprint "
+                             f"{vae_fingerprint(vae)} vs {fingerprint}): is {vae_dir} on a shared filesystem?")
+        _TASK_VAES.clear()  # one VAE per process: a new run's replaces the last
+        _TASK_VAES[key] = vae
+    return _TASK_VAES[key]
+
+
+def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fingerprint: str) -> dict:
     stats = {"channels": vae.config.latent_channels, "splits": {}, "vae_fingerprint": fingerprint}
     records = list(iter_records(out, units))
     for split in SPLITS:
         mine = [r for r in records if r["split"] == split]
         outputs = [str(out / n) for r in mine for n in r["outputs"]]
-        try:
-            counts = check_coverage(shard_paths(prepared / split), outputs, split)
-        except CoverageError as e:
-            if world > 1:  # the usual cause with several nodes
-                raise CoverageError(f"{e}; with several nodes, {out} must be one folder shared by all of them") from None
-            raise
+        counts = check_coverage(shard_paths(prepared / split), outputs, split)
         shards = sorted(r_ for r in mine for r_ in r["outputs"])
         shapes = {n: r["shape"] for r in mine for n in r["outputs"]}
         # shard_counts and shard_shapes: what the loader needs to give every DDP rank the same

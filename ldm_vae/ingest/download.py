@@ -37,8 +37,9 @@ SHARDS = "shards"
 CODE = ("ingest/download", "ingest/items", "ingest/sources", "ingest/urls", "ingest/hf_source", "ingest/s3_source", "s3", "images", "samples", "shards", "runner")
 
 
-def run_download(cfg: DataConfig, out: Path) -> dict | None:
-    """Fill ``out``; return a summary {kept, rejected, reasons} (rank 0; None on other ranks).
+def run_download(cfg: DataConfig, out: Path, engine=None) -> dict | None:
+    """Fill ``out``; return a summary {kept, rejected, reasons}. ``engine``: where the units run
+    (an :class:`~ldm_vae.config.EngineConfig`; None: this machine).
 
     ``out`` may hold a previous, interrupted run's output (the stage output persists): finished
     units are kept, the rest are read again, and the manifest is merged from all of them.
@@ -55,8 +56,10 @@ def run_download(cfg: DataConfig, out: Path) -> dict | None:
             u.ident = {**u.ident, **judged}
         return units
 
+    shared = [Path(cfg.source_target)] if cfg.source_kind == "folder" else []  # what the workers read
     units = run_units(out, plan, _Work(cfg, out), clean=[SHARDS], workers=resolve_workers(cfg.num_workers),
-                      desc=f"download {cfg.source_kind}", redo=_failed_fetches if cfg.source_kind == "urls" else None)
+                      desc=f"download {cfg.source_kind}", redo=_failed_fetches if cfg.source_kind == "urls" else None,
+                      engine=engine, shared=shared)
     if units is None:
         return None
     return merge(out, units)

@@ -78,8 +78,9 @@ class _Lottery:
         return {}
 
 
-def run_prepare(cfg: DataConfig, raw: Path, out: Path) -> dict | None:
-    """Crop every manifest image into ``out``; return the counts (rank 0; None on other ranks)."""
+def run_prepare(cfg: DataConfig, raw: Path, out: Path, engine=None) -> dict | None:
+    """Crop every manifest image into ``out``; return the counts. ``engine``: where the units run
+    (an :class:`~ldm_vae.config.EngineConfig`; None: this machine)."""
     raw, out = Path(raw), Path(out)
     settings = {"params": {k: getattr(cfg, k) for k in PARAMS}, "code": code_hash(*CODE)}
 
@@ -87,7 +88,7 @@ def run_prepare(cfg: DataConfig, raw: Path, out: Path) -> dict | None:
         return plan_units(cfg, raw, settings)
 
     units = run_units(out, plan, _Work(cfg, raw, out), clean=list(SPLITS), workers=resolve_workers(cfg.num_workers),
-                      desc="prepare")
+                      desc="prepare", engine=engine, shared=[raw])
     if units is None:
         return None
     counts = {s: {"images": 0, "samples": 0, "shards": 0} for s in SPLITS}

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,6 @@ from ldm_vae.data import to_tensor
 from ldm_vae.samples import image_bytes
 from ldm_vae.export import load_vae
 from ldm_vae.images import decode_uint8
-from ldm_vae.launch import _free_port
 from ldm_vae.encode.encoding import run_encode
 from ldm_vae.samples import npy_load
 from ldm_vae.shards import iter_samples, shard_paths
@@ -107,25 +105,28 @@ def test_two_process_encode_matches_one_process(pipeline_dir, encoded, tmp_path)
     assert_same_latents(one, tmp_path / "latents", stats1, stats2)
 
 
-def test_two_node_encode_on_a_shared_folder_matches_one_process(pipeline_dir, encoded, tmp_path):
-    """Two 'machines' (two accelerate launchers, machine ranks 0 and 1, one process each) writing
-    one shared folder: rank 1 works on its input shards, rank 0 waits for it, then checks
-    coverage over both and writes stats.json."""
-    _, one, stats1 = encoded
-    params = write_params(tmp_path / "params.yaml")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    port = _free_port()
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-         "--machine_rank", str(node), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-         "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
-         *encode_command(pipeline_dir, params, tmp_path / "latents")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    logs = [n.communicate(timeout=600)[0] for n in nodes]
-    assert [n.returncode for n in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert "encode: train" in logs[0] and "encode: train" not in logs[1]  # only rank 0 checks and reports
-    stats2 = json.loads((tmp_path / "latents" / "stats.json").read_text())
-    assert_same_latents(one, tmp_path / "latents", stats1, stats2)
+def test_encode_on_the_ray_engine_gives_the_one_process_bytes(pipeline_dir, encoded, ray_engine, tmp_path):
+    """Each input shard a Ray task on a two-node cluster (no GPUs: a CPU each), the VAE loaded by
+    the tasks from its folder: the same shard names, bytes and stats.json as one local process."""
+    vae, one, stats1 = encoded
+    stats2 = run_encode(vae, pipeline_dir / "prepared", tmp_path / "latents", make_params().encode, ray_engine,
+                        pipeline_dir / "vae")
+    assert stats2 == stats1
+    for split in ("train", "val"):
+        a = {p.name: p.read_bytes() for p in (one / split).iterdir()}
+        b = {p.name: p.read_bytes() for p in (tmp_path / "latents" / split).iterdir()}
+        assert sorted(a) == sorted(b) and all(a[n] == b[n] for n in a), split
+    assert (tmp_path / "latents" / "stats.json").read_bytes() == (one / "stats.json").read_bytes()
+
+
+def test_a_launcher_group_over_several_machines_is_refused(pipeline_dir, encoded, monkeypatch, tmp_path):
+    """Several machines are the Ray engine's; a launcher runs one machine's GPUs."""
+    vae, _, _ = encoded
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="several machines.*engine.kind: ray"):
+        run_encode(vae, pipeline_dir / "prepared", tmp_path / "latents", make_params().encode)
 
 
 KILLED = """

@@ -1,21 +1,19 @@
-"""Download and prepare on every core and every machine: the same results whatever the process
-count, the ADM crop against its reference, hf datasets split by their own shards."""
+"""Download and prepare on every core and on a Ray cluster: the same results whatever the process
+count or engine, a lost node costing only its units in flight, the ADM crop against its reference,
+hf datasets split by their own shards."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, image_bytes, make_photo_folder, photo, write_params
+from conftest import image_bytes, make_photo_folder, photo
 from ldm_vae.config import DataConfig
 from ldm_vae.ingest.download import raw_images, read_manifest, run_download
 from ldm_vae.images import adm_center_crop, load_rgb
-from ldm_vae.launch import _free_port
 from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.shards import iter_samples, shard_paths
 
@@ -68,32 +66,73 @@ def test_one_and_two_processes_give_identical_outputs(one_process, tmp_path):
     assert raw_keys == {r["key"] for r in read_manifest(tmp_path / "raw")}
 
 
-def test_two_machines_download_and_prepare_into_one_folder(one_process, tmp_path):
-    """Two launchers (machine ranks 0 and 1, one process each, a pool of workers each) run the
-    real stage commands on one shared folder; the result equals the one-process run."""
+def test_the_ray_engine_gives_the_one_process_bytes(one_process, ray_engine, tmp_path):
+    """download and prepare as tasks on a two-node Ray cluster: the same names and bytes (manifest,
+    rejections, raw and prepared shards) as one local process."""
     cfg, base, summary, counts = one_process
-    params = write_params(tmp_path / "params.yaml", data={
-        "source": cfg.source, "unit_images": 3, "resolution": 32, "crops_per_image": 3, "val_crops_per_image": 2,
-        "val_fraction": 0.3, "samples_per_shard": 4, "num_workers": "auto", "min_crop_scale": cfg.min_crop_scale})
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    for script, paths in (("download", ["--out", tmp_path / "raw"]),
-                          ("prepare", ["--raw", tmp_path / "raw", "--out", tmp_path / "prepared"])):
-        port = _free_port()
-        nodes = [subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-             "--machine_rank", str(node), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-             "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
-             str(ROOT / "stages" / f"{script}.py"), "--params", str(params), *map(str, paths)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-        logs = [n.communicate(timeout=300)[0] for n in nodes]
-        assert [n.returncode for n in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-        said = f"{script}: kept" if script == "download" else "prepare train:"
-        assert said in logs[0] and said not in logs[1]  # rank 0 merges and reports
-    records = [json.loads(p.read_text()) for p in (tmp_path / "prepared" / ".done").glob("*.json")]
-    assert len(records) == 6
+    assert run_download(cfg, tmp_path / "raw", ray_engine) == summary
+    assert run_prepare(cfg, tmp_path / "raw", tmp_path / "prepared", ray_engine) == counts
     for stage in ("raw", "prepared"):
         a, b = files_of(base / stage), files_of(tmp_path / stage)
         assert sorted(a) == sorted(b) and all(a[n] == b[n] for n in a), stage
+    assert not list(tmp_path.rglob(".ray-check-*"))  # the shared-folder probe's marker is gone
+
+
+def test_a_launcher_is_refused_for_download_and_prepare(one_process, monkeypatch, tmp_path):
+    """Several machines are the Ray engine's: a launcher group fails at once, saying so."""
+    cfg, base, _, _ = one_process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="engine.kind: ray"):
+        run_download(cfg, tmp_path / "raw")
+    with pytest.raises(ValueError, match="engine.kind: ray"):
+        run_prepare(cfg, base / "raw", tmp_path / "prepared")
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "prepared").exists()
+
+
+def test_a_folder_a_node_cannot_see_fails_at_the_start(one_process, ray_engine, tmp_path):
+    """The Ray engine needs the stage's folders on every node: one missing fails before any unit."""
+    cfg, base, _, _ = one_process
+    with pytest.raises(ValueError, match=r"every node mounts.*node 127\.0\.0\.1 .*no folder .*nowhere"):
+        run_prepare(cfg, tmp_path / "nowhere", tmp_path / "prepared", ray_engine)
+    assert not list((tmp_path / "prepared").rglob("*.tar"))
+
+
+def test_a_node_killed_mid_prepare_costs_only_its_units_in_flight(ray_cluster, ray_engine, tmp_path):
+    """The second node's raylet killed (by pid) while prepare runs on both nodes: Ray runs its
+    units again on the head, and the outputs are the local run's, every sample once."""
+    import threading
+    import time
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(24):
+            photo(640, 480, seed=i).save(folder / f"p{i:02d}.jpg", quality=90)
+    cfg = DataConfig(source=f"folder:{folder}", unit_images=2, num_workers="1", resolution=256, crops_per_image=30,
+                     val_crops_per_image=10, val_fraction=0.2, samples_per_shard=50)
+    run_download(cfg, tmp_path / "raw")
+    counts = run_prepare(cfg, tmp_path / "raw", tmp_path / "local")
+    done = tmp_path / "prepared" / ".done"
+    seen: dict = {}
+
+    def kill_when_a_unit_is_done():
+        deadline = time.time() + 60
+        while time.time() < deadline and not (done.is_dir() and any(done.iterdir())):
+            time.sleep(0.01)
+        seen["records"] = len(list(done.iterdir())) if done.is_dir() else 0
+        os.kill(ray_cluster.worker_raylet(), 9)
+
+    killer = threading.Thread(target=kill_when_a_unit_is_done)
+    killer.start()
+    try:
+        assert run_prepare(cfg, tmp_path / "raw", tmp_path / "prepared", ray_engine) == counts
+    finally:
+        killer.join()
+        ray_cluster.wait_nodes(1, exact=True)
+        ray_cluster.add_worker()  # for the tests after this one
+    assert 0 < seen["records"] < 12  # killed mid-stage
+    a, b = files_of(tmp_path / "local"), files_of(tmp_path / "prepared")
+    assert sorted(a) == sorted(b) and all(a[n] == b[n] for n in a)  # every sample once, the same bytes
+    assert not [p for p in (tmp_path / "prepared").rglob("*.tmp")]  # the lost attempt's partial file is gone
 
 
 def test_prepare_resumes_from_its_records_and_drops_strays(one_process, tmp_path):
@@ -199,22 +238,28 @@ def test_streamed_hf_set_is_split_by_its_own_shards(tmp_path):
         "train-00002-00000000"]
 
 
-def test_a_corrupt_raw_shard_names_its_unit_and_loses_no_other_unit(one_process, tmp_path):
+@pytest.mark.parametrize("where", ["local", "ray"])
+def test_a_corrupt_raw_shard_names_its_unit_and_loses_no_other_unit(one_process, tmp_path, where, request):
+    """On a cluster too, a bad input fails its unit once (Ray does not retry the work's own error),
+    naming the unit, its input and the node."""
     import shutil
 
     from ldm_vae.runner import UnitFailed
 
     cfg, base, _, counts = one_process
+    engine = request.getfixturevalue("ray_engine") if where == "ray" else None
     shutil.copytree(base / "raw", tmp_path / "raw")
     shard = tmp_path / "raw" / "shards" / "raw-u00002-00000.tar"
     whole = shard.read_bytes()
     shard.write_bytes(whole[: len(whole) // 2])  # cut mid-member
     two = DataConfig(**{**cfg.__dict__, "num_workers": "2"})
-    with pytest.raises(UnitFailed, match=r"unit u00002 \(shards/raw-u00002-00000.tar\): ValueError: truncated tar"):
-        run_prepare(two, tmp_path / "raw", tmp_path / "prepared")
+    on = r" on node 127\.0\.0\.1 \(\w+\)" if where == "ray" else ""
+    with pytest.raises(UnitFailed, match=rf"unit u00002 \(shards/raw-u00002-00000.tar\){on}: ValueError: truncated tar") as e:
+        run_prepare(two, tmp_path / "raw", tmp_path / "prepared", engine)
+    assert "more units failed" not in str(e.value)
     done = sorted(p.name for p in (tmp_path / "prepared" / ".done").iterdir())
     assert done == [f"u{i:05d}.json" for i in range(6) if i != 2]  # every other unit finished and recorded
     shard.write_bytes(whole)
-    assert run_prepare(two, tmp_path / "raw", tmp_path / "prepared") == counts
+    assert run_prepare(two, tmp_path / "raw", tmp_path / "prepared", engine) == counts
     a, b = files_of(base / "prepared"), files_of(tmp_path / "prepared")
     assert sorted(a) == sorted(b) and all(a[n] == b[n] for n in a)
