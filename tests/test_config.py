@@ -54,6 +54,8 @@ def test_shipped_params_are_valid():
         ({"probe": {"log_snrs": ["high"]}}, ["probe.log_snrs", "non-empty list of finite numbers"]),
         ({"probe": {"widths": []}}, ["probe.widths", "non-empty list of integers"]),
         ({"probe": {"steps": 0}}, ["probe.steps", ">= 1"]),
+        ({"engine": {"kind": "slurm"}}, ["engine.kind", "slurm", "local, ray"]),
+        ({"engine": {"max_retries": -1}}, ["engine.max_retries", ">= 0"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(raw, names):

@@ -51,6 +51,7 @@ class RayEngine:
     def __enter__(self) -> "RayEngine":
         address = self.cfg.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
         if not ray.is_initialized():
+            _reachable(address)  # ray.init waits minutes on an address where nothing listens
             env = {k: v for k, v in os.environ.items() if k.startswith(PASS_ENV)}
             try:
                 ray.init(address=None if address == "local" else address, logging_level="ERROR",
@@ -151,6 +152,20 @@ class RayEngine:
         except (ray.exceptions.RayError, TimeoutError):
             pass  # progress only: keep the last count
         return self._last_progress
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """A ``host:port`` address must accept a connection within ``timeout`` seconds."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # "auto", "local": Ray itself looks on this node and says so at once
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"engine.ray_address: {address!r}: nothing answers there ({e}); start the cluster's "
+                         "head with `ray start --head --port=<port>` (README: A cluster)") from None
 
 
 def _run_unit(work, unit: Unit, progress, cwd: str, cpus: int) -> dict:

@@ -97,6 +97,19 @@ def test_a_folder_a_node_cannot_see_fails_at_the_start(one_process, ray_engine, 
     assert not list((tmp_path / "prepared").rglob("*.tar"))
 
 
+def test_an_address_where_no_cluster_listens_fails_in_a_second(one_process, tmp_path):
+    import time
+
+    from ldm_vae.config import EngineConfig
+    from s3server import free_port
+
+    cfg, base, _, _ = one_process
+    start = time.time()
+    with pytest.raises(ValueError, match=r"engine.ray_address: '127.0.0.1:\d+': nothing answers there"):
+        run_prepare(cfg, base / "raw", tmp_path / "prepared", EngineConfig(kind="ray", ray_address=f"127.0.0.1:{free_port()}"))
+    assert time.time() - start < 5  # ray.init alone would wait minutes
+
+
 def test_a_node_killed_mid_prepare_costs_only_its_units_in_flight(ray_cluster, ray_engine, tmp_path):
     """The second node's raylet killed (by pid) while prepare runs on both nodes: Ray runs its
     units again on the head, and the outputs are the local run's, every sample once."""
