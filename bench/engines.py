@@ -6,8 +6,9 @@
    into raw shards of ``--unit-images`` (so that prepare has units for every worker).
 2. Runs the real prepare command (`stages/prepare.py`, 256 px, ADM crop, PNG) on the same raw
    shards, sides alternated each round: the local engine (`data.num_workers: 2`) and the Ray
-   engine on a two-node cluster started here with `ray start` (head and second node on 127.0.0.1,
-   one CPU each: tests/raycluster.py). Each run writes a fresh folder; the wall time is the
+   engine on a cluster started here with `ray start` (tests/raycluster.py, on 127.0.0.1): by
+   default a head and a second node, the cores split between them; ``--nodes 1``: a head alone
+   with every core (one set of Ray's daemons instead of two on the same cores). Each run writes a fresh folder; the wall time is the
    command's, interpreter start, `ray.init` and the shared-folder probe included. Both sides'
    outputs are compared byte for byte.
 3. Times DVC's hashing of a large output (``--hash-mb`` of shard-sized files, `dvc add
@@ -37,7 +38,7 @@ def params(path: Path, folder: Path, unit_images: int, engine: dict) -> Path:
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"].update({"source": f"folder:{folder}", "unit_images": unit_images, "resolution": 256, "crop": "adm",
-                        "num_workers": "2"})
+                        "num_workers": "2", "crops_per_image": 1, "val_crops_per_image": 1})
     raw["engine"] = engine
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -56,7 +57,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
             if p.is_file() and ".done" not in p.parts}
 
 
-def bench_prepare(work: Path, images: int, unit_images: int, rounds: int) -> dict:
+def bench_prepare(work: Path, images: int, unit_images: int, rounds: int, nodes: int) -> dict:
     from raycluster import RayCluster, ray_env
     from scale import photo_folder
 
@@ -66,7 +67,8 @@ def bench_prepare(work: Path, images: int, unit_images: int, rounds: int) -> dic
     raw = work / "raw"
     if not (raw / "manifest.jsonl").is_file():
         run([sys.executable, "stages/download.py", "--params", str(local), "--out", str(raw)], env)
-    cluster = RayCluster(Path("/tmp/ldmvae-bench-ray")).start()
+    cores = len(os.sched_getaffinity(0))
+    cluster = RayCluster(Path("/tmp/ldmvae-bench-ray"), (1, cores - 1) if nodes == 2 else (cores,)).start()
     try:
         on_ray = params(work / "ray.yaml", folder, unit_images, {"kind": "ray", "ray_address": cluster.address})
         rows = []
@@ -85,7 +87,7 @@ def bench_prepare(work: Path, images: int, unit_images: int, rounds: int) -> dic
     med = {side: statistics.median(x["images_per_s"] for x in rows if x["engine"] == side) for side in ("local", "ray")}
     pairs = [next(x for x in rows if x["round"] == r and x["engine"] == "ray")["images_per_s"]
              / next(x for x in rows if x["round"] == r and x["engine"] == "local")["images_per_s"] for r in range(rounds)]
-    return {"prepare_images_per_s": med, "ray_over_local": round(med["ray"] / med["local"], 3),
+    return {"ray_nodes": nodes, "prepare_images_per_s": med, "ray_over_local": round(med["ray"] / med["local"], 3),
             "paired_ratios": [round(x, 3) for x in pairs]}
 
 
@@ -122,11 +124,13 @@ def main() -> None:
     ap.add_argument("--hash-mb", type=int, default=2000)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ldm-vae-engines"))
     ap.add_argument("--only", choices=("prepare", "hashing"), default=None)
+    ap.add_argument("--nodes", type=int, choices=(1, 2), default=2,
+                    help="Ray nodes on this machine: 2 (a head and a second node, the cores split) or 1")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     result = {}
     if args.only in (None, "prepare"):
-        result.update(bench_prepare(args.work, args.images, args.unit_images, args.rounds))
+        result.update(bench_prepare(args.work, args.images, args.unit_images, args.rounds, args.nodes))
     if args.only in (None, "hashing"):
         result.update(bench_hashing(args.work, args.hash_mb, args.rounds))
     print(json.dumps(result, indent=1))

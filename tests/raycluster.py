@@ -44,7 +44,8 @@ def patch_this_process() -> None:
 
 
 class RayCluster:
-    def __init__(self, root: Path, cpus: tuple[int, int] = (1, 1)):
+    def __init__(self, root: Path, cpus: tuple[int, ...] = (1, 1)):
+        """``cpus``: the head's CPUs and the second node's (one entry: a head alone)."""
         self.root = Path(root)
         self.cpus = cpus
         self.port = free_port()
@@ -62,7 +63,10 @@ class RayCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self._ray("start", "--head", f"--port={self.port}", f"--num-cpus={self.cpus[0]}", "--include-dashboard=false",
                   f"--temp-dir={self.root / 'ray'}", *self.COMMON, name="head")
-        self.add_worker()
+        if len(self.cpus) > 1:
+            self.add_worker()
+        else:
+            self.wait_nodes(1)
         return self
 
     COMMON = ("--node-ip-address=127.0.0.1", "--disable-usage-stats", "--num-gpus=0")

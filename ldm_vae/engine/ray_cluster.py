@@ -13,7 +13,7 @@ GPU), on a cluster started with ``ray start`` (README: A cluster).
   it is the input's fault and would fail again (DataTrove's split between infrastructure and
   application failures); it fails the unit, naming the unit, its input and the node.
 - **Progress** comes to a small actor on the driver's node: each task reports its unit's item
-  count (cumulatively, every half second), so the bar counts a retried unit once.
+  count (cumulatively, every second), so the bar counts a retried unit once.
 - **Memory** on the driver: ``capacity`` units in flight (twice the cluster's task slots), never the
   whole plan: a million units cost a million small records on disk, not in Ray.
 """
@@ -32,11 +32,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .. import units
 from ..units import Unit, UnitFailed
 
-# What a task needs from the driver's environment: credentials and endpoints of object storage, the
-# hub's settings, and the kernel variables that decide float results (README: What reproduces).
-PASS_ENV = ("AWS_", "HF_", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+# What a task needs from the driver's environment. Read when a client is made (object storage's
+# credentials and endpoint), they are set by the task itself; read as a library loads (the hub's
+# settings, the kernel variables that decide float results: README, What reproduces), they go in
+# the job's runtime environment, which makes Ray start workers of their own for it (measured: a
+# second of a 10-second stage on 2 cores), so only when one is set.
+TASK_ENV = ("AWS_",)
+START_ENV = ("HF_", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 TASK_CPUS = "LDM_VAE_TASK_CPUS"  # runner.cpu_share reads it inside a task
-SEND_EVERY = 0.5  # seconds between a task's progress reports
+SEND_EVERY = 1.0  # seconds between a task's progress reports
 
 
 class RayEngine:
@@ -52,7 +56,7 @@ class RayEngine:
         address = self.cfg.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
         if not ray.is_initialized():
             _reachable(address)  # ray.init waits minutes on an address where nothing listens
-            env = {k: v for k, v in os.environ.items() if k.startswith(PASS_ENV)}
+            env = {k: v for k, v in os.environ.items() if k.startswith(START_ENV)}
             try:
                 ray.init(address=None if address == "local" else address, logging_level="ERROR",
                          log_to_driver=False, runtime_env={"env_vars": env} if env else None)
@@ -66,6 +70,8 @@ class RayEngine:
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
             self.progress_actor = _Progress.options(num_cpus=0, scheduling_strategy=here).remote()
             self.work_ref = ray.put(self.work)
+            self.context = ray.put({"cwd": os.getcwd(), "cpus": self.task_cpus,
+                                    "env": {k: v for k, v in os.environ.items() if k.startswith(TASK_ENV)}})
         except BaseException:
             self.__exit__()
             raise
@@ -124,7 +130,7 @@ class RayEngine:
                              f"same path (README: A cluster): {'; '.join(problems)}")
 
     def submit(self, unit: Unit):
-        return self.remote.remote(self.work_ref, unit, self.progress_actor, os.getcwd(), self.task_cpus)
+        return self.remote.remote(self.work_ref, unit, self.progress_actor, self.context)
 
     def wait(self, handles: list, timeout: float) -> list:
         ready, rest = ray.wait(handles, num_returns=1, timeout=timeout)
@@ -168,11 +174,12 @@ def _reachable(address: str, timeout: float = 10.0) -> None:
                          "head with `ray start --head --port=<port>` (README: A cluster)") from None
 
 
-def _run_unit(work, unit: Unit, progress, cwd: str, cpus: int) -> dict:
+def _run_unit(work, unit: Unit, progress, context: dict) -> dict:
     """One unit, in a Ray worker process: the driver's working directory (relative paths mean the
-    same on a shared filesystem), the task's CPUs, ticks to the progress actor."""
-    os.chdir(cwd)
-    os.environ[TASK_CPUS] = str(cpus)
+    same on a shared filesystem) and credentials, the task's CPUs, ticks to the progress actor."""
+    os.chdir(context["cwd"])
+    os.environ.update(context["env"])
+    os.environ[TASK_CPUS] = str(context["cpus"])
     node = ray.get_runtime_context().get_node_id()
     ticks = _Ticks(progress, unit.name)
     units.set_tick(ticks.add)
