@@ -132,8 +132,8 @@ def test_dvc_remote_on_s3_round_trip(repo, s3_server, tmp_path):
 
 
 def test_data_stages_redone_on_ray_give_the_same_bytes_and_rerun_nothing(repo, ray_cluster):
-    """`dvc repro -f` of download, prepare and encode with `engine.kind: ray` on the two-node
-    cluster: their units are redone (new records), with the local engine's bytes (dvc.lock
+    """Every unit of download, prepare and encode done again (records removed, `dvc repro -f`)
+    with `engine.kind: ray` on the two-node cluster: the local engine's bytes (dvc.lock
     unchanged), so nothing downstream re-runs, and the next `dvc repro` runs nothing. The engine
     is in no stage's params: switching it re-runs nothing either."""
     from raycluster import LOOPBACK
@@ -146,13 +146,15 @@ def test_data_stages_redone_on_ray_give_the_same_bytes_and_rerun_nothing(repo, r
     params["engine"] = {"kind": "ray", "ray_address": ray_cluster.address}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     lock = (dst / "dvc.lock").read_text()
-    before = {p.name: p.read_text() for p in (dst / "data/prepared/.done").iterdir()}
     try:
         assert stages_run(run(["dvc", "repro"], dst, env)) == set()  # the engine is no stage's param
+        records = [p for stage in ("raw", "prepared", "latents") for p in (dst / "data" / stage / ".done").iterdir()]
+        for p in records:
+            p.unlink()  # as if never run: every unit is done again, now on the cluster
         out = run(["dvc", "repro", "-f", "-s", "download", "prepare", "encode"], dst, env)
         assert stages_run(out) == {"download", "prepare", "encode"}
-        assert out.count("on the Ray cluster: 2 nodes") == 3
-        assert {p.name: p.read_text() for p in (dst / "data/prepared/.done").iterdir()} != before  # redone
+        assert out.count("on the Ray cluster: 2 nodes") == 3 and "already done" not in out
+        assert all(p.is_file() for p in records)  # every unit recorded again
         assert (dst / "dvc.lock").read_text() == lock  # the same bytes as the local engine's
         assert stages_run(run(["dvc", "repro"], dst, env)) == set()
     finally:
