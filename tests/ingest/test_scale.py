@@ -118,7 +118,7 @@ def test_a_node_killed_mid_prepare_costs_only_its_units_in_flight(ray_cluster, r
 
     folder = tmp_path / "photos"
     folder.mkdir()
-    for i in range(24):
+    for i in range(16):
             photo(640, 480, seed=i).save(folder / f"p{i:02d}.jpg", quality=90)
     cfg = DataConfig(source=f"folder:{folder}", unit_images=2, num_workers="1", resolution=256, crops_per_image=30,
                      val_crops_per_image=10, val_fraction=0.2, samples_per_shard=50)
@@ -142,7 +142,7 @@ def test_a_node_killed_mid_prepare_costs_only_its_units_in_flight(ray_cluster, r
         killer.join()
         ray_cluster.wait_nodes(1, exact=True)
         ray_cluster.add_worker()  # for the tests after this one
-    assert 0 < seen["records"] < 12  # killed mid-stage
+    assert 0 < seen["records"] < 8  # killed mid-stage
     a, b = files_of(tmp_path / "local"), files_of(tmp_path / "prepared")
     assert sorted(a) == sorted(b) and all(a[n] == b[n] for n in a)  # every sample once, the same bytes
     assert not [p for p in (tmp_path / "prepared").rglob("*.tmp")]  # the lost attempt's partial file is gone
@@ -181,7 +181,7 @@ def reference_center_crop_arr(pil_image, image_size):
     return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
 
 
-@pytest.mark.parametrize("size,res", [((500, 375), 256), ((375, 500), 256), ((1201, 803), 256), ((4000, 3000), 256),
+@pytest.mark.parametrize("size,res", [((500, 375), 256), ((375, 500), 256), ((1201, 803), 256), ((2600, 1950), 256),
                                       ((200, 150), 256), ((333, 517), 64), ((255, 255), 128), ((64, 640), 32)])
 def test_adm_crop_matches_the_reference_pixel_for_pixel(size, res):
     img = photo(*size, seed=size[0])
