@@ -8,9 +8,11 @@ process (the *driver*); an engine only runs ``work(unit)`` somewhere and hands b
 - ``ray`` (:mod:`.ray_cluster`): tasks on a Ray cluster, one unit each, scheduled by Ray onto
   whichever node has a free CPU (or GPU); a task lost with its worker or node is run again by Ray.
 
-An engine is a context manager with ``capacity`` (units to keep in flight), ``submit(unit)``,
-``wait(handles, timeout)`` (the finished ones), ``result(handle, unit)`` (the record, or
-:class:`~ldm_vae.units.UnitFailed`) and ``progress()`` (items done so far, across processes).
+An engine is a context manager with ``inline(n_units)`` (True: the driver runs these units itself),
+``capacity`` (units to keep in flight), ``submit(unit)``, ``wait(handles, timeout)`` (the finished
+ones), ``result(handle, unit)`` (the record, or :class:`~ldm_vae.units.UnitFailed`) and
+``progress()`` (items done so far, across processes); a cluster's engine also has ``describe()``,
+the line the stage prints about where it runs.
 Which engine runs changes nothing in the outputs (tested byte for byte).
 """
 

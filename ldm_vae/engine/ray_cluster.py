@@ -46,8 +46,7 @@ SEND_EVERY = 1.0  # seconds between a task's progress reports
 class RayEngine:
     def __init__(self, cfg, work: Callable[[Unit], dict], *, shared: list[Path], gpu: bool):
         self.cfg, self.work, self.shared, self.gpu = cfg, work, [Path(p) for p in shared], gpu
-        self.capacity = 2
-        self._connected_here = False
+        self._connected_here = False  # capacity, slots and the rest: from the cluster, as it opens
 
     def inline(self, n_units: int) -> bool:
         return False
