@@ -30,8 +30,9 @@ class DataConfig:
     # depend on it, so dvc.yaml does not list it: changing it re-runs nothing.
     num_workers: str = "auto"
     # Source items per unit of work: one raw shard, one task of a worker, the most a killed run
-    # redoes. Streamed hf: sets are cut by their own shards instead.
-    unit_images: int = 5000
+    # redoes. auto: 125 to 4,000 by the source's size alone (ingest/items.py: unit_size), so that
+    # a small set still gives every core work. Streamed hf: sets are cut by their own shards instead.
+    unit_images: str = "auto"
     # urls: parallel fetches, timeouts in seconds, retries (5xx, 429, connection errors, timeouts)
     # with exponential back-off starting at retry_backoff seconds, and a cap on a response's size.
     download_workers: int = 16
@@ -86,7 +87,7 @@ class DataConfig:
             raise ParamError("data.image_column: '': an hf source needs the name of its image column")
         check_at_least("data.max_images", self.max_images, 0)
         check_processes("data.num_workers", self.num_workers)
-        check_at_least("data.unit_images", self.unit_images, 1)
+        check_processes("data.unit_images", str(self.unit_images))
         check_at_least("data.download_workers", self.download_workers, 1)
         check_range("data.connect_timeout", self.connect_timeout, 0.0, 3600.0, open_lo=True)
         check_range("data.read_timeout", self.read_timeout, 0.0, 3600.0, open_lo=True)

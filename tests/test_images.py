@@ -1,3 +1,4 @@
+import io
 import random
 
 import numpy as np
@@ -5,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import image_bytes, photo
-from ldm_vae.images import ALPHA_BACKGROUND, ImageRejected, crop_resize, load_rgb, square_crops
+from ldm_vae.images import ALPHA_BACKGROUND, ImageRejected, check_image, crop_resize, load_rgb, png_bytes, square_crops
 
 CAP = 10_000_000
 
@@ -63,9 +64,45 @@ def test_exif_orientation_is_applied():
     ],
 )
 def test_bad_bytes_are_rejected_with_reason(data, reason):
-    with pytest.raises(ImageRejected) as e:
-        load_rgb(data, CAP)
-    assert e.value.reason == reason
+    for judge in (load_rgb, check_image):  # download's reduced-size check rejects exactly the same
+        with pytest.raises(ImageRejected) as e:
+            judge(data, CAP)
+        assert e.value.reason == reason
+
+
+def _verdict(judge, data, **kw):
+    try:
+        out = judge(data, CAP, **kw)
+        return out.size if isinstance(out, Image.Image) else out
+    except ImageRejected as e:
+        return e.reason
+
+
+def test_the_reduced_size_check_gives_the_full_decodes_verdict_and_size():
+    """download judges with check_image (a JPEG decoded at 1/8 scale), prepare decodes with
+    load_rgb: every image download keeps must decode in prepare, at the size the manifest says.
+    A JPEG cut anywhere in its entropy stream, EXIF turns, CMYK, progressive, too small."""
+    big = photo(640, 480, seed=3)
+    exif = big.getexif()
+    exif[0x0112] = 6
+    cases = [image_bytes(big, "JPEG"), image_bytes(big, "JPEG", exif=exif), image_bytes(big.convert("CMYK"), "JPEG"),
+             image_bytes(big, "JPEG", progressive=True), image_bytes(photo(96, 20), "JPEG"), image_bytes(big, "PNG")]
+    full = cases[0]
+    cases += [full[:n] for n in (700, len(full) // 3, len(full) // 2, len(full) - 200, len(full) - 3)]
+    for data in cases:
+        assert _verdict(check_image, data, min_size=32) == _verdict(load_rgb, data, min_size=32)
+    assert _verdict(check_image, cases[1]) == (480, 640)
+    assert [_verdict(check_image, c) for c in cases[-5:]] == ["truncated"] * 5
+
+
+@pytest.mark.parametrize("size", [(256, 256), (1, 1), (7, 3), (333, 17)])
+def test_prepared_pngs_decode_to_the_same_pixels(size):
+    arr = np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    arr[: size[1] // 2] = arr[0, 0]  # flat rows too: the Sub filter's zero runs
+    data = png_bytes(Image.fromarray(arr))
+    with Image.open(io.BytesIO(data)) as back:
+        assert back.format == "PNG" and back.mode == "RGB"
+        assert np.array_equal(np.asarray(back), arr)
 
 
 def test_pixel_cap_and_min_size():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..files import atomic_path
-from ..images import ImageRejected, image_ext, load_rgb
+from ..images import ImageRejected, check_image, image_ext
 from ..samples import RAW
 from ..runner import Unit, code_hash, iter_records, resolve_workers, run_units, tick
 from ..shards import ShardWriter, tar_members
@@ -114,11 +114,11 @@ def judge(cfg: DataConfig, item, by_sha: dict[str, str]) -> dict:
     if sha in by_sha:
         return _rejection(item.key, item.source, "duplicate", f"same bytes as {by_sha[sha]}")
     try:
-        img = load_rgb(item.data, cfg.max_pixels, cfg.min_size)
+        width, height = check_image(item.data, cfg.max_pixels, cfg.min_size)
     except ImageRejected as e:
         return _rejection(item.key, item.source, e.reason, e.detail)
     by_sha[sha] = item.key
-    row = {"key": item.key, "sha256": sha, "width": img.width, "height": img.height, "source": item.source}
+    row = {"key": item.key, "sha256": sha, "width": width, "height": height, "source": item.source}
     if item.caption is not None:
         row["caption"] = item.caption
     if item.label is not None:

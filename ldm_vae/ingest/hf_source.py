@@ -22,13 +22,13 @@ from typing import Iterator
 
 from .. import s3 as store
 from ..runner import Unit
-from .items import SourceItem, fingerprint, safe_key
+from .items import SourceItem, fingerprint, safe_key, unit_size
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
 def plan_hf(cfg) -> list[Unit]:
-    """Units of one split: a memory-mapped dataset in row ranges of ``cfg.unit_images`` (keys
+    """Units of one split: a memory-mapped dataset in row ranges of ``data.unit_images`` (keys
     ``<split>-<row>``); a streamed one by its own shards (data files), one unit each (keys
     ``<split>-<row>`` with one shard, ``<split>-<shard>-<row in shard>`` with several). With
     ``data.max_images``, a streamed set takes an equal share of rows from each of its shards."""
@@ -44,10 +44,11 @@ def plan_hf(cfg) -> list[Unit]:
     if isinstance(ds, datasets.Dataset):
         rows = min(len(ds), cfg.max_images) if cfg.max_images else len(ds)
         base["fingerprint"] = getattr(ds, "_fingerprint", "")
-        return [Unit(f"u{n:05d}", {**base, "rows": [lo, min(lo + cfg.unit_images, rows)]},
-                     ("hf", lo, min(lo + cfg.unit_images, rows)), min(cfg.unit_images, rows - lo),
-                     f"{about} rows {lo}-{min(lo + cfg.unit_images, rows) - 1}")
-                for n, lo in enumerate(range(0, rows, cfg.unit_images))]
+        size = unit_size(cfg.unit_images, rows)
+        return [Unit(f"u{n:05d}", {**base, "rows": [lo, min(lo + size, rows)]},
+                     ("hf", lo, min(lo + size, rows)), min(size, rows - lo),
+                     f"{about} rows {lo}-{min(lo + size, rows) - 1}")
+                for n, lo in enumerate(range(0, rows, size))]
     shards = max(1, ds.n_shards)
     units = []
     for i in range(shards):

@@ -28,6 +28,27 @@ class SourceItem:
     final_url: str | None = None  # urls: where the redirects ended, when not at ``source``
 
 
+# data.unit_images: auto. Sizes double from 125 to 4,000, so that a unit of one size is two units
+# of the size below (an S3 listing merges its units as it grows, s3_source.py).
+UNIT_LADDER = (125, 250, 500, 1000, 2000, 4000)
+MIN_UNITS = 64  # auto cuts a source into at least this many units while the units are above 125
+
+
+def unit_size(setting: str, items: int) -> int:
+    """Source items per unit: the number ``data.unit_images`` gives, or for ``auto`` the largest
+    size of UNIT_LADDER that still cuts ``items`` into MIN_UNITS units (125 below 16,000 items).
+
+    A function of the item count alone, never of the process count, so outputs stay the same on
+    any machine; a set of 2,000 is 16 units, enough for every core of a 16-core machine, while
+    ImageNet's 1.28 M are 320 units of 4,000 (a unit's fixed costs stay small). The size changes
+    only where the count crosses 64 x a ladder size (16,000, 32,000, 64,000, 128,000, 256,000
+    items): adding images across one of those redoes every unit once."""
+    if setting != "auto":
+        return int(setting)
+    fits = [size for size in UNIT_LADDER if items >= MIN_UNITS * size]
+    return fits[-1] if fits else UNIT_LADDER[0]
+
+
 def chunks(items: list, size: int) -> list[list]:
     return [items[i: i + size] for i in range(0, len(items), size)]
 

@@ -8,7 +8,8 @@ fingerprint, so a listing of any length is never held, and objects changed betwe
 reading fail the unit instead of mixing two listings. A changed object changes only its own
 unit's fingerprint: a re-run (``dvc repro -f -s download``) reads that unit again, keeps the rest.
 
-A unit is ``data.unit_images`` images in key order. As with a folder, adding objects before the
+A unit is ``data.unit_images`` images in key order (auto: merged in pairs as the listing grows,
+see :func:`plan_s3`). As with a folder, adding objects before the
 end shifts the slices after them (those units are read again), editing objects does not.
 
 An object the store refuses alone (404: deleted since listing, 403: a policy) is that image's
@@ -29,7 +30,7 @@ from typing import Iterator
 
 from .. import s3 as store
 from ..runner import Unit
-from .items import IMAGE_EXTENSIONS, SourceItem, folder_key, ordered_map, unique_key
+from .items import IMAGE_EXTENSIONS, UNIT_LADDER, SourceItem, folder_key, ordered_map, unique_key, unit_size
 
 
 def listing_root(url: str) -> str:
@@ -39,11 +40,19 @@ def listing_root(url: str) -> str:
 
 
 def plan_s3(cfg) -> list[Unit]:
-    """Units of ``cfg.unit_images`` images in key order (at most ``cfg.max_images`` in all)."""
+    """Units of ``data.unit_images`` images in key order (at most ``cfg.max_images`` in all).
+
+    ``auto`` (:func:`~ldm_vae.ingest.items.unit_size`) needs the count, which only the end of the
+    listing tells: the planner cuts the listing into units of the smallest size as it streams and
+    merges neighbours in pairs whenever the count so far allows the next size (the sizes double),
+    so it holds at most about 2 x MIN_UNITS summaries however long the listing is."""
     root = listing_root(cfg.source)
     s3 = _client(cfg)
-    units: list[Unit] = []
-    cur = _Summary("")
+    auto = cfg.unit_images == "auto"
+    leaf = UNIT_LADDER[0] if auto else int(cfg.unit_images)  # rows per fingerprinted leaf
+    size = leaf  # rows per unit so far
+    done: list[_Summary] = []
+    cur = _Summary("", leaf)
     total = 0
     with _DiskSeen() as seen:
         for obj in _images(store.iter_objects(s3, root), root):
@@ -51,13 +60,17 @@ def plan_s3(cfg) -> list[Unit]:
             key = unique_key(folder_key(rel), rel, seen)
             cur.add(key, obj, folder_key(rel))
             total += 1
-            if cur.count == cfg.unit_images:
-                units.append(cur.unit(len(units), root))
-                cur = _Summary(obj["Key"])
+            if cur.count == size:
+                done.append(cur)
+                cur = _Summary(obj["Key"], leaf)
+                if auto and unit_size("auto", total) > size:  # the count allows the next size
+                    size *= 2
+                    done = [a.merge(b) for a, b in zip(done[0::2], done[1::2])]
             if cfg.max_images and total >= cfg.max_images:
                 break
     if cur.count:
-        units.append(cur.unit(len(units), root))
+        done.append(cur)
+    units = [summary.unit(n, root) for n, summary in enumerate(done)]
     if not units:
         raise store.StoreError(f"{root}: no image objects under this prefix (extensions "
                                f"{', '.join(sorted(IMAGE_EXTENSIONS))}): an empty dataset is not a success")
@@ -67,15 +80,18 @@ def plan_s3(cfg) -> list[Unit]:
 def iter_s3_unit(cfg, task) -> Iterator[SourceItem]:
     """The SourceItems of one planned unit, in key order, read on ``cfg.download_workers``
     threads; fails the unit if its slice of the listing is no longer what was planned."""
-    _, root, after, count, renamed, planned = task
+    _, root, after, count, renamed, planned, leaf = task
     s3 = _client(cfg)
     bucket, _ = store.split_url(root)
-    check = hashlib.sha256()
     objs = list(itertools.islice(_images(store.iter_objects(s3, root, start_after=after), root), count))
-    for i, obj in enumerate(objs):
-        obj["key"] = renamed.get(str(i)) or folder_key(obj["rel"])
-        check.update(_row(obj["key"], obj))
-    if len(objs) != count or check.hexdigest()[:16] != planned:
+    leaves = bytearray()
+    for start in range(0, len(objs), leaf):
+        check = hashlib.sha256()
+        for i, obj in enumerate(objs[start: start + leaf], start):
+            obj["key"] = renamed.get(str(i)) or folder_key(obj["rel"])
+            check.update(_row(obj["key"], obj))
+        leaves += check.digest()
+    if len(objs) != count or hashlib.sha256(leaves).hexdigest()[:16] != planned:
         where = f"s3://{bucket}/{after}" if after else "the start of the prefix"
         raise store.StoreError(f"{root}: the objects after {where} changed since the stage planned "
                                "(listing, ETags or sizes): run the stage again")
@@ -124,11 +140,14 @@ def _row(key: str, obj: dict) -> bytes:
 
 
 class _Summary:
-    """What a unit keeps of its slice of the listing while the planner streams past it."""
+    """What a unit keeps of its slice of the listing while the planner streams past it: its
+    fingerprint is the hash of its leaves' digests (``leaf`` rows each), so two neighbours merge
+    into one unit without their rows."""
 
-    def __init__(self, after: str):
-        self.after, self.count, self.renamed = after, 0, {}
-        self.hash = hashlib.sha256()
+    def __init__(self, after: str, leaf: int):
+        self.after, self.leaf, self.count, self.renamed = after, leaf, 0, {}
+        self.leaves = bytearray()  # 32 bytes per finished leaf
+        self.hash = hashlib.sha256()  # the leaf being filled
         self.first = ""
 
     def add(self, key: str, obj: dict, plain: str) -> None:
@@ -137,12 +156,24 @@ class _Summary:
         self.first = self.first or obj["rel"]
         self.hash.update(_row(key, obj))
         self.count += 1
+        if self.count % self.leaf == 0:
+            self.leaves += self.hash.digest()
+            self.hash = hashlib.sha256()
+
+    def merge(self, other: "_Summary") -> "_Summary":
+        """This unit and the next as one (this one's leaves are all full)."""
+        self.renamed.update({str(int(i) + self.count): k for i, k in other.renamed.items()})
+        self.count += other.count
+        self.leaves += other.leaves
+        self.hash = other.hash
+        return self
 
     def unit(self, n: int, root: str) -> Unit:
-        digest = self.hash.hexdigest()[:16]
+        leaves = self.leaves + (self.hash.digest() if self.count % self.leaf else b"")
+        digest = hashlib.sha256(leaves).hexdigest()[:16]
         ident = {"kind": "s3", "root": root, "after": self.after, "count": self.count, "objects": digest}
-        return Unit(f"u{n:05d}", ident, ("s3", root, self.after, self.count, self.renamed, digest), self.count,
-                    f"{root}{self.first} and {self.count - 1} objects after it")
+        return Unit(f"u{n:05d}", ident, ("s3", root, self.after, self.count, self.renamed, digest, self.leaf),
+                    self.count, f"{root}{self.first} and {self.count - 1} objects after it")
 
 
 class _DiskSeen:

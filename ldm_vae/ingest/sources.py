@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..runner import Unit
-from .items import IMAGE_EXTENSIONS, SourceItem, chunks, fingerprint, folder_key, unique_key
+from .items import IMAGE_EXTENSIONS, SourceItem, chunks, fingerprint, folder_key, unique_key, unit_size
 
 # Photographs that ship inside installed packages: (package, path inside it, key). Synthetic
 # test patterns, documents and the right half of the motorcycle stereo pair (near-identical to
@@ -42,7 +42,7 @@ BUILTIN_PHOTOS = [
 
 
 def plan_source(cfg) -> list[Unit]:
-    """The source's items cut into units of ``cfg.unit_images`` (an hf streaming set: its own
+    """The source's items cut into units of ``data.unit_images`` (:func:`unit_size`; an hf streaming set: its own
     shards), in source order. Only rank 0 plans; workers read a unit with :func:`iter_unit`.
 
     A unit's ident fingerprints what it would read (paths with sizes and mtimes, URL rows, the
@@ -65,7 +65,7 @@ def plan_source(cfg) -> list[Unit]:
         files = files[: cfg.max_images]
     root = str(Path(target).resolve()) if kind == "folder" else None
     units = []
-    for n, chunk in enumerate(chunks(files, cfg.unit_images)):
+    for n, chunk in enumerate(chunks(files, unit_size(cfg.unit_images, len(files)))):
         ident = {"kind": kind, "files": fingerprint([f[:3] + _stat(f[1]) for f in chunk])}
         units.append(Unit(f"u{n:05d}", ident, ("files", root, chunk), len(chunk), f"{kind} items {chunk[0][2]} ..."))
     return units

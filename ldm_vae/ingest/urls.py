@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from .. import s3 as store
 from ..runner import Unit
-from .items import SourceItem, chunks, fingerprint, folder_key, ordered_map, unique_key
+from .items import SourceItem, chunks, fingerprint, folder_key, ordered_map, unique_key, unit_size
 
 RETRY_STATUS = {429, 500, 502, 503, 504}  # and any other 5xx
 CHUNK = 1 << 16
@@ -96,7 +96,7 @@ def url_key(url: str) -> str:
 
 
 def plan_urls(cfg) -> list[Unit]:
-    """The list cut into units of ``cfg.unit_images`` rows. A key seen earlier in the list is
+    """The list cut into units of ``data.unit_images`` rows (:func:`unit_size`). A key seen earlier in the list is
     marked here, once for the whole list, so the choice does not depend on the units."""
     rows = read_url_list(cfg.source_target, cfg.s3_endpoint)
     if cfg.max_images:
@@ -106,9 +106,10 @@ def plan_urls(cfg) -> list[Unit]:
     for row in rows:
         marked.append((row, f"duplicate_url: key {row.key} appears earlier in the list" if row.key in seen else None))
         seen.add(row.key)
+    size = unit_size(cfg.unit_images, len(marked))
     return [Unit(f"u{n:05d}", {"kind": "urls", "rows": fingerprint([(dataclasses.astuple(r), e) for r, e in chunk])},
-                 ("urls", chunk), len(chunk), f"URL list rows {n * cfg.unit_images}-{n * cfg.unit_images + len(chunk) - 1}")
-            for n, chunk in enumerate(chunks(marked, cfg.unit_images))]
+                 ("urls", chunk), len(chunk), f"URL list rows {n * size}-{n * size + len(chunk) - 1}")
+            for n, chunk in enumerate(chunks(marked, size))]
 
 
 def iter_url_rows(cfg, rows: list[tuple[UrlRow, str | None]], skip: set[str] = frozenset()) -> Iterator[SourceItem]:

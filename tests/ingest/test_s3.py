@@ -70,6 +70,25 @@ def test_a_changed_object_redoes_only_its_unit(photos, s3_env, s3_server, tmp_pa
     assert raw_images(out)["sub_img5"] == new
 
 
+def test_auto_units_merge_as_the_listing_grows(photos, s3_env, tmp_path, monkeypatch):
+    """unit_images: auto on a bucket: the planner cannot know the count before the listing ends, so
+    it merges its smallest units in pairs as the count grows; the units are then the folder's, and
+    each unit's fingerprint (over its leaves) still checks when the worker lists its slice again."""
+    from ldm_vae.ingest import items, s3_source
+
+    for module in (items, s3_source):  # a ladder small enough for 12 photos: 1, 2, 4 images
+        monkeypatch.setattr(module, "UNIT_LADDER", (1, 2, 4))
+    monkeypatch.setattr(items, "MIN_UNITS", 2)
+    rows, shards = {}, {}
+    for name, source in (("folder", f"folder:{photos}"), ("s3", "s3://photos/set")):
+        cfg = make_params(data={"source": source, "num_workers": "1"}).data
+        run_download(cfg, tmp_path / name)
+        rows[name] = [(r["key"], r["sha256"], r["shard"]) for r in read_manifest(tmp_path / name)]
+        shards[name] = sorted(p.name for p in (tmp_path / name / "shards").glob("*.tar"))
+    assert rows["s3"] == rows["folder"] and shards["s3"] == shards["folder"]
+    assert shards["s3"] == [f"raw-u{n:05d}-00000.tar" for n in range(3)]  # 10 images: units of 4, 4, 2
+
+
 def test_a_parquet_url_list_on_s3(s3_env, s3_server, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
