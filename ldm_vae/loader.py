@@ -41,19 +41,17 @@ config's scaling/shift factors, or not at all.
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 
 from .epochs import (EpochPlan, EpochShuffle, EpochState, epoch_slices, expand_shards, read_slices, shard_counts,
                      shard_shapes)
 from .s3 import load_json
-from .samples import LATENT
+from .latent_batches import Collate, ToRaw, packed, size_ids, tensors, unpack
 from .shards import ShardError, tar_samples
 
 NORMALIZE = ("channel", "vae", "none")
@@ -95,32 +93,14 @@ def _normalizer(normalize: str, stats, vae_config, inverse: bool = False) -> _Af
 
 
 class _ToItem:
-    """A stored sample -> {latent [C, h, w] float32, key, caption, label, time_ids [6]}
-    (picklable, as above)."""
+    """A stored sample -> {latent [C, h, w] float32, key, caption, label, time_ids [6]}, as one
+    item of :func:`latent_dataset` (picklable, as above)."""
 
     def __init__(self, sample_posterior: bool, flip: bool, norm: _Affine):
-        self.sample_posterior, self.flip, self.norm = sample_posterior, flip, norm
+        self.raw, self.collate = ToRaw(sample_posterior, flip), Collate(sample_posterior, norm)
 
     def __call__(self, sample: dict) -> dict:
-        suffix = ""
-        if self.flip and "mean_flip.npy" in sample and random.random() < 0.5:
-            suffix = "_flip"
-        mean = torch.from_numpy(LATENT.get(sample, f"mean{suffix}").astype(np.float32))
-        z = mean
-        if self.sample_posterior:
-            std = torch.from_numpy(LATENT.get(sample, f"std{suffix}").astype(np.float32))
-            z = torch.addcmul(mean, std, torch.randn_like(std))  # mean + std * eps, one pass
-        label = LATENT.get(sample, "label", -1)
-        if not isinstance(label, int):
-            raise ValueError(f"latent sample {sample['__key__']!r}: label {label!r} is text; the loader returns "
-                             "class indices, so the source's label column must hold integers")
-        item = {"latent": self.norm(z), "key": sample["__key__"], "caption": LATENT.get(sample, "caption", ""),
-                "label": label}
-        item["time_ids"] = time_ids(LATENT.get(sample, "meta") if "json" in sample else {}, mean.shape)
-        return item
-
-
-SIZE_FIELDS = ("original_size", "crop_top_left", "target_size")
+        return {k: v[0] for k, v in tensors(self.collate([self.raw(sample)])).items()}
 
 
 def time_ids(meta: dict, latent_shape) -> torch.Tensor:
@@ -128,10 +108,7 @@ def time_ids(meta: dict, latent_shape) -> torch.Tensor:
     left), target_size (h, w), the order of diffusers' ``add_time_ids``. A shard written without
     them (an older prepare) gets SDXL's neutral values: the stored size, crop (0, 0). One tensor,
     not three: per sample this is on the loader's hot path."""
-    if all(f in meta for f in SIZE_FIELDS):
-        return torch.tensor(meta["original_size"] + meta["crop_top_left"] + meta["target_size"])
-    h, w = 8 * latent_shape[-2], 8 * latent_shape[-1]
-    return torch.tensor([h, w, 0, 0, h, w])
+    return torch.from_numpy(size_ids(meta, latent_shape))
 
 
 def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, normalize: str = "channel",
@@ -144,25 +121,50 @@ def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, 
     """
     urls = expand_shards(shards)
     to_item = _ToItem(sample_posterior, flip, _normalizer(normalize, stats, vae_config))
+    return _pipeline(urls, [wds.map(to_item)], shuffle, resampled, seed, stats, counts)
+
+
+def _pipeline(urls: list[str], tail: list, shuffle: int, resampled: bool, seed: int, stats, counts) -> wds.DataPipeline:
+    """Samples in epoch order (or resampled), through a shuffle buffer, then the ``tail`` stages."""
     if resampled:
-        return wds.DataPipeline(*_resampled(urls, shuffle, seed, to_item))
+        return wds.DataPipeline(*_resampled(urls, shuffle, seed), *tail)
     plan = EpochPlan(urls, shard_counts(urls, stats, counts), seed)
     stages = [plan, read_slices]
     if shuffle:
         stages.append(EpochShuffle(shuffle, seed, plan))
-    stages.append(wds.map(to_item))
-    pipeline = wds.DataPipeline(*stages)
+    pipeline = wds.DataPipeline(*stages, *tail)
     pipeline.set_epoch = plan.set_epoch
     return pipeline
 
 
-def _resampled(urls: list[str], shuffle: int, seed: int, to_item) -> list:
+def _resampled(urls: list[str], shuffle: int, seed: int) -> list:
     """The stages of resampled mode: shards drawn at random forever (seeded per rank and worker by
-    webdataset), their samples, a shuffle buffer, the items."""
+    webdataset), their samples, a shuffle buffer."""
     stages = [wds.ResampledShards(urls, seed=seed, deterministic=True), tar_samples]
     if shuffle:
         stages.append(wds.shuffle(shuffle, seed=seed))
-    return stages + [wds.map(to_item)]
+    return stages
+
+
+class _Batched:
+    """Raw items -> batches of ``batch_size`` (the last one partial unless ``drop_last``), collated
+    in the process that reads them and handed on as :func:`~ldm_vae.latent_batches.packed` says."""
+
+    def __init__(self, collate: Collate, batch_size: int, drop_last: bool):
+        self.collate, self.batch_size, self.drop_last = collate, batch_size, drop_last
+
+    def __call__(self, raws):
+        return packed(self._batches(raws))
+
+    def _batches(self, raws):
+        group: list[dict] = []
+        for raw in raws:
+            group.append(raw)
+            if len(group) == self.batch_size:
+                yield self.collate(group)
+                group = []
+        if group and not self.drop_last:
+            yield self.collate(group)
 
 
 class BucketBatches(EpochState, torch.utils.data.IterableDataset):
@@ -170,14 +172,14 @@ class BucketBatches(EpochState, torch.utils.data.IterableDataset):
     each, the same number on every rank (see the module's docstring)."""
 
     def __init__(self, urls: list[str], counts: list[int], shapes: list[tuple], batch_sizes: dict[tuple, int],
-                 to_item, shuffle: int, seed: int, drop_last: bool):
+                 to_raw: ToRaw, collate: Collate, shuffle: int, seed: int, drop_last: bool):
         super().__init__()
         self.groups: dict[tuple, tuple[list[str], list[int]]] = {}
         for url, n, shape in zip(urls, counts, shapes):
             g = self.groups.setdefault(shape, ([], []))
             g[0].append(url)
             g[1].append(n)
-        self.batch_sizes, self.to_item, self.shuffle = batch_sizes, to_item, shuffle
+        self.batch_sizes, self.to_raw, self.collate, self.shuffle = batch_sizes, to_raw, collate, shuffle
         self.batch_size = max(batch_sizes.values())
         self.seed, self.drop_last = seed, drop_last
 
@@ -195,26 +197,30 @@ class BucketBatches(EpochState, torch.utils.data.IterableDataset):
         if self.shuffle:
             stream = wds.shuffle(self.shuffle, seed=f"{self.seed}:{self.epoch}:{where[0]}:{where[2]}")(stream)
         try:
-            yield from bucket_batches(map(self.to_item, stream), self.batch_sizes, self.batch_size, self.drop_last)
+            yield from packed(bucket_batches(map(self.to_raw, stream), self.batch_sizes, self.batch_size,
+                                             self.drop_last, self.collate))
         finally:
             for reader in readers.values():
                 reader.close()
 
 
-def bucket_batches(items, batch_sizes: dict[tuple, int], default: int, drop_last: bool = False):
-    """Items (dicts with a ``latent`` [C, h, w]) -> collated batches of one latent shape each: a
-    batch as soon as a shape has ``batch_sizes[shape]`` items (``default`` for a shape not listed);
-    the partial ones at the end (in shape order) unless ``drop_last``."""
+def bucket_batches(items, batch_sizes: dict[tuple, int], default: int, drop_last: bool = False, collate=None):
+    """Items (dicts with a ``latent`` [C, h, w]; with ``collate``, raw items with a ``mean``) ->
+    collated batches of one latent shape each: a batch as soon as a shape has
+    ``batch_sizes[shape]`` items (``default`` for a shape not listed); the partial ones at the end
+    (in shape order) unless ``drop_last``."""
+    field = "latent" if collate is None else "mean"
+    collate = collate or torch.utils.data.default_collate
     pending: dict[tuple, list[dict]] = {}
     for item in items:
-        shape = tuple(item["latent"].shape)
+        shape = tuple(item[field].shape)
         group = pending.setdefault(shape, [])
         group.append(item)
         if len(group) >= batch_sizes.get(shape, default):
-            yield torch.utils.data.default_collate(pending.pop(shape))
+            yield collate(pending.pop(shape))
     if not drop_last:
         for shape in sorted(pending):
-            yield torch.utils.data.default_collate(pending[shape])
+            yield collate(pending[shape])
 
 
 BUCKET_BATCH = ("samples", "pixels")
@@ -242,7 +248,8 @@ class LatentLoader(torch.utils.data.DataLoader):
 
     def __iter__(self):
         try:
-            yield from super().__iter__()
+            for item in super().__iter__():
+                yield from unpack(item)  # a worker's pack of batches (latent_batches.py)
         except ShardError as e:
             raise ShardError(f"damaged shard {_shard_problem(e)}; {ShardError.HINT}") from e
 
@@ -268,11 +275,24 @@ def latent_loader(shards, batch_size: int, num_workers: int = 2, drop_last: bool
     if len({x for x in shapes if x is not None}) > 1:
         dataset = bucket_dataset(urls, batch_size=batch_size, drop_last=drop_last, bucket_batch=bucket_batch,
                                  shapes=shapes, **kwargs)
-        return LatentLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
-    return LatentLoader(
-        latent_dataset(urls, **kwargs), batch_size=batch_size, num_workers=num_workers,
-        persistent_workers=num_workers > 0, drop_last=drop_last,
-    )
+    else:
+        dataset = _batch_dataset(urls, batch_size, drop_last, **kwargs)
+    # Batches come collated from the dataset (latent_batches.py), so the loader passes them on as they are.
+    return LatentLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                        collate_fn=_as_is)
+
+
+def _as_is(batch):
+    return batch
+
+
+def _batch_dataset(urls: list[str], batch_size: int, drop_last: bool, *, sample_posterior: bool = True,
+                   flip: bool = True, normalize: str = "channel", stats=None, vae_config=None, shuffle: int = 1000,
+                   resampled: bool = False, seed: int = 0, counts: dict[str, int] | None = None) -> wds.DataPipeline:
+    """:func:`latent_dataset`'s items, in batches: what the loader's workers run for one latent shape."""
+    collate = Collate(sample_posterior, _normalizer(normalize, stats, vae_config))
+    return _pipeline(urls, [wds.map(ToRaw(sample_posterior, flip)), _Batched(collate, batch_size, drop_last)],
+                     shuffle, resampled, seed, stats, counts)
 
 
 def bucket_dataset(shards, *, batch_size: int, drop_last: bool = False, bucket_batch: str = "samples",
@@ -289,11 +309,22 @@ def bucket_dataset(shards, *, batch_size: int, drop_last: bool = False, bucket_b
         raise ValueError(f"{unknown[0]}: the latent shape of its samples is unknown: pass stats= (stats.json lists "
                          "each shard's shape); with several shapes every batch must hold one")
     sizes = bucket_batch_sizes(shapes, batch_size, bucket_batch)
-    to_item = _ToItem(sample_posterior, flip, _normalizer(normalize, stats, vae_config))
+    to_raw, collate = ToRaw(sample_posterior, flip), Collate(sample_posterior, _normalizer(normalize, stats, vae_config))
     if resampled:
-        return wds.DataPipeline(*_resampled(urls, shuffle, seed, to_item), functools.partial(
-            bucket_batches, batch_sizes=sizes, default=batch_size, drop_last=drop_last))
-    return BucketBatches(urls, shard_counts(urls, stats, counts), shapes, sizes, to_item, shuffle, seed, drop_last)
+        return wds.DataPipeline(*_resampled(urls, shuffle, seed), wds.map(to_raw), _ResampledBuckets(
+            collate, sizes, batch_size, drop_last))
+    return BucketBatches(urls, shard_counts(urls, stats, counts), shapes, sizes, to_raw, collate, shuffle, seed,
+                         drop_last)
+
+
+class _ResampledBuckets:
+    """Resampled mode's stage: raw items -> one-shape batches (picklable, unlike a lambda)."""
+
+    def __init__(self, collate: Collate, sizes: dict[tuple, int], default: int, drop_last: bool):
+        self.collate, self.sizes, self.default, self.drop_last = collate, sizes, default, drop_last
+
+    def __call__(self, raws):
+        return packed(bucket_batches(raws, self.sizes, self.default, self.drop_last, self.collate))
 
 
 @torch.no_grad()

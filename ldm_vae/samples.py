@@ -157,9 +157,9 @@ def npy_load(data: bytes) -> np.ndarray:
             if arr.dtype.hasobject or arr.dtype.byteorder not in ("=", "|", "<") or len(_NPY_HEADERS) >= 64:
                 return arr  # a set has a few distinct headers: a crafted shard cannot grow the cache
             order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-            _NPY_HEADERS[key] = (arr.dtype, arr.shape, start, order)
-        dtype, shape, offset, order = _NPY_HEADERS[key]
-        return np.frombuffer(data, dtype=dtype, offset=offset, count=int(np.prod(shape))).reshape(shape, order=order)
+            _NPY_HEADERS[key] = (arr.dtype, arr.shape, start, order, arr.size)
+        dtype, shape, offset, order, count = _NPY_HEADERS[key]
+        return np.frombuffer(data, dtype=dtype, offset=offset, count=count).reshape(shape, order=order)
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 

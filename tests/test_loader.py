@@ -26,6 +26,42 @@ def test_loader_with_workers_sees_every_sample_once_per_epoch(latents):
     assert len(keys) == stats["splits"]["train"]["count"] == len(set(keys))
 
 
+def test_workers_hand_over_packs_that_become_the_same_batches(latents, monkeypatch):
+    """A worker sends up to 16 batches at once (latent_batches.py); the trainer still gets batches
+    of batch_size, each worker's in its order, with the latents a loader without workers gives."""
+    from ldm_vae import latent_batches
+
+    monkeypatch.setattr(latent_batches, "PACK_BATCHES", 2)  # the workers fork: they see it too
+    out, stats = latents
+    kw = dict(batch_size=2, stats=out / "stats.json", shuffle=0, sample_posterior=False, flip=False)
+    batches = {w: list(latent_loader(str(out / "train" / "*.tar"), num_workers=w, **kw)) for w in (0, 2)}
+    n = stats["splits"]["train"]["count"]
+    assert n // 2 // 2 > 2  # each worker sends more than one pack
+    two = batches[2]
+    assert sum(len(b["key"]) for b in two) == n and all(len(b["key"]) == 2 for b in two[:-2])
+    assert all(b["latent"].shape[0] == len(b["key"]) == b["label"].shape[0] == b["time_ids"].shape[0] for b in two)
+    z = {k: b["latent"][i] for b in batches[0] for i, k in enumerate(b["key"])}
+    assert all(torch.equal(b["latent"][i], z[k]) for b in two for i, k in enumerate(b["key"]))
+
+
+def test_the_batch_draws_the_noise_each_item_would(latents):
+    """Posterior sampling runs per batch; from one RNG state the numbers equal per-item draws (the
+    denoising probe's figures did not move when the loader went batch-wise)."""
+    import numpy as np
+
+    from ldm_vae.latent_batches import Collate, ToRaw
+    from ldm_vae.shards import iter_samples, shard_paths
+
+    out, _ = latents
+    raws = [ToRaw(True, False)(s) for s in iter_samples(shard_paths(out / "val"))]
+    collate = Collate(True, lambda z: z * 2.0)
+    torch.manual_seed(7)
+    per_item = np.concatenate([collate([r])["latent"] for r in raws])
+    torch.manual_seed(7)
+    batched = collate(raws)["latent"]
+    assert len(raws) > 1 and np.array_equal(per_item, batched)
+
+
 def test_mean_and_channel_normalisation(latents):
     out, stats = latents
     ds = latent_dataset(str(out / "train" / "*.tar"), sample_posterior=False, normalize="channel",

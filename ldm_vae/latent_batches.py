@@ -1,0 +1,130 @@
+"""From stored latent samples to batches, and from a loader worker to the trainer's process: the
+loader's hot path (:mod:`ldm_vae.loader` builds the pipelines around it).
+
+Per sample only what must be: the members parsed, the flip chosen, the label checked
+(:class:`ToRaw`). The arithmetic (float16 to float32, the posterior sample, the normalisation) runs
+once per batch (:class:`Collate`); torch draws a batch's noise as it would draw each item's in
+turn, so the numbers are the ones a per-item loader gives.
+
+A loader worker does not hand batches over one by one. Each handover costs the DataLoader's queue
+round trip and, per tensor, a shared-memory file whose descriptor crosses a socket: about 1.5 ms,
+as much as the worker's work on 15 latents of 4x32x32 (bench/loader.py, BENCHMARKS.md). A worker
+sends *packs* instead: up to PACK_BATCHES consecutive batches, their latents in one tensor (at
+most PACK_BYTES), the small fields as arrays inside the pickle; :func:`unpack`, in the trainer's
+process, cuts a pack back into the same batches, in the same order (views of the one tensor).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from .samples import LATENT
+
+SIZE_FIELDS = ("original_size", "crop_top_left", "target_size")
+PACK_BATCHES = 16
+PACK_BYTES = 16 << 20  # latents per pack: 16 MiB; a batch larger than that travels alone
+
+
+class ToRaw:
+    """A stored sample -> {mean, std (None without posterior sampling): float16 [C, h, w], key,
+    caption, label, time_ids: int64 [6]} (picklable: dataloader workers started by spawn)."""
+
+    def __init__(self, sample_posterior: bool, flip: bool):
+        self.sample_posterior, self.flip = sample_posterior, flip
+
+    def __call__(self, sample: dict) -> dict:
+        suffix = ""
+        if self.flip and "mean_flip.npy" in sample and random.random() < 0.5:
+            suffix = "_flip"
+        mean = LATENT.get(sample, f"mean{suffix}")
+        label = LATENT.get(sample, "label", -1)
+        if not isinstance(label, int):
+            raise ValueError(f"latent sample {sample['__key__']!r}: label {label!r} is text; the loader returns "
+                             "class indices, so the source's label column must hold integers")
+        return {"mean": mean, "std": LATENT.get(sample, f"std{suffix}") if self.sample_posterior else None,
+                "key": sample["__key__"], "caption": LATENT.get(sample, "caption", ""), "label": label,
+                "time_ids": size_ids(LATENT.get(sample, "meta") if "json" in sample else {}, mean.shape)}
+
+
+def size_ids(meta: dict, latent_shape) -> np.ndarray:
+    """SDXL's size conditioning, int64 [6] (see :func:`ldm_vae.loader.time_ids`)."""
+    if all(f in meta for f in SIZE_FIELDS):
+        return np.array(meta["original_size"] + meta["crop_top_left"] + meta["target_size"], np.int64)
+    h, w = 8 * latent_shape[-2], 8 * latent_shape[-1]
+    return np.array([h, w, 0, 0, h, w], np.int64)
+
+
+class Collate:
+    """Raw items of one latent shape -> a batch of arrays {latent float32 [B, C, h, w], key,
+    caption, label int64 [B], time_ids int64 [B, 6]}. ``norm``: z -> normalised z, on tensors."""
+
+    def __init__(self, sample_posterior: bool, norm):
+        self.sample_posterior, self.norm = sample_posterior, norm
+
+    def __call__(self, raws: list[dict]) -> dict:
+        z = torch.from_numpy(np.stack([r["mean"] for r in raws]).astype(np.float32))  # [B, C, h, w]
+        if self.sample_posterior:
+            std = torch.from_numpy(np.stack([r["std"] for r in raws]).astype(np.float32))
+            z = torch.addcmul(z, std, torch.randn_like(std))  # mean + std * eps, one pass
+        return {"latent": self.norm(z).numpy(), "key": [r["key"] for r in raws],
+                "caption": [r["caption"] for r in raws], "label": np.array([r["label"] for r in raws], np.int64),
+                "time_ids": np.stack([r["time_ids"] for r in raws])}
+
+
+def tensors(batch: dict) -> dict:
+    """A batch's arrays as tensors (sharing their memory)."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+class Pack(list):
+    """Consecutive batches from one loader worker: a list of chunks, each a run of batches of one
+    latent shape, concatenated, with ``sizes`` (the batch sizes, in order)."""
+
+
+def packed(batches):
+    """Batches (from :class:`Collate`) as the loader hands them on: tensors, one by one, in the
+    trainer's own process (0 workers); in a loader worker, packs (see the module's docstring)."""
+    if torch.utils.data.get_worker_info() is None:
+        yield from map(tensors, batches)
+        return
+    pack: list[dict] = []
+    nbytes = 0
+    for batch in batches:
+        if pack and (nbytes + batch["latent"].nbytes > PACK_BYTES or len(pack) == PACK_BATCHES):
+            yield _pack(pack)
+            pack, nbytes = [], 0
+        pack.append(batch)
+        nbytes += batch["latent"].nbytes
+    if pack:
+        yield _pack(pack)
+
+
+def _pack(batches: list[dict]) -> Pack:
+    runs: list[list[dict]] = []
+    for b in batches:
+        if runs and runs[-1][0]["latent"].shape[1:] == b["latent"].shape[1:]:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return Pack({"latent": torch.from_numpy(np.concatenate([b["latent"] for b in run])),  # one shared-memory file
+                 "key": [k for b in run for k in b["key"]], "caption": [c for b in run for c in b["caption"]],
+                 "label": np.concatenate([b["label"] for b in run]),
+                 "time_ids": np.concatenate([b["time_ids"] for b in run]),
+                 "sizes": [len(b["key"]) for b in run]} for run in runs)
+
+
+def unpack(item):
+    """What a loader worker sent -> its batches, as tensors, in order."""
+    if not isinstance(item, Pack):
+        yield item
+        return
+    for chunk in item:
+        lo = 0
+        for n in chunk["sizes"]:
+            yield {"latent": chunk["latent"][lo: lo + n], "key": chunk["key"][lo: lo + n],
+                   "caption": chunk["caption"][lo: lo + n], "label": torch.from_numpy(chunk["label"][lo: lo + n]),
+                   "time_ids": torch.from_numpy(chunk["time_ids"][lo: lo + n])}
+            lo += n
