@@ -16,6 +16,7 @@ process, cuts a pack back into the same batches, in the same order (views of the
 
 from __future__ import annotations
 
+import collections
 import random
 
 import numpy as np
@@ -81,47 +82,78 @@ def tensors(batch: dict) -> dict:
 
 class Pack(list):
     """Consecutive batches from one loader worker: a list of chunks, each a run of batches of one
-    latent shape, concatenated, with ``sizes`` (the batch sizes, in order)."""
+    latent shape, concatenated, with ``sizes`` (the batch sizes, in order). ``last``: the worker's
+    final pack of the epoch (possibly empty)."""
+
+    def __init__(self, chunks, worker: int, last: bool):
+        super().__init__(chunks)
+        self.worker, self.last = worker, last
 
 
 def packed(batches):
     """Batches (from :class:`Collate`) as the loader hands them on: tensors, one by one, in the
     trainer's own process (0 workers); in a loader worker, packs (see the module's docstring)."""
-    if torch.utils.data.get_worker_info() is None:
+    info = torch.utils.data.get_worker_info()
+    if info is None:
         yield from map(tensors, batches)
         return
     pack: list[dict] = []
     nbytes = 0
     for batch in batches:
         if pack and (nbytes + batch["latent"].nbytes > PACK_BYTES or len(pack) == PACK_BATCHES):
-            yield _pack(pack)
+            yield _pack(pack, info.id, False)
             pack, nbytes = [], 0
         pack.append(batch)
         nbytes += batch["latent"].nbytes
-    if pack:
-        yield _pack(pack)
+    yield _pack(pack, info.id, True)
 
 
-def _pack(batches: list[dict]) -> Pack:
+def _pack(batches: list[dict], worker: int, last: bool) -> Pack:
     runs: list[list[dict]] = []
     for b in batches:
         if runs and runs[-1][0]["latent"].shape[1:] == b["latent"].shape[1:]:
             runs[-1].append(b)
         else:
             runs.append([b])
-    return Pack({"latent": torch.from_numpy(np.concatenate([b["latent"] for b in run])),  # one shared-memory file
-                 "key": [k for b in run for k in b["key"]], "caption": [c for b in run for c in b["caption"]],
-                 "label": np.concatenate([b["label"] for b in run]),
-                 "time_ids": np.concatenate([b["time_ids"] for b in run]),
-                 "sizes": [len(b["key"]) for b in run]} for run in runs)
+    return Pack([{"latent": torch.from_numpy(np.concatenate([b["latent"] for b in run])),  # one shared-memory file
+                  "key": [k for b in run for k in b["key"]], "caption": [c for b in run for c in b["caption"]],
+                  "label": np.concatenate([b["label"] for b in run]),
+                  "time_ids": np.concatenate([b["time_ids"] for b in run]),
+                  "sizes": [len(b["key"]) for b in run]} for run in runs], worker, last)
 
 
-def unpack(item):
-    """What a loader worker sent -> its batches, as tensors, in order."""
-    if not isinstance(item, Pack):
-        yield item
-        return
-    for chunk in item:
+def unpacked(stream, workers: int):
+    """What a DataLoader over :func:`packed` gives -> batches, as tensors, in the order it would give
+    them one by one: a batch from each worker still running in turn, from worker 0 (a seeded
+    run trains on the same sequence as before packs). 0 workers: the batches as they come."""
+    stream = iter(stream)
+    queues: dict[int, collections.deque] = {w: collections.deque() for w in range(workers)}
+    running = list(range(workers))
+    while running:
+        for w in list(running):
+            while not queues[w] and w in running:
+                item = next(stream, None)
+                if item is None:  # the epoch is over: what the queues hold is all there is
+                    running = [v for v in running if queues[v]]
+                    break
+                if not isinstance(item, Pack):  # 0 workers: plain batches
+                    yield item
+                    continue
+                queues[item.worker].extend(_batches(item))
+                if item.last:
+                    queues[item.worker].append(None)  # the worker's end, in its place
+            if not queues[w]:
+                continue
+            batch = queues[w].popleft()
+            if batch is None:
+                running.remove(w)
+            else:
+                yield batch
+    yield from stream  # 0 workers
+
+
+def _batches(pack: Pack):
+    for chunk in pack:
         lo = 0
         for n in chunk["sizes"]:
             yield {"latent": chunk["latent"][lo: lo + n], "key": chunk["key"][lo: lo + n],

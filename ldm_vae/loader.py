@@ -51,7 +51,7 @@ import webdataset as wds
 from .epochs import (EpochPlan, EpochShuffle, EpochState, epoch_slices, expand_shards, read_slices, shard_counts,
                      shard_shapes)
 from .s3 import load_json
-from .latent_batches import Collate, ToRaw, packed, size_ids, tensors, unpack
+from .latent_batches import Collate, ToRaw, packed, size_ids, tensors, unpacked
 from .shards import ShardError, tar_samples
 
 NORMALIZE = ("channel", "vae", "none")
@@ -163,8 +163,12 @@ class _Batched:
             if len(group) == self.batch_size:
                 yield self.collate(group)
                 group = []
-        if group and not self.drop_last:
-            yield self.collate(group)
+        if group:
+            # Collated even when dropped: its noise is drawn, so the random stream (and what a
+            # seeded run trains on) is the one a per-item loader gave.
+            batch = self.collate(group)
+            if not self.drop_last:
+                yield batch
 
 
 class BucketBatches(EpochState, torch.utils.data.IterableDataset):
@@ -248,8 +252,7 @@ class LatentLoader(torch.utils.data.DataLoader):
 
     def __iter__(self):
         try:
-            for item in super().__iter__():
-                yield from unpack(item)  # a worker's pack of batches (latent_batches.py)
+            yield from unpacked(super().__iter__(), self.num_workers)  # workers' packs (latent_batches.py)
         except ShardError as e:
             raise ShardError(f"damaged shard {_shard_problem(e)}; {ShardError.HINT}") from e
 

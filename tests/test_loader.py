@@ -27,20 +27,25 @@ def test_loader_with_workers_sees_every_sample_once_per_epoch(latents):
 
 
 def test_workers_hand_over_packs_that_become_the_same_batches(latents, monkeypatch):
-    """A worker sends up to 16 batches at once (latent_batches.py); the trainer still gets batches
-    of batch_size, each worker's in its order, with the latents a loader without workers gives."""
+    """A worker sends up to 16 batches at once (latent_batches.py); the trainer still gets the
+    batches a DataLoader gives one at a time, in the same order (one from each worker in turn),
+    with the latents a loader without workers gives."""
     from ldm_vae import latent_batches
 
-    monkeypatch.setattr(latent_batches, "PACK_BATCHES", 2)  # the workers fork: they see it too
     out, stats = latents
     kw = dict(batch_size=2, stats=out / "stats.json", shuffle=0, sample_posterior=False, flip=False)
-    batches = {w: list(latent_loader(str(out / "train" / "*.tar"), num_workers=w, **kw)) for w in (0, 2)}
     n = stats["splits"]["train"]["count"]
+    runs = {}
+    for pack in (1, 2):  # 1: every batch its own handover, as without packs; the workers fork: they see it
+        monkeypatch.setattr(latent_batches, "PACK_BATCHES", pack)
+        runs[pack] = list(latent_loader(str(out / "train" / "*.tar"), num_workers=2, **kw))
     assert n // 2 // 2 > 2  # each worker sends more than one pack
-    two = batches[2]
+    two = runs[2]
+    assert [b["key"] for b in two] == [b["key"] for b in runs[1]]
     assert sum(len(b["key"]) for b in two) == n and all(len(b["key"]) == 2 for b in two[:-2])
     assert all(b["latent"].shape[0] == len(b["key"]) == b["label"].shape[0] == b["time_ids"].shape[0] for b in two)
-    z = {k: b["latent"][i] for b in batches[0] for i, k in enumerate(b["key"])}
+    z = {k: b["latent"][i] for b in latent_loader(str(out / "train" / "*.tar"), num_workers=0, **kw)
+         for i, k in enumerate(b["key"])}
     assert all(torch.equal(b["latent"][i], z[k]) for b in two for i, k in enumerate(b["key"]))
 
 

@@ -1,0 +1,250 @@
+"""The peers' side of bench/peers.py: each job runs in a peer's own venv (litdata, mosaicml-streaming),
+or in the project's for the plain pool and the fast-DiT-style encode, and prints one JSON line.
+
+    <venv>/bin/python bench/peer_jobs.py <job> [args]
+
+It imports nothing from ldm_vae (the peers' venvs do not have it): what a user of that tool would
+write, with the tool's own reader and writer and its best settings for the job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+RES = 256
+
+
+def center_crop_arr(img, size: int = RES):
+    """ADM's center_crop_arr (guided-diffusion, as DiT and fast-DiT use it): BOX halvings, BICUBIC, centre."""
+    from PIL import Image
+
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def crop_png(path: str) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        out = io.BytesIO()
+        center_crop_arr(img.convert("RGB")).save(out, format="PNG", compress_level=1)
+        return out.getvalue()
+
+
+def images(folder: str) -> list[str]:
+    return sorted(str(p) for p in Path(folder).rglob("*.jpg"))
+
+
+# -- folder -> 256 px PNG shards ---------------------------------------------------------------
+
+def _litdata_item(path: str) -> dict:
+    return {"key": Path(path).stem, "png": crop_png(path)}
+
+
+def litdata_optimize(folder: str, out: str, workers: str) -> dict:
+    from litdata import optimize
+
+    t = time.time()
+    optimize(fn=_litdata_item, inputs=images(folder), output_dir=out, num_workers=int(workers), chunk_bytes="64MB",
+             mode="overwrite")
+    return {"seconds": time.time() - t}
+
+
+def _pool_shard(job: tuple[int, list[str], str]) -> int:
+    n, paths, out = job
+    with tarfile.open(Path(out) / f"shard-{n:05d}.tar", "w") as tar:
+        for p in paths:
+            data = crop_png(p)
+            info = tarfile.TarInfo(f"{Path(p).stem}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return len(paths)
+
+
+def pool(folder: str, out: str, workers: str) -> dict:
+    """A plain multiprocessing pool: decode, crop, PNG, one tar per 1,000 images."""
+    from multiprocessing import Pool
+
+    t = time.time()
+    files = images(folder)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    jobs = [(i // 1000, files[i: i + 1000], out) for i in range(0, len(files), 1000)]
+    with Pool(int(workers)) as p:
+        done = sum(p.imap_unordered(_pool_shard, jobs))
+    assert done == len(files)
+    return {"seconds": time.time() - t}
+
+
+# -- latents: converted once, then read back ---------------------------------------------------
+
+def _latent_samples(shards: str):
+    """(key, mean float16 [C, h, w]) of every sample of the project's latent shards, read with tarfile."""
+    import numpy as np
+
+    for shard in sorted(Path(shards).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if m.name.endswith(".mean.npy"):
+                    yield m.name[: -len(".mean.npy")], np.load(io.BytesIO(tar.extractfile(m).read()))
+
+
+def litdata_convert(shards: str, out: str) -> dict:
+    from litdata.streaming.writer import BinaryWriter
+
+    writer = BinaryWriter(out, chunk_bytes="64MB")
+    n = 0
+    for n, (key, mean) in enumerate(_latent_samples(shards)):
+        writer.add_item(n, {"key": key, "mean": mean})
+    writer.done()
+    writer.merge()
+    return {"items": n + 1}
+
+
+def _streaming():
+    """mosaicml-streaming's base package. Its top-level __init__ imports its vision datasets, which
+    import torchvision; PyPI's torchvision does not load beside the CPU torch and none of it is used
+    here, so the package's __init__ is skipped."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("streaming")
+    pkg = types.ModuleType("streaming")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["streaming"] = pkg
+    import streaming.base as base
+
+    return base
+
+
+def mds_convert(shards: str, out: str) -> dict:
+    base = _streaming()
+    n = 0
+    with base.MDSWriter(out=out, columns={"key": "str", "mean": "ndarray"}, size_limit=1 << 26) as w:
+        for n, (key, mean) in enumerate(_latent_samples(shards)):
+            w.write({"key": key, "mean": mean})
+    return {"items": n + 1}
+
+
+class _Latent:
+    """An item -> (latent float32 tensor, key), the work a trainer needs of each tool's item."""
+
+    def __call__(self, item):
+        import torch
+
+        return {"latent": torch.from_numpy(item["mean"].astype("float32")), "key": item["key"]}
+
+
+def _read(dataset, batch: int, workers: int, epochs: int, expected: int) -> dict:
+    import torch
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    rates = []
+    for _ in range(epochs):
+        t, n = time.perf_counter(), 0
+        for b in loader:
+            n += len(b["key"])
+        assert n == expected, (n, expected)
+        rates.append(n / (time.perf_counter() - t))
+    return {"rates": rates}
+
+
+def litdata_read(folder: str, batch: str, workers: str, epochs: str, expected: str) -> dict:
+    from litdata import StreamingDataset
+
+    ds = StreamingDataset(folder, shuffle=True, transform=_Latent())
+    return _read(ds, int(batch), int(workers), int(epochs), int(expected))
+
+
+def mds_read(folder: str, batch: str, workers: str, epochs: str, expected: str) -> dict:
+    base = _streaming()
+
+    class Latents(base.StreamingDataset):  # the loader's workers fork: a local class is fine
+        def get_item(self, sample_id: int, retry: int = 7):
+            return _Latent()(super().get_item(sample_id, retry))
+
+    ds = Latents(local=folder, shuffle=True, batch_size=int(batch))
+    return _read(ds, int(batch), int(workers), int(epochs), int(expected))
+
+
+def wds_read(folder: str, batch: str, workers: str, epochs: str, expected: str) -> dict:
+    """Plain webdataset (the same tars the project writes): its reader, decoder and batching."""
+    import webdataset as wds
+
+    urls = sorted(str(p) for p in Path(folder).glob("*.tar"))
+    ds = (wds.WebDataset(urls, shardshuffle=False, workersplitter=wds.split_by_worker, empty_check=False)
+          .shuffle(1000).decode().map(lambda s: _Latent()({"mean": s["mean.npy"], "key": s["__key__"]})))
+    return _read(ds, int(batch), int(workers), int(epochs), int(expected))
+
+
+def project_read(shards: str, batch: str, workers: str, epochs: str, expected: str, mode: str = "trainer") -> dict:
+    """``latent_loader`` (project venv only): as a trainer uses it (posterior sample, channel
+    normalisation, stats.json) or ``mean``: like for like with the peers (the mean, as stored)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ldm_vae.loader import latent_loader
+
+    kw = ({"stats": f"{shards}/stats.json"} if mode == "trainer"
+          else {"normalize": "none", "sample_posterior": False, "flip": False})
+    loader = latent_loader(f"{shards}/*.tar", batch_size=int(batch), num_workers=int(workers), **kw)
+    rates = []
+    for epoch in range(int(epochs)):
+        loader.set_epoch(epoch)
+        t, n = time.perf_counter(), 0
+        for b in loader:
+            n += len(b["key"])
+        assert n == int(expected), (n, expected)
+        rates.append(n / (time.perf_counter() - t))
+    return {"rates": rates}
+
+
+# -- encode the fast-DiT / LightningDiT way -----------------------------------------------------
+
+def fastdit_encode(folder: str, vae_dir: str, out: str, batch: str, workers: str) -> dict:
+    """fast-DiT's extract_features.py without torchvision: an image-folder dataset with ADM's
+    crop, a DataLoader with workers, ``vae.encode(x).latent_dist.sample()`` per batch, one .npy
+    per sample."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+
+    class Folder(torch.utils.data.Dataset):
+        def __init__(self, files):
+            self.files = files
+
+        def __len__(self):
+            return len(self.files)
+
+        def __getitem__(self, i):
+            from PIL import Image
+
+            with Image.open(self.files[i]) as img:
+                arr = np.asarray(center_crop_arr(img.convert("RGB")), dtype=np.float32)
+            return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0  # [3, H, W] in [-1, 1]
+
+    t = time.time()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    loader = torch.utils.data.DataLoader(Folder(images(folder)), batch_size=int(batch), num_workers=int(workers))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    n = 0
+    with torch.inference_mode():
+        for x in loader:
+            z = vae.encode(x).latent_dist.sample().numpy()  # [B, C, h, w]
+            for zi in z:
+                np.save(os.path.join(out, f"{n}.npy"), zi)
+                n += 1
+    return {"seconds": time.time() - t, "images": n}
+
+
+if __name__ == "__main__":
+    job, *args = sys.argv[1:]
+    print(json.dumps(globals()[job.replace("-", "_")](*args)), flush=True)
