@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 RES = 256
+# Items per LitData chunk / MDS shard: 24 of each for 24,000 latents, so that both loader workers
+# always have chunks to read (one 64 MB chunk held the whole demo set: one worker did everything).
+CHUNK_ITEMS = 1000
 
 
 def center_crop_arr(img, size: int = RES):
@@ -101,7 +104,7 @@ def _latent_samples(shards: str):
 def litdata_convert(shards: str, out: str) -> dict:
     from litdata.streaming.writer import BinaryWriter
 
-    writer = BinaryWriter(out, chunk_bytes="64MB")
+    writer = BinaryWriter(out, chunk_size=CHUNK_ITEMS)
     n = 0
     for n, (key, mean) in enumerate(_latent_samples(shards)):
         writer.add_item(n, {"key": key, "mean": mean})
@@ -128,11 +131,16 @@ def _streaming():
 
 def mds_convert(shards: str, out: str) -> dict:
     base = _streaming()
-    n = 0
-    with base.MDSWriter(out=out, columns={"key": "str", "mean": "ndarray"}, size_limit=1 << 26) as w:
-        for n, (key, mean) in enumerate(_latent_samples(shards)):
+    samples = _latent_samples(shards)
+    key, mean = next(samples)
+    n = 1
+    # MDS cuts shards by bytes: about CHUNK_ITEMS samples each, as for LitData
+    with base.MDSWriter(out=out, columns={"key": "str", "mean": "ndarray"},
+                        size_limit=CHUNK_ITEMS * (mean.nbytes + 64)) as w:
+        w.write({"key": key, "mean": mean})
+        for n, (key, mean) in enumerate(samples, 2):
             w.write({"key": key, "mean": mean})
-    return {"items": n + 1}
+    return {"items": n}
 
 
 class _Latent:

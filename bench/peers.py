@@ -11,7 +11,7 @@ run, sides alternated round by round, every round printed.
 2. ``folder``: the same JPEGs as a folder, to 256 px PNG shards: download + prepare against
    litdata's ``optimize`` (2 workers) and a plain multiprocessing pool that decodes, crops and
    writes tars (bench/peer_jobs.py), both with ADM's crop and Pillow's PNG at level 1.
-3. ``loader``: ``--latents`` 4x32x32 latents (SD's at 256 px) in the project's shards, converted
+3. ``loader``: ``--latents`` 4x32x32 latents (SD's at 256 px; ``--latent-side 8``: the demo's) in the project's shards, converted
    once to LitData's and MosaicML's formats; each read with batch 64 and 2 workers: plain
    webdataset, litdata's StreamingDataset and mosaicml-streaming's StreamingDataset under torch's
    DataLoader (each item made a float32 tensor), against ``latent_loader`` as a trainer uses it
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -161,22 +160,22 @@ def bench_folder(work: Path, folder: Path, images: int, rounds: int) -> None:
             record("folder", side, r, images / secs, "images/s", seconds=round(secs, 1))
 
 
-def latent_set(work: Path, n: int) -> Path:
+def latent_set(work: Path, n: int, side: int) -> Path:
     import numpy as np
     from loader import write_set
 
-    folder = work / f"latents-{n}"
+    folder = work / f"latents-{n}-{side}"
     if not (folder / "stats.json").is_file():
         shutil.rmtree(folder, ignore_errors=True)
-        write_set(folder, [(4, 32, 32)], n, np.random.default_rng(0))
+        write_set(folder, [(4, side, side)], n, np.random.default_rng(0))
         (folder / "stats.json").write_text(json.dumps({"channel_mean": [0.0] * 4, "channel_std": [1.0] * 4}))
     return folder
 
 
-def bench_loader(work: Path, n: int, rounds: int, epochs: int = 4) -> None:
+def bench_loader(work: Path, n: int, side: int, rounds: int, epochs: int = 4) -> None:
     litdata = peer_python(work, "litdata")
-    shards = latent_set(work, n)
-    converted = {"litdata": work / f"latents-{n}-litdata", "mds": work / f"latents-{n}-mds"}
+    shards = latent_set(work, n, side)
+    converted = {"litdata": Path(f"{shards}-litdata"), "mds": Path(f"{shards}-mds")}
     for name, job in (("litdata", "litdata-convert"), ("mds", "mds-convert")):
         if not (converted[name] / ".done").is_file():
             shutil.rmtree(converted[name], ignore_errors=True)
@@ -248,20 +247,20 @@ def main() -> None:
                     default=["urls", "folder", "loader", "encode"])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--latents", type=int, default=24000)
+    ap.add_argument("--latent-side", type=int, default=32, help="latents are 4 x side x side (32: SD at 256 px; 8: the demo)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ldm-vae-peers"))
     args = ap.parse_args()
     from scale import photo_folder
 
     args.work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TQDM_DISABLE", "1")
     folder = photo_folder(args.work / "photos", args.images)
     if "urls" in args.only:
         bench_urls(args.work, folder, args.images, args.rounds)
     if "folder" in args.only:
         bench_folder(args.work, folder, args.images, args.rounds)
     if "loader" in args.only:
-        bench_loader(args.work, args.latents, args.rounds)
+        bench_loader(args.work, args.latents, args.latent_side, args.rounds)
     if "encode" in args.only:
         bench_encode(args.work, folder, args.images, args.rounds)
     summary()
