@@ -44,8 +44,8 @@ def plan_s3(cfg) -> list[Unit]:
 
     ``auto`` (:func:`~ldm_vae.ingest.items.unit_size`) needs the count, which only the end of the
     listing tells: the planner cuts the listing into units of the smallest size as it streams and
-    merges neighbours in pairs whenever the count so far allows the next size (the sizes double),
-    so it holds at most about 2 x MIN_UNITS summaries however long the listing is."""
+    merges neighbours in pairs whenever the count so far allows the next size (the sizes double):
+    at most 2 x MIN_UNITS summaries until units reach the largest size, then one per unit."""
     root = listing_root(cfg.source)
     s3 = _client(cfg)
     auto = cfg.unit_images == "auto"
