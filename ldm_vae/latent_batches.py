@@ -64,15 +64,40 @@ class Collate:
 
     def __init__(self, sample_posterior: bool, norm):
         self.sample_posterior, self.norm = sample_posterior, norm
+        self._scratch: dict[tuple, tuple[np.ndarray, torch.Tensor]] = {}  # shape -> (std, noise) buffers
 
     def __call__(self, raws: list[dict]) -> dict:
-        z = torch.from_numpy(np.stack([r["mean"] for r in raws]).astype(np.float32))  # [B, C, h, w]
+        # One new float32 array per batch, filled from the float16 items as it is converted; the
+        # std and the noise go to buffers kept per shape. Fresh large arrays per batch (8 of them
+        # at first) made two workers no faster than one on 16 MB batches: the kernel zeroing new
+        # pages took this VM's memory bandwidth (bench/loader.py, BENCHMARKS.md).
+        shape = (len(raws), *raws[0]["mean"].shape)  # [B, C, h, w]
+        z = np.empty(shape, np.float32)
+        for i, r in enumerate(raws):
+            z[i] = r["mean"]
+        zt = torch.from_numpy(z)
         if self.sample_posterior:
-            std = torch.from_numpy(np.stack([r["std"] for r in raws]).astype(np.float32))
-            z = torch.addcmul(z, std, torch.randn_like(std))  # mean + std * eps, one pass
-        return {"latent": self.norm(z).numpy(), "key": [r["key"] for r in raws],
+            std, eps = self._buffers(shape)
+            for i, r in enumerate(raws):
+                std[i] = r["std"]
+            torch.randn(shape, out=eps)  # the numbers randn_like would draw
+            zt.addcmul_(torch.from_numpy(std), eps)  # mean + std * eps, in place
+        inplace = getattr(self.norm, "apply_", None)
+        latent = inplace(zt) if inplace else self.norm(zt)
+        return {"latent": latent.numpy(), "key": [r["key"] for r in raws],
                 "caption": [r["caption"] for r in raws], "label": np.array([r["label"] for r in raws], np.int64),
                 "time_ids": np.stack([r["time_ids"] for r in raws])}
+
+
+    def _buffers(self, shape: tuple) -> tuple[np.ndarray, torch.Tensor]:
+        if shape not in self._scratch:
+            if len(self._scratch) >= 8:  # buckets: a few shapes; a last partial batch: one more
+                self._scratch.clear()
+            self._scratch[shape] = (np.empty(shape, np.float32), torch.empty(shape))
+        return self._scratch[shape]
+
+    def __getstate__(self):  # a spawned worker gets no buffers
+        return {**self.__dict__, "_scratch": {}}
 
 
 def tensors(batch: dict) -> dict:
@@ -115,7 +140,8 @@ def _pack(batches: list[dict], worker: int, last: bool) -> Pack:
             runs[-1].append(b)
         else:
             runs.append([b])
-    return Pack([{"latent": torch.from_numpy(np.concatenate([b["latent"] for b in run])),  # one shared-memory file
+    return Pack([{"latent": torch.from_numpy(run[0]["latent"] if len(run) == 1 else  # one shared-memory file
+                                             np.concatenate([b["latent"] for b in run])),
                   "key": [k for b in run for k in b["key"]], "caption": [c for b in run for c in b["caption"]],
                   "label": np.concatenate([b["label"] for b in run]),
                   "time_ids": np.concatenate([b["time_ids"] for b in run]),

@@ -65,10 +65,18 @@ class _Affine:
         self.shift, self.scale, self.inverse = shift, scale, inverse
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.shift, self.scale
-        if isinstance(shift, torch.Tensor):
-            shift, scale = shift.to(z.device), scale.to(z.device)
+        shift, scale = self._factors(z)
         return z / scale + shift if self.inverse else (z - shift) * scale
+
+    def apply_(self, z: torch.Tensor) -> torch.Tensor:
+        """The same, in place (the loader's batches: no new array)."""
+        shift, scale = self._factors(z)
+        return z.div_(scale).add_(shift) if self.inverse else z.sub_(shift).mul_(scale)
+
+    def _factors(self, z: torch.Tensor):
+        if isinstance(self.shift, torch.Tensor):
+            return self.shift.to(z.device), self.scale.to(z.device)
+        return self.shift, self.scale
 
 
 def _normalizer(normalize: str, stats, vae_config, inverse: bool = False) -> _Affine:
