@@ -90,24 +90,39 @@ def pool(folder: str, out: str, workers: str) -> dict:
 
 # -- latents: converted once, then read back ---------------------------------------------------
 
-def _latent_samples(shards: str):
-    """(key, mean float16 [C, h, w]) of every sample of the project's latent shards, read with tarfile."""
+def _latent_samples(shards: str, full: bool = False):
+    """(key, fields) of every sample of the project's latent shards, read with tarfile: ``mean``
+    (float16 [C, h, w]), and with ``full`` everything a trainer uses: ``std``, ``time_ids`` (int64
+    [6], SDXL's size conditioning from the json) and ``caption``."""
     import numpy as np
 
     for shard in sorted(Path(shards).glob("*.tar")):
         with tarfile.open(shard) as tar:
-            for m in tar:
-                if m.name.endswith(".mean.npy"):
-                    yield m.name[: -len(".mean.npy")], np.load(io.BytesIO(tar.extractfile(m).read()))
+            members = {m.name: m for m in tar}
+            for name in members:
+                if not name.endswith(".mean.npy"):
+                    continue
+                key = name[: -len(".mean.npy")]
+
+                def member(ext):
+                    return tar.extractfile(members[f"{key}.{ext}"]).read()
+
+                fields = {"mean": np.load(io.BytesIO(member("mean.npy")))}
+                if full:
+                    meta = json.loads(member("json"))
+                    fields.update(std=np.load(io.BytesIO(member("std.npy"))), caption=member("txt").decode(),
+                                  time_ids=np.array(meta["original_size"] + meta["crop_top_left"] + meta["target_size"],
+                                                    np.int64))
+                yield key, fields
 
 
-def litdata_convert(shards: str, out: str) -> dict:
+def litdata_convert(shards: str, out: str, full: str = "") -> dict:
     from litdata.streaming.writer import BinaryWriter
 
     writer = BinaryWriter(out, chunk_size=CHUNK_ITEMS)
     n = 0
-    for n, (key, mean) in enumerate(_latent_samples(shards)):
-        writer.add_item(n, {"key": key, "mean": mean})
+    for n, (key, fields) in enumerate(_latent_samples(shards, bool(full))):
+        writer.add_item(n, {"key": key, **fields})
     writer.done()
     writer.merge()
     return {"items": n + 1}
@@ -129,17 +144,20 @@ def _streaming():
     return base
 
 
-def mds_convert(shards: str, out: str) -> dict:
+def mds_convert(shards: str, out: str, full: str = "") -> dict:
     base = _streaming()
-    samples = _latent_samples(shards)
-    key, mean = next(samples)
+    samples = _latent_samples(shards, bool(full))
+    key, fields = next(samples)
+    columns = {"key": "str", "mean": "ndarray"}
+    if full:
+        columns.update(std="ndarray", time_ids="ndarray", caption="str")
     n = 1
     # MDS cuts shards by bytes: about CHUNK_ITEMS samples each, as for LitData
-    with base.MDSWriter(out=out, columns={"key": "str", "mean": "ndarray"},
-                        size_limit=CHUNK_ITEMS * (mean.nbytes + 64)) as w:
-        w.write({"key": key, "mean": mean})
-        for n, (key, mean) in enumerate(samples, 2):
-            w.write({"key": key, "mean": mean})
+    item_bytes = sum(v.nbytes for v in fields.values() if hasattr(v, "nbytes")) + 64
+    with base.MDSWriter(out=out, columns=columns, size_limit=CHUNK_ITEMS * item_bytes) as w:
+        w.write({"key": key, **fields})
+        for n, (key, fields) in enumerate(samples, 2):
+            w.write({"key": key, **fields})
     return {"items": n}
 
 
@@ -149,7 +167,28 @@ class _Latent:
     def __call__(self, item):
         import torch
 
-        return {"latent": torch.from_numpy(item["mean"].astype("float32")), "key": item["key"]}
+        return {"latent": torch.from_numpy(item["mean"]).float(), "key": item["key"]}
+
+
+class _Trainer:
+    """An item with every field -> what a latent-diffusion trainer needs of it, as a user of the
+    tool would write it: a sample of the posterior (mean + std * noise), normalised per channel
+    (the stats.json of the set), the caption and the size conditioning."""
+
+    def __init__(self, stats: str):
+        st = json.loads(Path(stats).read_text())
+        self.shift, self.scale = st["channel_mean"], [1.0 / s for s in st["channel_std"]]
+
+    def __call__(self, item):
+        import torch
+
+        if not isinstance(self.shift, torch.Tensor):  # tensors made in the worker that uses them
+            self.shift = torch.tensor(self.shift)[:, None, None]  # [C, 1, 1]
+            self.scale = torch.tensor(self.scale)[:, None, None]
+        mean = torch.from_numpy(item["mean"]).float()  # [C, h, w]
+        z = mean + torch.from_numpy(item["std"]).float() * torch.randn_like(mean)
+        return {"latent": (z - self.shift) * self.scale, "key": item["key"], "caption": item["caption"],
+                "time_ids": torch.from_numpy(item["time_ids"])}
 
 
 def _read(dataset, batch: int, workers: int, epochs: int, expected: int) -> dict:
@@ -167,19 +206,25 @@ def _read(dataset, batch: int, workers: int, epochs: int, expected: int) -> dict
     return {"rates": rates}
 
 
-def litdata_read(folder: str, batch: str, workers: str, epochs: str, expected: str) -> dict:
+def _transform(stats: str):
+    """The per-item work: the mean alone (like for like), or a trainer's (``stats``: the set's stats.json)."""
+    return _Trainer(stats) if stats else _Latent()
+
+
+def litdata_read(folder: str, batch: str, workers: str, epochs: str, expected: str, stats: str = "") -> dict:
     from litdata import StreamingDataset
 
-    ds = StreamingDataset(folder, shuffle=True, transform=_Latent())
+    ds = StreamingDataset(folder, shuffle=True, transform=_transform(stats))
     return _read(ds, int(batch), int(workers), int(epochs), int(expected))
 
 
-def mds_read(folder: str, batch: str, workers: str, epochs: str, expected: str) -> dict:
+def mds_read(folder: str, batch: str, workers: str, epochs: str, expected: str, stats: str = "") -> dict:
     base = _streaming()
+    transform = _transform(stats)
 
     class Latents(base.StreamingDataset):  # the loader's workers fork: a local class is fine
         def get_item(self, sample_id: int, retry: int = 7):
-            return _Latent()(super().get_item(sample_id, retry))
+            return transform(super().get_item(sample_id, retry))
 
     ds = Latents(local=folder, shuffle=True, batch_size=int(batch))
     return _read(ds, int(batch), int(workers), int(epochs), int(expected))

@@ -173,17 +173,25 @@ def latent_set(work: Path, n: int, side: int) -> Path:
 
 
 def bench_loader(work: Path, n: int, side: int, rounds: int, epochs: int = 4) -> None:
+    """The latent loader against each peer's reader, twice: like for like (the mean as stored, the
+    peers' sets hold nothing else) and doing a trainer's work (the peers' sets hold every field the
+    project's do, and a per-item transform samples the posterior and normalises, as a user writes)."""
     litdata = peer_python(work, "litdata")
     shards = latent_set(work, n, side)
-    converted = {"litdata": Path(f"{shards}-litdata"), "mds": Path(f"{shards}-mds")}
+    converted = {}
     for name, job in (("litdata", "litdata-convert"), ("mds", "mds-convert")):
-        if not (converted[name] / ".done").is_file():
-            shutil.rmtree(converted[name], ignore_errors=True)
-            timed([litdata, JOBS, job, str(shards), str(converted[name])])
-            (converted[name] / ".done").write_text("")
+        for full in ("", "full"):
+            folder = converted[name + full] = Path(f"{shards}-{name}{'-full' if full else ''}")
+            if not (folder / ".done").is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                timed([litdata, JOBS, job, str(shards), str(folder), full])
+                (folder / ".done").write_text("")
     args = ["64", "2", str(epochs), str(n)]
-    sides = [("latent_loader", [sys.executable, JOBS, "project-read", str(shards), "64", "2", str(epochs), str(n)]),
+    stats = str(shards / "stats.json")
+    sides = [("latent_loader", [sys.executable, JOBS, "project-read", str(shards), *args]),
              ("latent_loader, 0 workers", [sys.executable, JOBS, "project-read", str(shards), "64", "0", str(epochs), str(n)]),
+             ("litdata, trainer work", [litdata, JOBS, "litdata-read", str(converted["litdatafull"]), *args, stats]),
+             ("mosaicml-streaming, trainer work", [litdata, JOBS, "mds-read", str(converted["mdsfull"]), *args, stats]),
              ("latent_loader, mean only", [sys.executable, JOBS, "project-read", str(shards), *args, "mean"]),
              ("webdataset", [sys.executable, JOBS, "wds-read", str(shards), *args]),
              ("litdata", [litdata, JOBS, "litdata-read", str(converted["litdata"]), *args]),
@@ -224,6 +232,10 @@ def bench_encode(work: Path, folder: Path, images: int, rounds: int) -> None:
             record("encode", side, r, images / secs, "images/s", seconds=round(secs, 1))
 
 
+# The loader's peers that read the mean alone are paired with the project's loader doing the same.
+LIKE_FOR_LIKE = {peer: "latent_loader, mean only" for peer in ("webdataset", "litdata", "mosaicml-streaming")}
+
+
 def summary() -> None:
     print("\n| job | side | median | rounds |\n|---|---|---|---|")
     groups: dict[tuple, list[float]] = {}
@@ -233,8 +245,9 @@ def summary() -> None:
         print(f"| {section} | {side} | {statistics.median(rates):,.0f} {unit} | {', '.join(f'{x:,.0f}' for x in rates)} |")
     for section in dict.fromkeys(r["section"] for r in ROWS):
         mine = [r for r in ROWS if r["section"] == section]
-        base = {"loader": "latent_loader", "encode": "encode stage"}.get(section, "project")
-        for side in dict.fromkeys(r["side"] for r in mine if r["side"] != base):
+        bases = {"loader": "latent_loader", "encode": "encode stage"}.get(section, "project")
+        for side in dict.fromkeys(r["side"] for r in mine if r["side"] != bases):
+            base = LIKE_FOR_LIKE.get(side, bases)
             pairs = [next(x["rate"] for x in mine if x["round"] == r["round"] and x["side"] == base) / r["rate"]
                      for r in mine if r["side"] == side]
             print(f"{section}: {base} / {side}: median {statistics.median(pairs):.2f}x "

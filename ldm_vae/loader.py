@@ -105,7 +105,7 @@ class _ToItem:
     item of :func:`latent_dataset` (picklable, as above)."""
 
     def __init__(self, sample_posterior: bool, flip: bool, norm: _Affine):
-        self.raw, self.collate = ToRaw(sample_posterior, flip), Collate(sample_posterior, norm)
+        self.raw, self.collate = ToRaw(sample_posterior, flip), Collate(sample_posterior, norm, packs=False)
 
     def __call__(self, sample: dict) -> dict:
         return {k: v[0] for k, v in tensors(self.collate([self.raw(sample)])).items()}
@@ -255,12 +255,18 @@ class LatentLoader(torch.utils.data.DataLoader):
     first line, naming the shard and how to find every damaged file (not at the bottom of a worker's
     traceback)."""
 
+    _held: list  # arena blocks of the workers' packs this process still holds (latent_batches.py)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._held = []
+
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
 
     def __iter__(self):
         try:
-            yield from unpacked(super().__iter__(), self.num_workers)  # workers' packs (latent_batches.py)
+            yield from unpacked(super().__iter__(), self.num_workers, self._held)  # workers' packs (latent_batches.py)
         except ShardError as e:
             raise ShardError(f"damaged shard {_shard_problem(e)}; {ShardError.HINT}") from e
 

@@ -49,6 +49,42 @@ def test_workers_hand_over_packs_that_become_the_same_batches(latents, monkeypat
     assert all(torch.equal(b["latent"][i], z[k]) for b in two for i, k in enumerate(b["key"]))
 
 
+def test_reused_worker_memory_never_changes_a_batch_the_trainer_still_holds(latents, monkeypatch, tmp_path):
+    """Workers collate into shared-memory blocks they reuse once the trainer's process has dropped
+    every tensor on one (latent_batches.py). Batches (and a numpy view of one) kept through the
+    epoch keep their values; the blocks dropped are written again, not made anew."""
+    import numpy as np
+
+    from ldm_vae import latent_batches
+
+    out, stats = latents
+    made = tmp_path / "blocks"
+    new_shared = torch.UntypedStorage._new_shared
+
+    def counted(size, *args, **kw):  # the workers fork: they see this, and append to the file
+        with open(made, "a") as f:
+            f.write(f"{size}\n")
+        return new_shared(size, *args, **kw)
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", counted)
+    monkeypatch.setattr(latent_batches, "PACK_BATCHES", 1)  # a block a batch: many blocks
+    loader = latent_loader(str(out / "train" / "*.tar"), batch_size=1, num_workers=2, stats=out / "stats.json",
+                           shuffle=0)
+    kept, seen = [], []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            seen.append(batch["latent"].clone())
+            if len(seen) <= 2:
+                kept.append(batch["latent"])
+            elif len(seen) == 3:
+                kept.append(batch["latent"].numpy())  # the tensor itself dropped: the view must keep the block
+    assert len(seen) == 3 * stats["splits"]["train"]["count"]
+    assert all(np.array_equal(np.asarray(k), seen[i].numpy()) for i, k in enumerate(kept))
+    fresh = [int(x) for x in made.read_text().split()].count(latent_batches.PACK_BYTES)
+    assert fresh <= 2 * latent_batches.POOL_BLOCKS < len(seen)
+
+
 def test_the_batch_draws_the_noise_each_item_would(latents):
     """Posterior sampling runs per batch; from one RNG state the numbers equal per-item draws (the
     denoising probe's figures did not move when the loader went batch-wise)."""
