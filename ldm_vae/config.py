@@ -48,8 +48,20 @@ class ModelConfig:
     # With init_from: export that VAE unchanged (no training): its own config, not the keys
     # above, is the architecture, and its weights and factors reach data/vae byte for byte.
     use_as_is: bool = False
+    # The latent's regulariser: kl (a Gaussian posterior, AutoencoderKL) or vq (a codebook of
+    # codebook_size vectors of code_dim each, diffusers' VQModel; tokens, README: VQ latents).
+    regularizer: str = "kl"
+    codebook_size: int = 1024
+    code_dim: int = 0  # 0: latent_channels
+    codebook_l2: bool = False  # l2-normalised codes and lookup by cosine similarity (ViT-VQGAN, LlamaGen)
 
     def check(self) -> None:
+        check_choice("model.regularizer", self.regularizer, ("kl", "vq"))
+        check_range("model.codebook_size", self.codebook_size, 2, 1 << 20)
+        check_at_least("model.code_dim", self.code_dim, 0)
+        if self.regularizer == "vq" and self.init_from:
+            raise ParamError("model.init_from: a VQ autoencoder (model.regularizer: vq) starts from scratch; "
+                             "init_from loads AutoencoderKL weights only")
         if self.use_as_is and not self.init_from:
             raise ParamError("model.use_as_is: true needs model.init_from (the VAE to use: a folder or a hub id)")
         check_at_least("model.latent_channels", self.latent_channels, 1)
@@ -94,8 +106,20 @@ class LossConfig:
     disc_layers: int = 3
     disc_channels: int = 64
     disc_lr: float = 0.0  # 0: the same as train.lr
+    # model.regularizer: vq. The commitment loss's weight beta (VQ-VAE: 0.25); the codebook follows
+    # its vectors by exponential moving averages (ema, VQ-VAE-2) or by its own loss (loss).
+    vq_beta: float = 0.25
+    codebook_update: str = "ema"
+    codebook_decay: float = 0.99  # ema: the averages' decay per step
+    # A code whose moving-average use falls below this share of the uniform use (N / K of a step's
+    # N vectors) is re-seeded from the step's encoder outputs (0: never): what keeps a codebook used.
+    dead_code_threshold: float = 0.03
 
     def check(self) -> None:
+        check_at_least("loss.vq_beta", self.vq_beta, 0.0)
+        check_choice("loss.codebook_update", self.codebook_update, ("ema", "loss"))
+        check_range("loss.codebook_decay", self.codebook_decay, 0.0, 1.0, open_hi=True)
+        check_at_least("loss.dead_code_threshold", self.dead_code_threshold, 0.0)
         check_choice("loss.rec_loss", self.rec_loss, ("l1", "l2", "log_l2"))
         check_at_least("loss.kl_weight", self.kl_weight, 0.0)
         check_at_least("loss.kl_anneal_steps", self.kl_anneal_steps, 0)
@@ -184,6 +208,7 @@ class EncodeConfig:
     num_processes: str = "auto"  # auto (one per visible GPU, one on CPU) or a number
     flip: bool = False  # also store the horizontally flipped image's mean_flip.npy / std_flip.npy
     dtype: str = "fp32"  # compute dtype: fp32, bf16 or fp16 (GPUs); storage is always float16
+    prequant: bool = False  # VQ: also store prequant.npy, the latent before the snap (LDM's VQ diffusion input)
 
     def check(self) -> None:
         check_at_least("encode.batch_size", self.batch_size, 1)

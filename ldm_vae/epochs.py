@@ -164,6 +164,14 @@ def shard_counts(urls: list[str], stats=None, counts: dict[str, int] | None = No
     return out
 
 
+def _first_shape(sample: dict) -> tuple:
+    """A latent sample's shape: its mean's [C, h, w]; VQ tokens: the json's latent_shape (the codes')."""
+    mean = LATENT.get(sample, "mean")
+    if mean is not None:
+        return tuple(mean.shape)
+    return tuple(LATENT.get(sample, "meta")["latent_shape"])
+
+
 def shard_shapes(urls: list[str], stats=None) -> list[tuple | None]:
     """The latent shape [C, h, w] of each shard's samples: stats.json's ``shard_shapes``, else
     (local files) its first sample's; None where unknown (a URL without stats)."""
@@ -183,5 +191,5 @@ def shard_shapes(urls: list[str], stats=None) -> list[tuple | None]:
             first = next(reader, None)
         finally:
             reader.close()
-        out.append(tuple(LATENT.get(first, "mean").shape) if first is not None else None)
+        out.append(_first_shape(first) if first is not None else None)
     return out

@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 
 from .files import atomic_path
 from .model import LatentMoments
+from .vq import histogram_stats
 
 
 @torch.inference_mode()
@@ -39,5 +40,30 @@ def export_vae(vae: AutoencoderKL, images: torch.Tensor, out: Path, batch_size: 
     return {"scaling_factor": stats["scaling_factor"], "shift_factor": stats["shift_factor"]}
 
 
-def load_vae(vae_dir: Path, device: str | torch.device = "cpu") -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(str(vae_dir)).to(device).eval()
+@torch.inference_mode()
+def export_vq(vae: VQModel, images: torch.Tensor, out: Path, batch_size: int = 64) -> dict:
+    """A VQModel: its quantised latents' spread on ``images`` as ``scaling_factor`` (1 / std: LDM's
+    VQ diffusion scales the same way) and the images' code histogram, then save_pretrained."""
+    device = next(vae.parameters()).device
+    vae.eval()
+    k = vae.config.num_vq_embeddings
+    counts = torch.zeros(k, dtype=torch.float64)
+    moments = LatentMoments(vae.config.vq_embed_dim)
+    for i in range(0, len(images), batch_size):
+        h = vae.encode(images[i : i + batch_size].to(device)).latents  # [B, D, h, w]
+        z, _, (_, _, idx) = vae.quantize(h)  # z: [B, D, h, w]; idx: [B h w]
+        counts += torch.bincount(idx.flatten().cpu(), minlength=k).double()
+        moments.update(z.float().cpu(), torch.zeros_like(z, dtype=torch.float32).cpu())
+    stats = moments.summary()
+    vae.register_to_config(scaling_factor=stats["scaling_factor"])
+    with atomic_path(out) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "latent_stats.json").write_text(json.dumps({**stats, "num_images": len(images),
+                                                           **histogram_stats(counts, k)}, indent=2) + "\n")
+    return {"scaling_factor": stats["scaling_factor"], "shift_factor": 0.0}
+
+
+def load_vae(vae_dir: Path, device: str | torch.device = "cpu") -> AutoencoderKL | VQModel:
+    """The exported autoencoder: an AutoencoderKL, or a VQModel (model.regularizer: vq)."""
+    cls = VQModel if AutoencoderKL.load_config(str(vae_dir)).get("_class_name") == "VQModel" else AutoencoderKL
+    return cls.from_pretrained(str(vae_dir)).to(device).eval()

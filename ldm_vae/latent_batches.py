@@ -46,17 +46,21 @@ class ToRaw:
         try:
             mean = npy_load(sample[f"mean{suffix}.npy"])
             std = npy_load(sample[f"std{suffix}.npy"]) if self.sample_posterior else None
-        except KeyError:
-            LATENT.get(sample, f"mean{suffix}")
-            LATENT.get(sample, f"std{suffix}")  # the missing one raises, naming the sample and member
-            raise
-        label = LATENT.get(sample, "label", -1) if "cls" in sample else -1
-        if not isinstance(label, int):
-            raise ValueError(f"latent sample {sample['__key__']!r}: label {label!r} is text; the loader returns "
-                             "class indices, so the source's label column must hold integers")
-        return {"mean": mean, "std": std, "key": sample["__key__"],
-                "caption": LATENT.get(sample, "caption") if "txt" in sample else "", "label": label,
-                "time_ids": size_ids(json.loads(sample["json"]) if "json" in sample else {}, mean.shape)}
+        except KeyError as e:
+            what = ("it holds VQ tokens: read them with token_loader" if "tokens.npy" in sample
+                    else "a latent shard holds mean.npy and std.npy (encode's output)")
+            raise KeyError(f"latent sample {sample.get('__key__')!r} has no member {e.args[0]!r}: {what}") from None
+        return {"mean": mean, "std": std, **conditioning(sample, mean.shape)}
+
+
+def conditioning(sample: dict, latent_shape) -> dict:
+    """A stored sample's key, caption, label (an int; -1 without) and time_ids int64 [6]."""
+    label = LATENT.get(sample, "label", -1) if "cls" in sample else -1
+    if not isinstance(label, int):
+        raise ValueError(f"latent sample {sample['__key__']!r}: label {label!r} is text; the loader returns "
+                         "class indices, so the source's label column must hold integers")
+    return {"key": sample["__key__"], "caption": LATENT.get(sample, "caption") if "txt" in sample else "",
+            "label": label, "time_ids": size_ids(json.loads(sample["json"]) if "json" in sample else {}, latent_shape)}
 
 
 def size_ids(meta: dict, latent_shape) -> np.ndarray:
@@ -67,10 +71,18 @@ def size_ids(meta: dict, latent_shape) -> np.ndarray:
     return np.array([h, w, 0, 0, h, w], np.int64)
 
 
+def small_fields(raws: list[dict]) -> dict:
+    """A batch's key, caption (lists), label int64 [B] and time_ids int64 [B, 6]."""
+    return {"key": [r["key"] for r in raws], "caption": [r["caption"] for r in raws],
+            "label": np.array([r["label"] for r in raws], np.int64), "time_ids": np.stack([r["time_ids"] for r in raws])}
+
+
 class Collate:
     """Raw items of one latent shape -> a batch {latent: float32 tensor [B, C, h, w], key, caption,
     label: int64 array [B], time_ids: int64 array [B, 6]}. ``norm``: z -> normalised z, on tensors.
     In a loader worker the latent is written straight into shared memory (:class:`_Arena`)."""
+
+    field = "mean"  # the raw item's array, whose shape is the batch's
 
     def __init__(self, sample_posterior: bool, norm, packs: bool = True):
         self.sample_posterior, self.norm = sample_posterior, norm
@@ -94,9 +106,7 @@ class Collate:
             zt.addcmul_(std, eps)  # mean + std * eps, in place
         inplace = getattr(self.norm, "apply_", None)
         latent = inplace(zt) if inplace else self.norm(zt)
-        return {"latent": latent, "key": [r["key"] for r in raws],
-                "caption": [r["caption"] for r in raws], "label": np.array([r["label"] for r in raws], np.int64),
-                "time_ids": np.stack([r["time_ids"] for r in raws])}
+        return {"latent": latent, **small_fields(raws)}
 
     def _buffers(self, shape: tuple) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """float16 items stacked, std and noise (float32): [B, C, h, w] each, kept per shape."""
@@ -108,6 +118,15 @@ class Collate:
 
     def __getstate__(self):  # a spawned worker gets no buffers
         return {**self.__dict__, "_scratch": {}}
+
+
+def _data_key(batch: dict) -> str:
+    """A batch's big tensor: ``latent`` (KL latents) or ``tokens`` (VQ, ldm_vae.token_batches)."""
+    return "latent" if "latent" in batch else "tokens"
+
+
+def data(batch: dict) -> torch.Tensor:
+    return batch[_data_key(batch)]
 
 
 def tensors(batch: dict) -> dict:
@@ -151,15 +170,17 @@ class _Arena:
         self.used = self.batches = 0  # bytes and batches of the current block
         self.limit = 1  # batches of the current block at most
 
-    def alloc(self, shape: tuple) -> torch.Tensor:
-        """A float32 tensor of ``shape``, uninitialised, in the current block or a new one."""
-        nbytes = 4 * int(np.prod(shape))
+    def alloc(self, shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A tensor of ``shape``, uninitialised, in the current block or a new one."""
+        size = torch.empty(0, dtype=dtype).element_size()
+        nbytes = size * int(np.prod(shape))
+        self.used = -(-self.used // size) * size  # aligned for the type
         if self.block is None or self.used + nbytes > self.block.nbytes() or self.batches == self.limit:
             if self.block is not None:
                 self.limit = min(2 * self.limit, PACK_BATCHES)
             self.block = self._take(nbytes)
             self.used = self.batches = 0
-        out = torch.empty(0).set_(self.block, self.used // 4, shape)
+        out = torch.empty(0, dtype=dtype).set_(self.block, self.used // size, shape)
         self.used += nbytes
         self.batches += 1
         return out
@@ -202,7 +223,7 @@ def packed(batches):
     _ARENA.seal(epoch_start=True)  # an epoch's batches never share a block with those sent before it
     pack: list[dict] = []
     for batch in batches:
-        if pack and batch["latent"].untyped_storage().data_ptr() != pack[0]["latent"].untyped_storage().data_ptr():
+        if pack and data(batch).untyped_storage().data_ptr() != data(pack[0]).untyped_storage().data_ptr():
             yield _pack(pack, info.id, False)
             pack = []
         pack.append(batch)
@@ -213,14 +234,15 @@ def packed(batches):
 def _pack(batches: list[dict], worker: int, last: bool) -> Pack:
     runs: list[list[dict]] = []  # batches of one shape, each right after the one before in the block
     for b in batches:
-        prev = runs[-1][-1]["latent"] if runs else None
-        if prev is not None and prev.shape[1:] == b["latent"].shape[1:] and \
-                b["latent"].storage_offset() == prev.storage_offset() + prev.numel():
+        prev = data(runs[-1][-1]) if runs else None
+        if prev is not None and prev.shape[1:] == data(b).shape[1:] and \
+                data(b).storage_offset() == prev.storage_offset() + prev.numel():
             runs[-1].append(b)
         else:
             runs.append([b])
-    block = _ARENA.block_of(batches[0]["latent"]) if batches else -1
-    return Pack([{"latent": _joined([b["latent"] for b in run]),
+    block = _ARENA.block_of(data(batches[0])) if batches else -1
+    key = _data_key(batches[0]) if batches else "latent"
+    return Pack([{key: _joined([data(b) for b in run]),
                   "key": [k for b in run for k in b["key"]], "caption": [c for b in run for c in b["caption"]],
                   "label": np.concatenate([b["label"] for b in run]),
                   "time_ids": np.concatenate([b["time_ids"] for b in run]),
@@ -231,7 +253,7 @@ def _pack(batches: list[dict], worker: int, last: bool) -> Pack:
 def _joined(latents: list[torch.Tensor]) -> torch.Tensor:
     """Consecutive tensors of one block -> one view over them all: [sum B, C, h, w], no copy."""
     first = latents[0]
-    return torch.empty(0).set_(first.untyped_storage(), first.storage_offset(),
+    return torch.empty(0, dtype=first.dtype).set_(first.untyped_storage(), first.storage_offset(),
                                (sum(z.shape[0] for z in latents), *first.shape[1:]))
 
 
@@ -257,7 +279,7 @@ def unpacked(stream, workers: int, held: list | None = None):
                     continue
                 queues[item.worker].extend(_batches(item))
                 if item.block >= 0 and item:
-                    held.append((StorageWeakRef(item[0]["latent"].untyped_storage()), item.free, item.block))
+                    held.append((StorageWeakRef(data(item[0]).untyped_storage()), item.free, item.block))
                 if item.last:
                     queues[item.worker].append(None)  # the worker's end, in its place
                 item = None  # the pack's own reference: not kept while its batches wait
@@ -282,9 +304,9 @@ def _let_go(held: list) -> None:
 
 def _batches(pack: Pack):
     for chunk in pack:
-        lo = 0
+        lo, key = 0, _data_key(chunk)
         for n in chunk["sizes"]:
-            yield {"latent": chunk["latent"][lo: lo + n], "key": chunk["key"][lo: lo + n],
+            yield {key: chunk[key][lo: lo + n], "key": chunk["key"][lo: lo + n],
                    "caption": chunk["caption"][lo: lo + n], "label": torch.from_numpy(chunk["label"][lo: lo + n]),
                    "time_ids": torch.from_numpy(chunk["time_ids"][lo: lo + n])}
             lo += n

@@ -221,14 +221,15 @@ def bucket_batches(items, batch_sizes: dict[tuple, int], default: int, drop_last
     collated batches of one latent shape each: a batch as soon as a shape has
     ``batch_sizes[shape]`` items (``default`` for a shape not listed); the partial ones at the end
     (in shape order) unless ``drop_last``."""
-    field = "latent" if collate is None else "mean"
+    field = "latent" if collate is None else collate.field
     collate = collate or torch.utils.data.default_collate
+    sizes = {tuple(x)[-2:]: n for x, n in batch_sizes.items()}  # by (h, w): tokens have no channel axis
     pending: dict[tuple, list[dict]] = {}
     for item in items:
         shape = tuple(item[field].shape)
         group = pending.setdefault(shape, [])
         group.append(item)
-        if len(group) >= batch_sizes.get(shape, default):
+        if len(group) >= sizes.get(shape[-2:], default):
             yield collate(pending.pop(shape))
     if not drop_last:
         for shape in sorted(pending):
@@ -315,10 +316,12 @@ def _batch_dataset(urls: list[str], batch_size: int, drop_last: bool, *, sample_
 def bucket_dataset(shards, *, batch_size: int, drop_last: bool = False, bucket_batch: str = "samples",
                    shapes: list | None = None, sample_posterior: bool = True, flip: bool = True,
                    normalize: str = "channel", stats=None, vae_config=None, shuffle: int = 1000,
-                   resampled: bool = False, seed: int = 0, counts: dict[str, int] | None = None):
+                   resampled: bool = False, seed: int = 0, counts: dict[str, int] | None = None,
+                   items: tuple | None = None):
     """Batches of one latent shape each (dicts as :func:`latent_dataset`'s items, collated), for
     shards of several shapes: epoch mode (:class:`BucketBatches`) or ``resampled``. ``shapes``:
-    each shard's latent shape (default: :func:`shard_shapes`)."""
+    each shard's latent shape (default: :func:`shard_shapes`). ``items``: (to_raw, collate) other
+    than the latents' (ldm_vae.token_batches)."""
     urls = expand_shards(shards)
     shapes = shapes if shapes is not None else shard_shapes(urls, stats)
     unknown = [u for u, x in zip(urls, shapes) if x is None]
@@ -326,7 +329,8 @@ def bucket_dataset(shards, *, batch_size: int, drop_last: bool = False, bucket_b
         raise ValueError(f"{unknown[0]}: the latent shape of its samples is unknown: pass stats= (stats.json lists "
                          "each shard's shape); with several shapes every batch must hold one")
     sizes = bucket_batch_sizes(shapes, batch_size, bucket_batch)
-    to_raw, collate = ToRaw(sample_posterior, flip), Collate(sample_posterior, _normalizer(normalize, stats, vae_config))
+    to_raw, collate = items or (ToRaw(sample_posterior, flip), Collate(sample_posterior,
+                                                                       _normalizer(normalize, stats, vae_config)))
     if resampled:
         return wds.DataPipeline(*_resampled(urls, shuffle, seed), wds.map(to_raw), _ResampledBuckets(
             collate, sizes, batch_size, drop_last))

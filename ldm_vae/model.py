@@ -4,9 +4,11 @@ latent scale measured on data that makes it usable by a diffusion model."""
 from __future__ import annotations
 
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 from torch import nn
 
 from .config import ModelConfig, ParamError
@@ -17,8 +19,11 @@ DOWNSAMPLING = 8  # 4 blocks, 3 stride-2 downsamplings: the SD "kl-f8" family
 LATENT_LAYERS = ("encoder.conv_out.", "quant_conv.", "post_quant_conv.", "decoder.conv_in.")
 
 
-def build_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
-    """A fresh autoencoder from params or, with ``model.init_from``, one holding those weights."""
+def build_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL | VQModel:
+    """A fresh autoencoder from params or, with ``model.init_from``, one holding those weights;
+    with ``model.regularizer: vq`` a fresh VQModel of the same encoder and decoder."""
+    if cfg.regularizer == "vq":
+        return _fresh_vq(cfg, sample_size)
     vae = _fresh_vae(cfg, sample_size)
     if cfg.init_from:
         where = pretrained_location(cfg.init_from)
@@ -88,6 +93,40 @@ def _fresh_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
     return vae
 
 
+def _fresh_vq(cfg: ModelConfig, sample_size: int) -> VQModel:
+    vq = VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.block_out_channels),
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        num_vq_embeddings=cfg.codebook_size,
+        vq_embed_dim=cfg.code_dim or cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        mid_block_add_attention=cfg.mid_block_attention,
+        sample_size=sample_size,
+        scaling_factor=1.0,
+    )
+    if cfg.codebook_l2:
+        with torch.no_grad():
+            vq.quantize.embedding.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=1))
+    return vq
+
+
+def is_vq(vae) -> bool:
+    return isinstance(vae, VQModel)
+
+
+class VQTerms(NamedTuple):
+    """A VQ forward's regulariser: the VQ loss (commitment, and codebook with loss updates), its
+    logs (codebook use) and the tokens [B, h, w]."""
+    loss: torch.Tensor
+    logs: dict
+    tokens: torch.Tensor
+
+
 class TrainedAutoencoder(nn.Module):
     """What the training loop hands to accelerate: the VAE and the loss's output log-variance.
 
@@ -97,15 +136,26 @@ class TrainedAutoencoder(nn.Module):
     autoencoder's optimizer, synced across ranks and checkpointed with the weights.
     """
 
-    def __init__(self, vae: AutoencoderKL, logvar_init: float = 0.0, learn_logvar: bool = False):
+    def __init__(self, vae: AutoencoderKL | VQModel, logvar_init: float = 0.0, learn_logvar: bool = False,
+                 quantizer: nn.Module | None = None):
         super().__init__()
         self.vae = vae
         self.output_logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
+        self.quantizer = quantizer  # a VQModel's (ldm_vae.vq.Quantizer): the lookup and the codebook's updates
+        if quantizer is not None and quantizer.update == "ema":  # moved by averages, not by the optimizer
+            vae.quantize.embedding.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True, down: bool = False):
-        """x: [B, 3, H, W] in [-1, 1] -> (reconstruction [B, 3, H, W], posterior mean and logvar
-        [B, C, H/8, W/8], and with ``down`` the decoding of the 2x area-downsampled latent
-        [B, 3, H/2, W/2], else None: the scale-equivariance term's, in this forward for DDP)."""
+        """x: [B, 3, H, W] in [-1, 1] -> (reconstruction [B, 3, H, W], the latent's parameters:
+        the posterior mean and logvar [B, C, H/8, W/8], or for a VQModel the pre-quantisation latent
+        [B, D, H/8, W/8] and its :class:`VQTerms`; and with ``down`` the decoding of the 2x
+        area-downsampled latent [B, 3, H/2, W/2], else None: the scale-equivariance term's, in
+        this forward for DDP)."""
+        if self.quantizer is not None:
+            h = self.vae.encode(x).latents  # [B, D, h, w], after quant_conv
+            z, tokens, loss, logs = self.quantizer(h, self.vae.quantize.embedding.weight)
+            rec_down = self.vae.decode(F.avg_pool2d(z, 2), force_not_quantize=True).sample if down else None
+            return self.vae.decode(z, force_not_quantize=True).sample, h, VQTerms(loss, logs, tokens), rec_down
         posterior = self.vae.encode(x).latent_dist
         z = posterior.sample() if sample_posterior else posterior.mean
         rec_down = self.vae.decode(F.avg_pool2d(z, 2)).sample if down else None
@@ -115,6 +165,14 @@ class TrainedAutoencoder(nn.Module):
     def last_layer(self) -> torch.Tensor:
         """The decoder's last weight, where the adaptive GAN weight compares gradient norms."""
         return self.vae.decoder.conv_out.weight
+
+
+def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
+    """x [B, 3, H, W] in [-1, 1] -> the reconstruction: a KL VAE's from the posterior mean, a
+    VQModel's from the nearest codes."""
+    if is_vq(vae):
+        return vae(x).sample
+    return vae(x, sample_posterior=False).sample
 
 
 class LatentMoments:

@@ -171,6 +171,8 @@ def run_probe(latents: Path, out: Path, cfg: ProbeConfig) -> dict:
     headline), details.json, denoise.csv and denoise.png under ``out``; return the details."""
     stats_path = latents / "stats.json"
     stats = json.loads(stats_path.read_text())
+    if stats.get("regularizer") == "vq":
+        return _not_for_tokens(out)
     train, val = expand_shards(str(latents / "train" / "*.tar")), expand_shards(str(latents / "val" / "*.tar"))
     if not train or not val:
         raise ValueError(f"{latents}: the probe needs train and val latent shards")
@@ -189,6 +191,27 @@ def run_probe(latents: Path, out: Path, cfg: ProbeConfig) -> dict:
     # What `dvc metrics show` prints beside evaluate's headline (evaluation.HEADLINE): one number.
     atomic_write(out / "metrics.json", json.dumps({"denoise": round(m["denoise_loss"], 4)}, indent=2) + "\n")
     m["seconds"] = time.perf_counter() - start  # printed, not stored: it differs run to run
+    return m
+
+
+NOT_FOR_TOKENS = ("not applicable: the latents are VQ tokens, and the probe denoises continuous latents (a token "
+                  "model's loss on them is the measure: README, VQ latents)")
+
+
+def _not_for_tokens(out: Path) -> dict:
+    """The stage's outputs for token latents: what the probe is not, said in each (no number)."""
+    out.mkdir(parents=True, exist_ok=True)
+    m = {"denoise_loss": None, "denoise_probe": NOT_FOR_TOKENS, "denoise_levels": {}}
+    with open(out / "denoise.csv", "w", newline="") as f:
+        csv.writer(f).writerow(["log_snr", "relative", "v_mse", "baseline_v_mse"])
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8.4, 1.6))
+    ax.axis("off")
+    ax.text(0.5, 0.5, "denoising probe: " + NOT_FOR_TOKENS.replace(", and ", ",\nand "), ha="center", va="center",
+            fontsize=9, wrap=True)
+    save_figure(fig, out / "denoise.png")
+    atomic_write(out / "details.json", json.dumps(m, indent=2) + "\n")
+    atomic_write(out / "metrics.json", json.dumps({"denoise": None}, indent=2) + "\n")
     return m
 
 

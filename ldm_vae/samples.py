@@ -37,8 +37,10 @@ class Field:
 class Kind:
     """A shard kind's sample: its members (name -> :class:`Field`) and its json's fields."""
 
-    def __init__(self, name: str, where: str, fields: dict[str, Field], meta: dict[str, Field] | None = None):
+    def __init__(self, name: str, where: str, fields: dict[str, Field], meta: dict[str, Field] | None = None,
+                 one_of: tuple[tuple[str, ...], ...] = ()):
         self.name, self.where, self.fields, self.meta = name, where, fields, meta or {}
+        self.one_of = one_of  # groups of optional fields: a sample holds every field of exactly one
         self._by_ext = {f.ext: n for n, f in fields.items() if f.type != "image"}
 
     def build(self, key: str, fmt: str | None = None, **values) -> dict:
@@ -49,6 +51,9 @@ class Kind:
         missing = sorted(n for n, f in self.fields.items() if f.required and n not in values)
         if unknown or missing:
             raise ValueError(f"{self.name} sample {key!r}: unknown fields {unknown}, missing fields {missing}")
+        if self.one_of and [all(n in values for n in g) for g in self.one_of].count(True) != 1:
+            raise ValueError(f"{self.name} sample {key!r}: needs exactly one of "
+                             f"{' or '.join('+'.join(g) for g in self.one_of)}; got {sorted(values)}")
         sample = {"__key__": key}
         for name, value in values.items():
             field = self.fields[name]
@@ -68,10 +73,18 @@ class Kind:
         for ext in exts:
             if ext in sample:
                 return _DECODE[field.type](sample[ext])
-        if field.required:
+        if field.required or self._needed(sample, name):
             raise KeyError(f"{self.name} sample {sample.get('__key__')!r} has no {name} "
                            f"(member {' or '.join('.' + e for e in exts)})")
         return default
+
+    def _needed(self, sample: dict, name: str) -> bool:
+        """A field of a ``one_of`` group is needed unless the sample holds another group whole."""
+        for group in self.one_of:
+            if name in group:
+                others = [g for g in self.one_of if g is not group]
+                return not any(all(self.fields[n].ext in sample for n in g) for g in others)
+        return False
 
     def read(self, sample: dict) -> dict:
         """Every field the sample holds, decoded; ValueError for a member this kind does not have."""
@@ -83,7 +96,11 @@ class Kind:
 
     def describe(self) -> str:
         """The kind as markdown tables (docs/design.md holds the same)."""
-        lines = [f"**{self.name}** ({self.where})", "", "| member | type | always | meaning |", "|---|---|---|---|"]
+        lines = [f"**{self.name}** ({self.where})", ""]
+        if self.one_of:
+            groups = [" + ".join(f"`{self.fields[n].ext}`" for n in g) for g in self.one_of]
+            lines += [f"A sample holds {' or '.join(groups)}.", ""]
+        lines += ["| member | type | always | meaning |", "|---|---|---|---|"]
         for f in self.fields.values():
             ext = "|".join(f.exts) if f.type == "image" else f.ext
             lines.append(f"| `{ext}` | {f.type} | {'yes' if f.required else 'no'} | {f.meaning} |")
@@ -96,6 +113,7 @@ class Kind:
         ok = {"image": lambda v: isinstance(v, bytes), "text": lambda v: isinstance(v, str),
               "label": _is_label,
               "npy": lambda v: isinstance(v, np.ndarray) and v.dtype == np.float16 and v.ndim == 3,
+              "tokens": lambda v: isinstance(v, np.ndarray) and v.dtype.kind == "u" and v.ndim == 2,
               "json": lambda v: isinstance(v, dict)}[field.type](value)
         if not ok:
             raise ValueError(f"{self.name} sample {key!r}: field {name} must be {field.type}, got {type(value).__name__}"
@@ -103,7 +121,7 @@ class Kind:
         if field.type == "json":
             self._check_meta(key, value)
             return json.dumps(value, sort_keys=True).encode()
-        if field.type == "npy":
+        if field.type in ("npy", "tokens"):
             return npy_bytes(value)
         return value if field.type == "image" else str(value).encode()
 
@@ -163,7 +181,7 @@ def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-_DECODE = {"image": bytes, "npy": npy_load, "json": json.loads, "text": lambda b: bytes(b).decode("utf-8"),
+_DECODE = {"image": bytes, "npy": npy_load, "tokens": npy_load, "json": json.loads, "text": lambda b: bytes(b).decode("utf-8"),
            "label": _label}
 
 _CAPTION = Field("txt", "text", "the caption, UTF-8 (sources with a caption column)", required=False)
@@ -205,15 +223,24 @@ PREPARED = Kind("prepared", "data/prepared/{train,val}/<split>-u<unit>[-<W>x<H>]
 
 _LATENT_SHAPE = "[C, H/8, W/8]"
 LATENT = Kind("latent", "data/latents/{train,val}/<split>-r<rank>-s<input>-<n>.tar, written by encode", {
-    "mean": Field("mean.npy", "npy", f"float16 {_LATENT_SHAPE}: the posterior's mean, raw (not scaled or shifted)"),
-    "std": Field("std.npy", "npy", f"float16 {_LATENT_SHAPE}: the posterior's standard deviation"),
+    "mean": Field("mean.npy", "npy", f"KL: float16 {_LATENT_SHAPE}: the posterior's mean, raw (not scaled or shifted)",
+                  required=False),
+    "std": Field("std.npy", "npy", f"KL: float16 {_LATENT_SHAPE}: the posterior's standard deviation", required=False),
     "mean_flip": Field("mean_flip.npy", "npy", "as mean, of the image flipped left-right (encode.flip)",
                        required=False),
     "std_flip": Field("std_flip.npy", "npy", "as std, of the flipped image (encode.flip)", required=False),
+    "tokens": Field("tokens.npy", "tokens", "VQ: the code indices [H/8, W/8], the smallest unsigned integer type that "
+                    "holds codebook_size - 1 (uint8, uint16, uint32)", required=False),
+    "tokens_flip": Field("tokens_flip.npy", "tokens", "as tokens, of the flipped image (encode.flip)", required=False),
+    "prequant": Field("prequant.npy", "npy", f"VQ with encode.prequant: float16 [D, H/8, W/8], the encoder's output "
+                      "before the snap to codes (what LDM's VQ diffusion trains on; the decoder quantises)",
+                      required=False),
     "meta": Field("json", "json", "the prepared sample's json, plus latent_shape"),
     "caption": _CAPTION,
     "label": _LABEL,
-}, {**_PREPARED_META, "latent_shape": Field("latent_shape", "ints", f"{_LATENT_SHAPE} of mean and std")})
+}, {**_PREPARED_META, "latent_shape": Field("latent_shape", "ints", f"{_LATENT_SHAPE} of mean and std; VQ: [D, H/8, "
+                                            "W/8] of the codes the tokens stand for")},
+    one_of=(("mean", "std"), ("tokens",)))
 
 KINDS = (RAW, PREPARED, LATENT)
 

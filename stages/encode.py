@@ -52,6 +52,9 @@ def main() -> None:
     counts = ", ".join(f"{s} {v['count']}" for s, v in stats["splits"].items())
     print(f"encode: {counts} latents of shape {stats['latent_shape']}; "
           f"train latent mean {stats['mean']:.4f} std {stats['std']:.4f}")
+    if stats["regularizer"] == "vq":
+        print(f"  tokens: {stats['codes_used']} of {stats['codebook_size']} codes used on train, perplexity "
+              f"{stats['perplexity']:.1f}, {stats['entropy_bits_per_token']:.2f} of {stats['bits_per_token']:.0f} bits a token")
     if stats["batch_fill"] is not None:
         print(f"  encode batches {100 * stats['batch_fill']:.0f}% full on average (each input shard ends in a "
               "partial one)")

@@ -43,9 +43,12 @@ def main() -> None:
         sys.exit(f"evaluate: {e}")
     stats = json.loads((args.latents / "stats.json").read_text())
     m = run_evaluate(vae, args.latents / "val", args.prepared / "val", args.out, params.evaluate, stats, references)
+    health = (f"{m['codes_used']} of {m['codebook_size']} codes used (perplexity {m['codebook_perplexity']:.1f}"
+              f"{', COLLAPSED' if m['collapsed_codebook'] else ''}), {m['rate_bpp']:.4f} bits per pixel"
+              if "codebook_size" in m else f"{m['collapsed_channels']} of {m['latent_channels']} channels collapsed")
     print(f"evaluate: {m['num_images']} images, PSNR {m['psnr']:.2f} dB (resize baseline {m['psnr_bicubic']:.2f}), "
           f"SSIM {m['ssim']:.4f} (baseline {m['ssim_bicubic']:.4f}); fp16 storage costs "
-          f"{m['psnr_fp16_cost']:.3f} dB; {m['collapsed_channels']} of {m['latent_channels']} channels collapsed")
+          f"{m['psnr_fp16_cost']:.3f} dB; {health}")
     for name in references:
         print(f"evaluate: reference {name} ({m[f'latent_channels_{name}']} channels, "
               f"{m[f'compression_ratio_{name}']:.0f}:1): PSNR {m[f'psnr_{name}']:.2f} dB, SSIM {m[f'ssim_{name}']:.4f}")

@@ -26,6 +26,9 @@ def main() -> None:
         m = run_probe(args.latents, args.out, params.probe)
     except (OSError, ValueError) as e:
         sys.exit(f"probe: {e}")
+    if m["denoise_loss"] is None:
+        print(f"probe: {m['denoise_probe']}")
+        return
     per_level = ", ".join(f"{lam:+g}: {loss:.3f}" for lam, loss in denoise_levels(m))
     print(f"probe: denoising loss {m['denoise_loss']:.4f} (1.0: no structure found; per log-SNR {per_level}); "
           f"{m['probe_steps']} steps x {m['probe_batch_size']}, {m['probe_parameters'] / 1e6:.2f}M parameters, "

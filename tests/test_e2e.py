@@ -352,3 +352,63 @@ def test_local_inputs_are_tracked_by_content(repo, tmp_path):
     assert stages_run(run(["dvc", "repro", "evaluate"], dst, env)) == {"evaluate"}
     overwrite(init)
     assert stages_run(run(["dvc", "repro", "evaluate"], dst, env)) == {"train", "encode", "evaluate"}
+
+
+def test_a_vq_run_through_dvc_repro(repo):
+    """model.regularizer: vq: train, encode (tokens, with prequant), evaluate and the probe re-run;
+    the tokens are in range, each sample once; decoding the stored tokens with diffusers' VQModel
+    alone gives the evaluate stage's PSNR; the probe says it does not apply; the token loader
+    gives every sample once."""
+    import torch
+    import webdataset as wds
+    from diffusers import VQModel
+    from PIL import Image
+
+    from ldm_vae.metrics import psnr
+
+    dst, env = repo
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["model"].update(init_from="", regularizer="vq", codebook_size=64)
+    params["evaluate"]["references"] = []
+    params["encode"]["prequant"] = True
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], dst, env)
+    assert stages_run(out) == {"train", "encode", "evaluate", "probe"}
+    assert "tokens:" in out and "codes used" in out and "not applicable" in out
+
+    stats = json.loads((dst / "data/latents/stats.json").read_text())
+    assert stats["regularizer"] == "vq" and stats["codebook_size"] == 64 and sum(stats["code_histogram"]) > 0
+    keys, decoded = {}, {}
+    vq = VQModel.from_pretrained(dst / "data/vae").eval()  # diffusers alone
+    for split in ("train", "val"):
+        urls = sorted(map(str, (dst / f"data/latents/{split}").glob("*.tar")))
+        for s in wds.WebDataset(urls, shardshuffle=False):
+            tokens = np.load(__import__("io").BytesIO(s["tokens.npy"]))
+            assert tokens.dtype == np.uint8 and tokens.shape == (4, 4) and int(tokens.max()) < 64
+            assert np.load(__import__("io").BytesIO(s["prequant.npy"])).shape == (4, 4, 4)
+            keys.setdefault(split, []).append(s["__key__"])
+            if split == "val":
+                idx = torch.from_numpy(tokens.astype(np.int64)).flatten()
+                codes = vq.quantize.embedding.weight[idx].view(1, 4, 4, -1).permute(0, 3, 1, 2)
+                with torch.no_grad():
+                    decoded[s["__key__"]] = ((vq.decode(codes, force_not_quantize=True).sample.clamp(-1, 1) + 1) / 2)[0]
+        assert len(keys[split]) == len(set(keys[split])) == stats["splits"][split]["count"]
+    scores = []
+    for s in wds.WebDataset(sorted(map(str, (dst / "data/prepared/val").glob("*.tar"))), shardshuffle=False):
+        ref = torch.from_numpy(np.asarray(Image.open(__import__("io").BytesIO(s["png"])).convert("RGB")).copy())
+        scores.append(float(psnr(decoded[s["__key__"]][None], ref.permute(2, 0, 1)[None].float() / 255)[0]))
+    details = json.loads((dst / "data/eval/details.json").read_text())
+    assert abs(np.mean(scores) - details["psnr"]) < 1e-3
+    assert details["codebook_size"] == 64 and 0 < details["codebook_usage"] <= 1 and details["rate_bpp"] == 6 / 64
+    assert "not applicable" in details["denoise_probe"]
+    assert json.loads((dst / "data/probe/metrics.json").read_text()) == {"denoise": None}
+    assert "usage" in run(["dvc", "metrics", "show"], dst, env)
+
+    from ldm_vae.token_batches import token_loader
+
+    loader = token_loader(str(dst / "data/latents/train/*.tar"), batch_size=4, num_workers=2,
+                          stats=dst / "data/latents/stats.json")
+    got = [k for b in loader for k in b["key"]]
+    assert sorted(got) == sorted(keys["train"])
+    batch = next(iter(loader))
+    assert batch["tokens"].dtype == torch.long and batch["tokens"].shape[1:] == (4, 4)

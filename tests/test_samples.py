@@ -105,10 +105,14 @@ def test_what_download_prepare_and_encode_write_is_exactly_their_kind(tmp_path, 
         assert fields["meta"]["key"] == s["__key__"] and len(fields["meta"]["crop_box"]) == 4
     # The latent writer's own sample function, on a real prepared sample: the json carried over.
     mean = torch.randn(2, 4, 8, 8).to(torch.float16)
-    latent = latent_sample(prepared[0], {"": (mean[0], mean[1])}, [4, 8, 8])
+    latent = latent_sample(prepared[0], {"": {"mean": mean[0].numpy(), "std": mean[1].numpy()}}, [4, 8, 8])
     back = LATENT.read(next(iter_samples([_one_shard(tmp_path / "lat", latent)])))
     assert back["meta"] == {**PREPARED.get(prepared[0], "meta"), "latent_shape": [4, 8, 8]}
-    assert np.array_equal(back["mean"], mean[0].numpy())
+    assert np.array_equal(back["mean"], mean[0].numpy()) and "tokens" not in back
+    tokens = np.arange(16, dtype=np.uint16).reshape(4, 4)  # a VQ latent: tokens, no mean or std
+    vq = latent_sample(prepared[0], {"": {"tokens": tokens}}, [4, 4, 4])
+    back = LATENT.read(next(iter_samples([_one_shard(tmp_path / "vq", vq)])))
+    assert back["tokens"].dtype == np.uint16 and np.array_equal(back["tokens"], tokens) and "mean" not in back
 
 
 def _one_shard(folder: Path, sample: dict) -> str:

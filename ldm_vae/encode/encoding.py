@@ -27,12 +27,13 @@ from diffusers import AutoencoderKL
 
 from ..config import EncodeConfig
 from .latents import SPLITS, encode_shard, vae_fingerprint
-from ..model import LatentMoments
+from ..model import LatentMoments, is_vq
+from ..vq import histogram_stats
 from ..files import atomic_write
 from ..runner import Unit, check_launcher, code_hash, cpu_share, group, iter_records, run_units, tick
 from ..shards import shard_keys, shard_paths
 
-CODE = ("encode/encoding", "encode/latents", "data", "samples", "images", "shards", "model", "runner")
+CODE = ("encode/encoding", "encode/latents", "data", "samples", "images", "shards", "model", "vq", "runner")
 
 
 class CoverageError(RuntimeError):
@@ -131,7 +132,9 @@ def _task_vae(vae_dir, fingerprint: str) -> AutoencoderKL:
 
 
 def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fingerprint: str) -> dict:
-    stats = {"channels": vae.config.latent_channels, "splits": {}, "vae_fingerprint": fingerprint}
+    vq = is_vq(vae)
+    channels = vae.config.vq_embed_dim if vq else vae.config.latent_channels
+    stats = {"channels": channels, "regularizer": "vq" if vq else "kl", "splits": {}, "vae_fingerprint": fingerprint}
     records = list(iter_records(out, units))
     for split in SPLITS:
         mine = [r for r in records if r["split"] == split]
@@ -149,17 +152,21 @@ def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fi
             per_shape = Counter({tuple(shapes[n]): counts[str(out / n)] for n in shards})
             stats["latent_shape"] = list(per_shape.most_common(1)[0][0]) if per_shape else None
         if split == "train":
-            moments = LatentMoments(vae.config.latent_channels)
+            moments = LatentMoments(channels)
             for r in mine:
                 moments.merge(LatentMoments.from_state(r["moments"]))
             summary = moments.summary()
             stats.update({k: summary[k] for k in ("channel_mean", "channel_std", "mean", "std",
                                                    "shift_factor", "scaling_factor")})
+            if vq:  # the train split's code histogram (a token model's unigram prior) and its use
+                k = vae.config.num_vq_embeddings
+                counts = [sum(c) for c in zip(*(r["histogram"] for r in mine))] if mine else [0] * k
+                stats.update({**histogram_stats(counts, k), "code_histogram": counts})
     # How full the encode batches were: each input shard (one bucket) ends in a partial batch.
     slots = sum(r["batches"] * r["batch_size"] for r in records if "batches" in r)
     stats["batch_fill"] = round(sum(r["count"] for r in records if "batches" in r) / slots, 4) if slots else None
     stats["vae_scaling_factor"] = vae.config.scaling_factor
-    stats["vae_shift_factor"] = vae.config.shift_factor
+    stats["vae_shift_factor"] = vae.config.get("shift_factor")
     atomic_write(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats
 

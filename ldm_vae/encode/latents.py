@@ -23,19 +23,21 @@ from diffusers import AutoencoderKL
 from ..config import EncodeConfig
 from ..data import to_tensor
 from ..images import decode_uint8
-from ..model import LatentMoments
+from ..model import LatentMoments, is_vq
 from ..runner import cpu_share
 from ..samples import LATENT, PREPARED, batched, image_bytes
 from ..shards import ShardWriter, iter_samples
+from ..vq import token_dtype
 
 SPLITS = ("train", "val")
 
 
-def latent_sample(prepared: dict, stored: dict[str, tuple[torch.Tensor, torch.Tensor]], shape: list[int]) -> dict:
-    """The latent sample of a prepared one: ``stored`` {"": (mean, std)[, "_flip": ...]}, float16
-    [C, H/8, W/8] each; the json, caption and label carried over."""
+def latent_sample(prepared: dict, stored: dict[str, dict[str, np.ndarray]], shape: list[int]) -> dict:
+    """The latent sample of a prepared one: ``stored`` {"": {field: array}[, "_flip": ...]}, the
+    fields of :data:`LATENT` (KL: mean and std, float16 [C, H/8, W/8]; VQ: tokens [H/8, W/8] and
+    optionally prequant); the json, caption and label carried over."""
     meta = {**PREPARED.get(prepared, "meta"), "latent_shape": shape}
-    arrays = {f"{name}{suffix}": t.numpy() for suffix, pair in stored.items() for name, t in zip(("mean", "std"), pair)}
+    arrays = {f"{name}{suffix}": a for suffix, fields in stored.items() for name, a in fields.items()}
     return LATENT.build(prepared["__key__"], meta=meta, caption=PREPARED.get(prepared, "caption"),
                         label=PREPARED.get(prepared, "label"), **arrays)
 
@@ -88,10 +90,13 @@ def compute_dtype(cfg: EncodeConfig, vae_config: dict) -> torch.dtype:
     return torch.float32 if vae_config.get("force_upcast") else DTYPES[cfg.dtype]
 
 
-def check_finite(batch: list[dict], stored: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: str) -> None:
+def check_finite(batch: list[dict], stored: dict[str, dict[str, torch.Tensor]], dtype: str) -> None:
     """Every stored latent is finite: else ValueError naming the sample, the dtype and the fix."""
-    for suffix, (mean, std) in stored.items():  # float16 [B, C, h, w] each, as stored
-        bad = ~(torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1))  # [B]
+    for suffix, fields in stored.items():  # float16 [B, C, h, w] each, as stored (tokens: integers)
+        floats = [t for t in fields.values() if t.is_floating_point()]
+        if not floats:
+            continue
+        bad = ~torch.stack([torch.isfinite(t).flatten(1).all(1) for t in floats]).all(0)  # [B]
         if bad.any():
             i = int(bad.nonzero()[0])
             view = " (its flipped view)" if suffix else ""
@@ -109,20 +114,24 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
     """
     device = next(vae.parameters()).device
     dtype = compute_dtype(cfg, dict(vae.config))
-    moments = LatentMoments(vae.config.latent_channels)
+    vq = is_vq(vae)
+    moments = LatentMoments(vae.config.vq_embed_dim if vq else vae.config.latent_channels)
+    histogram = torch.zeros(vae.config.num_vq_embeddings if vq else 0, dtype=torch.float64)
+    tokens_as = token_dtype(vae.config.num_vq_embeddings) if vq else None  # the stored integer type
     shape: list[int] = []
     n_batches = 0
 
-    def encode(x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{"": (mean, std)[, "_flip": ...]} float16 on the CPU, each [B, C, H/8, W/8]."""
+    def encode(x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """{"": {field: tensor}[, "_flip": ...]} on the CPU: KL {mean, std} float16 [B, C, H/8, W/8];
+        VQ {tokens [B, H/8, W/8] long, prequant (encode.prequant), and the
+        codes, float32 [B, D, H/8, W/8], for the statistics only}."""
         x = x.to(device).contiguous(memory_format=torch.channels_last)  # [B, 3, H, W]
         views = {"": x, "_flip": x.flip(-1)} if cfg.flip else {"": x}
         stored = {}
         with torch.inference_mode():  # thread-local: entered in whichever thread runs this
             for suffix, v in views.items():
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    post = vae.encode(v).latent_dist
-                stored[suffix] = (post.mean.to(torch.float16).cpu(), post.std.to(torch.float16).cpu())
+                    stored[suffix] = _vq_fields(vae, v, cfg.prequant and not suffix) if vq else _kl_fields(vae, v)
         return stored
 
     batches = batched(iter_samples([in_path]), cfg.batch_size)
@@ -144,13 +153,23 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
     try:
         with ShardWriter(out_dir, f"{split}-r{rank:03d}-s{index:05d}", cfg.samples_per_shard) as writer:
             for batch, stored in results:
-                mean16, std16 = stored[""]
-                # Statistics of what is stored (float16), i.e. of what a loader will read.
-                moments.update(mean16.float(), std16.float())
-                shape = list(mean16.shape[1:])
+                if vq:  # the codes' statistics (what a VQ diffusion model's input is), the train histogram
+                    codes = stored[""].pop("codes")
+                    for fields in stored.values():
+                        fields.pop("codes", None)
+                    moments.update(codes, torch.zeros_like(codes))
+                    histogram += torch.bincount(stored[""]["tokens"].long().flatten(), minlength=len(histogram))
+                    shape = list(codes.shape[1:])
+                else:
+                    mean16, std16 = stored[""]["mean"], stored[""]["std"]
+                    # Statistics of what is stored (float16), i.e. of what a loader will read.
+                    moments.update(mean16.float(), std16.float())
+                    shape = list(mean16.shape[1:])
                 check_finite(batch, stored, cfg.dtype if dtype != torch.float32 else "fp32")
                 for i, s in enumerate(batch):
-                    writer.write(latent_sample(s, {k: (m[i], sd[i]) for k, (m, sd) in stored.items()}, shape))
+                    fields = {k: {n: t[i].numpy().astype(tokens_as) if n == "tokens" else t[i].numpy()
+                                  for n, t in f.items()} for k, f in stored.items()}
+                    writer.write(latent_sample(s, fields, shape))
                 n_batches += 1
                 if progress is not None:
                     progress(len(batch))
@@ -159,4 +178,20 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
         torch.set_num_threads(threads)
     return {"input": Path(in_path).name, "vae": fingerprint, "flip": cfg.flip, "outputs": writer.written,
             "count": writer.total, "shape": shape, "moments": moments.state(), "batches": n_batches,
-            "batch_size": cfg.batch_size}
+            "batch_size": cfg.batch_size, **({"histogram": [int(c) for c in histogram]} if vq else {})}
+
+
+def _kl_fields(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    post = vae.encode(x).latent_dist
+    return {"mean": post.mean.to(torch.float16).cpu(), "std": post.std.to(torch.float16).cpu()}
+
+
+def _vq_fields(vae, x: torch.Tensor, prequant: bool) -> dict[str, torch.Tensor]:
+    """A VQModel's tokens (the nearest codes, as its own decode would choose them) and codes."""
+    h = vae.encode(x).latents.float()  # [B, D, h, w], after quant_conv
+    codes, _, (_, _, idx) = vae.quantize(h)  # codes [B, D, h, w]; idx [B h w]
+    b, _, hh, ww = h.shape
+    fields = {"tokens": idx.view(b, hh, ww).cpu(), "codes": codes.float().cpu()}  # tokens: long until stored
+    if prequant:
+        fields["prequant"] = h.to(torch.float16).cpu()
+    return fields

@@ -22,9 +22,11 @@ from ..config import EvaluateConfig, reference_name
 from ..files import atomic_write
 from ..images import decode_uint8
 from ..samples import LATENT, batched, image_bytes
-from .health import ChannelStats, health_metrics, write_health
+from .health import ChannelStats, CodebookStats, health_metrics, write_health
 from ..inputs import loading_kwargs, pretrained_location
 from ..metrics import psnr, resize_baseline, ssim, to_unit
+from ..model import is_vq
+from ..vq import token_codes
 from .perceptual import Lpips, RFid
 from .spectrum import Spectra
 from ..shards import iter_samples, shard_paths
@@ -84,7 +86,8 @@ class _Scorer:
         self.vae, self.device = vae, next(vae.parameters()).device
         self.lpips = Lpips(self.device) if cfg.lpips else None
         self.rfid = RFid() if cfg.rfid else None
-        self.health = ChannelStats()
+        self.vq = is_vq(vae)
+        self.health = CodebookStats(vae.config.num_vq_embeddings) if self.vq else ChannelStats()
         self.spectra = Spectra(stats["channel_mean"], stats["channel_std"])
         self.references = references or {}  # name -> another VAE, scored on the same images
         self.rfid_references = {name: RFid() for name in self.references} if cfg.rfid else {}
@@ -92,14 +95,22 @@ class _Scorer:
     def __call__(self, batch: list[dict], ref: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(reconstructions [B, 3, H, W] in [0, 1], name -> per-image scores [B]); the reference
         VAEs' reconstructions are left in ``self.last_references``."""
-        z = torch.stack([torch.from_numpy(LATENT.get(s, "mean").astype(np.float32)) for s in batch])  # [B, C, h, w]
-        std = torch.stack([torch.from_numpy(LATENT.get(s, "std").astype(np.float32)) for s in batch])
-        self.health.update(z, std)
+        if self.vq:  # the stored tokens -> their codes [B, D, h, w] -> the decoder
+            tokens = torch.stack([torch.from_numpy(LATENT.get(s, "tokens").astype(np.int64)) for s in batch])  # [B, h, w]
+            self.health.update(tokens)
+            z = token_codes(self.vae, tokens.to(self.device))
+            rec = to_unit(self.vae.decode(z, force_not_quantize=True).sample).cpu()  # [B, 3, H, W] in [0, 1]
+            rec32 = to_unit(self.vae((ref * 2 - 1).to(self.device)).sample).cpu()  # a fresh encode: the same codes
+            z = z.cpu()
+        else:
+            z = torch.stack([torch.from_numpy(LATENT.get(s, "mean").astype(np.float32)) for s in batch])  # [B, C, h, w]
+            std = torch.stack([torch.from_numpy(LATENT.get(s, "std").astype(np.float32)) for s in batch])
+            self.health.update(z, std)
+            rec = to_unit(self.vae.decode(z.to(self.device)).sample).cpu()  # [B, 3, H, W] in [0, 1]
+            # What float16 storage costs: the same images through a fresh fp32 encode -> decode.
+            z32 = self.vae.encode((ref * 2 - 1).to(self.device)).latent_dist.mean
+            rec32 = to_unit(self.vae.decode(z32).sample).cpu()
         self.spectra.update(z, ref)
-        rec = to_unit(self.vae.decode(z.to(self.device)).sample).cpu()  # [B, 3, H, W] in [0, 1]
-        # What float16 storage costs: the same images through a fresh fp32 encode -> decode.
-        z32 = self.vae.encode((ref * 2 - 1).to(self.device)).latent_dist.mean
-        rec32 = to_unit(self.vae.decode(z32).sample).cpu()
         base = resize_baseline(ref)
         scores = {"psnr": psnr(rec, ref), "ssim": ssim(rec, ref), "mse": (rec - ref).square().mean((1, 2, 3)),
                   "psnr_fp32": psnr(rec32, ref),
@@ -174,8 +185,11 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
                  title=f"{len(rows)} validation images")
     save_recon_grid(kept.first, out / "recon_grid.png")
     save_recon_grid(kept.worst_tiles(), out / "recon_worst.png")
-    channel_rows = scorer.health.result()
-    write_health(channel_rows, out)
+    if scorer.vq:
+        scorer.health.write(out)
+    else:
+        channel_rows = scorer.health.result()
+        write_health(channel_rows, out)
 
     metrics = {name: float(np.mean([r[name] for r in rows])) for name in rows[0] if name not in ("key", "bucket")}
     metrics["psnr_fp16_cost"] = metrics["psnr_fp32"] - metrics["psnr"]
@@ -188,7 +202,8 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
     metrics.update({
         "num_images": len(rows),
         "latent_channels": c,
-        "compression_ratio": (3 * h * w) / (c * (h // 8) * (w // 8)),  # input numbers per latent number
+        # input numbers per latent number (VQ: per token)
+        "compression_ratio": (3 * h * w) / ((1 if scorer.vq else c) * (h // 8) * (w // 8)),
         "latent_mean": stats["mean"],
         "latent_std": stats["std"],
         # Exact over every train latent (stats.json); the VAE config's are estimated at train time.
@@ -202,7 +217,11 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
     if len(buckets) > 1:  # each bucket's own scores: a shape the autoencoder handles worse shows here
         metrics["buckets"] = {b: {"count": len(mine), **{m: float(np.mean([r[m] for r in mine])) for m in ("psnr", "ssim")}}
                               for b in buckets for mine in [[r for r in kept.rows if r["bucket"] == b]]}
-    metrics.update(health_metrics(channel_rows))
+    if scorer.vq:
+        metrics.update(scorer.health.metrics(stats.get("entropy_bits_per_token")))
+        metrics["denoise_probe"] = "not applicable to tokens (the probe denoises continuous latents)"
+    else:
+        metrics.update(health_metrics(channel_rows))
     metrics.update(scorer.spectra.metrics())
     scorer.spectra.save_plot(out / "spectrum.png")
     atomic_write(out / "details.json", json.dumps(metrics, indent=2) + "\n")
@@ -216,7 +235,8 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
 # the references, the latent statistics); it is no DVC metric. short name -> (full name, decimals)
 HEADLINE = {"psnr": ("psnr", 3), "ssim": ("ssim", 4), "psnr_bicubic": ("psnr_bicubic", 3),
             "fp16_db": ("psnr_fp16_cost", 4), "rate_bpp": ("rate_bpp", 4), "hf_share": ("latent_hf_share", 3),
-            "collapsed": ("collapsed_channels", None), "lpips": ("lpips", 4), "rfid": ("rfid", 2)}
+            "collapsed": ("collapsed_channels", None), "usage": ("codebook_usage", 3),
+            "perplexity": ("codebook_perplexity", 1), "lpips": ("lpips", 4), "rfid": ("rfid", 2)}
 
 
 def headline(metrics: dict) -> dict:

@@ -97,3 +97,60 @@ def write_health(rows: list[dict], out: Path) -> None:
         ax.set_xticks(ch)
     fig.tight_layout()
     save_figure(fig, out / "latent_health.png")
+
+
+# A codebook using fewer than this share of the codes the validation set could show (min(K, its
+# token count)) has collapsed: most codes never win, and the tokens carry a fraction of log2 K bits.
+# (Taming's VQGAN at 16,384 codes used about a tenth; codebooks kept used reach most of them.)
+COLLAPSED_USAGE = 0.25
+
+
+class CodebookStats:
+    """The validation tokens' code histogram (VQ latents): use, perplexity, rate, collapse."""
+
+    def __init__(self, k: int):
+        self.k, self.counts, self.positions = k, torch.zeros(k, dtype=torch.float64), 0
+
+    def update(self, tokens: torch.Tensor) -> None:
+        # tokens: [B, h, w] long
+        self.counts += torch.bincount(tokens.flatten(), minlength=self.k).double()
+        self.positions = tokens.shape[1] * tokens.shape[2]
+
+    def metrics(self, train_entropy_bits: float | None = None) -> dict:
+        """codebook_usage (share of codes used), its share of what the set could show, perplexity,
+        collapsed_codebook, and the rates per image pixel: log2 K fixed-length, and the train
+        histogram's entropy (what an entropy coder spends)."""
+        from ..vq import histogram_stats
+
+        st = histogram_stats(self.counts, self.k)
+        could = min(self.k, int(self.counts.sum()))
+        out = {"codebook_size": self.k, "codes_used": st["codes_used"], "codebook_usage": st["usage"],
+               "codebook_usage_possible": st["codes_used"] / max(could, 1), "codebook_perplexity": st["perplexity"],
+               "rate_bpp": st["bits_per_token"] * ELEMENTS_PER_PIXEL,
+               "rate_entropy_bpp": (train_entropy_bits if train_entropy_bits is not None
+                                    else st["entropy_bits_per_token"]) * ELEMENTS_PER_PIXEL}
+        out["collapsed_codebook"] = bool(out["codebook_usage_possible"] < COLLAPSED_USAGE)
+        return out
+
+    def write(self, out: Path) -> None:
+        """latent_health.csv for tokens (a row per code: its validation count and share) and the plot."""
+        with open(out / "latent_health.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["code", "count", "share"])
+            total = max(float(self.counts.sum()), 1.0)
+            w.writerows([k, int(c), round(float(c) / total, 6)] for k, c in enumerate(self.counts))
+        self.save_plot(out / "latent_health.png")
+
+    def save_plot(self, path: Path) -> None:
+        """latent_health.png for tokens: each code's share of the validation tokens, most used first
+        (a flat curve is a used codebook; a cliff after a few codes, a collapsed one)."""
+        plt = pyplot()
+        share = (self.counts / self.counts.sum().clamp_min(1)).sort(descending=True).values.numpy()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(np.arange(1, self.k + 1), np.maximum(share, 1e-7), lw=1)
+        ax.axhline(1 / self.k, color="grey", ls="--", lw=1, label="uniform use")
+        ax.set(xscale="log", yscale="log", xlabel="code, by use", ylabel="share of validation tokens",
+               title=f"codebook use: {int((self.counts > 0).sum())} of {self.k} codes")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, path)

@@ -4,6 +4,7 @@ Generator (autoencoder) loss, per LDM's ``LPIPSWithDiscriminator``::
 
     nll  = (|x - x̂| or (x - x̂)² + perceptual_weight * LPIPS(x, x̂)) / exp(s) + s    per pixel
     loss = nll + kl_weight * w_kl(step) * KL(q(z|x) || N(0, I)) + d_weight * adv(step) * (-D(x̂))
+           (a VQ autoencoder: the VQ loss of ldm_vae/vq.py instead of the KL term)
            [+ scale_equivariance * rec(decode(z ↓2), x ↓2)]      with free bits: KL = Σ_c max(λ, KL_c)
 
 Scale: LDM sums the nll over the pixels of an image and the KL over its latent elements. Here the
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LossConfig
+from ..model import VQTerms
 from .discriminator import PatchDiscriminator, discriminator_loss, generator_adv_loss
 
 # Floor of the per-image MSE in the log_l2 loss (in [-1, 1] units: 46 dB PSNR on [0, 1]), so a
@@ -116,11 +118,16 @@ class VAELoss(nn.Module):
             rec_loss = rec_loss + self.cfg.perceptual_weight * p_loss
             logs["train/lpips"] = p_loss.detach()
         nll = rec_loss / s.exp() + s
-        kl = kl_to_prior(mean, logvar)
-        # The charged KL: the plain sum, or with free bits each channel at least its floor.
-        charged = free_bits_kl(mean, logvar, self.cfg.free_bits) if self.cfg.free_bits > 0 else kl
-        pixels = target[0].numel()  # 3 H W: LDM's per-image sums, divided through (module docstring)
-        loss = nll + self.kl_scale(step) * charged / pixels
+        if isinstance(logvar, VQTerms):  # a VQ autoencoder: its VQ loss instead of the KL
+            loss = nll + logvar.loss
+            logs.update(logvar.logs)
+        else:
+            kl = kl_to_prior(mean, logvar)
+            # The charged KL: the plain sum, or with free bits each channel at least its floor.
+            charged = free_bits_kl(mean, logvar, self.cfg.free_bits) if self.cfg.free_bits > 0 else kl
+            pixels = target[0].numel()  # 3 H W: LDM's per-image sums, divided through (module docstring)
+            loss = nll + self.kl_scale(step) * charged / pixels
+            logs.update({"train/kl": kl.detach(), "train/posterior_std": logvar.detach().float().mul(0.5).exp().mean()})
         if rec_down is not None:  # [B, 3, H/2, W/2] against the image area-downsampled 2x
             se = reconstruction_loss(self.cfg.rec_loss, rec_down, F.avg_pool2d(target.float(), 2))
             loss = loss + self.cfg.scale_equivariance * se
@@ -133,9 +140,7 @@ class VAELoss(nn.Module):
         logs.update({
             "train/loss": loss.detach(),
             "train/nll": nll.detach(),
-            "train/kl": kl.detach(),
             "train/output_logvar": s.detach().float(),
-            "train/posterior_std": logvar.detach().float().mul(0.5).exp().mean(),
         })
         return loss, logs
 

@@ -30,12 +30,13 @@ from tqdm import tqdm
 from .checkpoints import Progress, resume_latest, save_checkpoint
 from ..config import Params, stage_hash, stage_hash_of
 from ..data import load_images, train_stream
-from ..export import export_vae
+from ..export import export_vae, export_vq
 from ..inputs import fingerprint, pretrained_location
 from ..launch import cpu_threads_per_process, environment
 from .losses import VAELoss, build_discriminator, reconstruction_loss
 from ..metrics import psnr, to_unit
-from ..model import TrainedAutoencoder, build_vae
+from ..model import TrainedAutoencoder, build_vae, is_vq, reconstruct
+from ..vq import build_quantizer
 from .trainlog import TrainLog
 
 VAL_IMAGES = 128  # fixed validation images scored during training (the full set is evaluate's job)
@@ -58,7 +59,8 @@ def lr_lambda(cfg):
 # The train stage's own code: the ldm_vae modules its script imports (dvc.yaml lists the same,
 # a test checks). Editing anything else (the URL downloader, the evaluator) keeps checkpoints.
 TRAIN_CODE = ("train/training", "train/as_is", "train/checkpoints", "train/trainlog", "train/losses", "train/discriminator",
-              "launch", "model", "inputs", "lpips", "data", "samples", "export", "images", "shards", "files", "metrics", "viz")
+              "launch", "model", "vq", "inputs", "lpips", "data", "samples", "export", "images", "shards", "files", "metrics",
+              "viz")
 
 
 def run_hash(params: Params, train_shards: list[str]) -> str:
@@ -140,7 +142,9 @@ class _Trainer:
     def __init__(self, params: Params, accelerator: Accelerator, sample_size: int):
         self.params, self.accelerator = params, accelerator
         self.tcfg, lcfg = params.train, params.loss
-        model = TrainedAutoencoder(build_vae(params.model, sample_size=sample_size), lcfg.logvar_init, lcfg.learn_logvar)
+        vae = build_vae(params.model, sample_size=sample_size)
+        quantizer = build_quantizer(params) if is_vq(vae) else None
+        model = TrainedAutoencoder(vae, lcfg.logvar_init, lcfg.learn_logvar, quantizer)
         disc = build_discriminator(lcfg)
         opt_ae, opt_d = build_optimizers(model, disc, params)
         sched_ae = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(self.tcfg))
@@ -278,7 +282,7 @@ class _Trainer:
         vae = self.inner.vae
         with _ema_weights(vae, self.ema):  # the exported weights are the EMA weights
             _, scale_images = load_images(train_shards, limit=self.tcfg.scale_samples)
-            factors = export_vae(vae, scale_images, vae_dir)
+            factors = (export_vq if is_vq(vae) else export_vae)(vae, scale_images, vae_dir)
         result = {"steps": self.progress.step, "train_seconds": round(self.progress.seconds, 1),
                   "environment": environment(),
                   "val_psnr": round(self.val_psnr, 3), "resumed": resumed,
@@ -346,7 +350,7 @@ def _reconstruct(accelerator, vae, images: torch.Tensor, batch_size: int = 32) -
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(accelerator.device)
         with accelerator.autocast():
-            out.append(vae(x, sample_posterior=False).sample.float().clamp(-1, 1).cpu())
+            out.append(reconstruct(vae, x).float().clamp(-1, 1).cpu())
     return torch.cat(out)
 
 
