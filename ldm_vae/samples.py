@@ -232,7 +232,7 @@ LATENT = Kind("latent", "data/latents/{train,val}/<split>-r<rank>-s<input>-<n>.t
     "tokens": Field("tokens.npy", "tokens", "VQ: the code indices [H/8, W/8], the smallest unsigned integer type that "
                     "holds codebook_size - 1 (uint8, uint16, uint32)", required=False),
     "tokens_flip": Field("tokens_flip.npy", "tokens", "as tokens, of the flipped image (encode.flip)", required=False),
-    "prequant": Field("prequant.npy", "npy", f"VQ with encode.prequant: float16 [D, H/8, W/8], the encoder's output "
+    "prequant": Field("prequant.npy", "npy", "VQ with encode.prequant: float16 [D, H/8, W/8], the encoder's output "
                       "before the snap to codes (what LDM's VQ diffusion trains on; the decoder quantises)",
                       required=False),
     "meta": Field("json", "json", "the prepared sample's json, plus latent_shape"),
