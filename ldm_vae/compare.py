@@ -11,20 +11,21 @@ run scored (``evaluate.references``) are rows of their own, ``ref:<name>``.
 from __future__ import annotations
 
 import csv
+import re
 import json
 import subprocess
 from pathlib import Path
 
 from .viz import pyplot, save_figure
 
-COLUMNS = ["run", "latent_channels", "kl_weight", "compression_ratio", "psnr", "ssim", "mse", "rate_bpp",
-           "latent_hf_share", "image_hf_share", "denoise_loss", "psnr_fp32", "psnr_bicubic", "lpips", "rfid",
-           "collapsed_channels", "num_images"]
+COLUMNS = ["run", "latent_channels", "kl_weight", "codebook_size", "compression_ratio", "psnr", "ssim", "mse",
+           "rate_bpp", "rate_entropy_bpp", "codebook_usage", "codebook_perplexity", "latent_hf_share", "image_hf_share",
+           "denoise_loss", "psnr_fp32", "psnr_bicubic", "lpips", "rfid", "collapsed_channels", "num_images"]
 METRICS_FILE = "data/eval/metrics.json"  # the headline (evaluation.HEADLINE's short names)
 PROBE_FILE = "data/probe/metrics.json"  # the denoising probe's (its own stage)
 DETAILS = {METRICS_FILE: "data/eval/details.json", PROBE_FILE: "data/probe/details.json"}  # every number
 FULL_NAMES = {"fp16_db": "psnr_fp16_cost", "hf_share": "latent_hf_share", "collapsed": "collapsed_channels",
-              "denoise": "denoise_loss"}  # headline -> details names (evaluation.HEADLINE, probe.py)
+              "denoise": "denoise_loss", "usage": "codebook_usage", "perplexity": "codebook_perplexity"}  # headline -> details names (evaluation.HEADLINE, probe.py)
 
 
 def experiment_runs(repo: Path, commits: int = 1) -> list[dict]:
@@ -68,10 +69,11 @@ def runs_from_exp_show(shown, details=None) -> list[dict]:
         if not metrics or "psnr" not in metrics:
             continue
         channels = metrics.get("latent_channels") or (params.get("model") or {}).get("latent_channels")
+        vq = "codebook_size" in metrics  # a VQ run: no KL weight, its codebook instead
         row = {"run": entry.get("name") or (rev if rev == "workspace" else rev[:7]), "latent_channels": channels,
-               "kl_weight": (params.get("loss") or {}).get("kl_weight")}
+               "kl_weight": None if vq else (params.get("loss") or {}).get("kl_weight")}
         row.update({k: metrics[k] for k in COLUMNS[3:] if k in metrics})
-        if "denoise_loss" in probe:
+        if probe.get("denoise_loss") is not None:  # (tokens: the probe does not apply)
             row["denoise_loss"] = probe["denoise_loss"]
             if "denoise_levels" in probe:
                 row["denoise_levels"] = probe["denoise_levels"]
@@ -83,6 +85,23 @@ def runs_from_exp_show(shown, details=None) -> list[dict]:
         rows += [r for r in reference_rows(metrics) if (r["run"], r["psnr"]) not in seen]
         seen.update((r["run"], r["psnr"]) for r in rows)
     return sorted(rows, key=lambda r: (r["latent_channels"], r["run"]))
+
+
+def rows_from_csv(path: Path) -> list[dict]:
+    """The rows of an earlier report's channels.csv (numbers as numbers, empty cells left out)."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {}
+            for k, v in raw.items():
+                if v in ("", None):
+                    continue
+                try:
+                    row[k] = int(v) if re.fullmatch(r"-?\d+", v) and k != "run" else (float(v) if k != "run" else v)
+                except ValueError:
+                    row[k] = v
+            rows.append(row)
+    return rows
 
 
 def reference_rows(metrics: dict) -> list[dict]:
@@ -131,6 +150,7 @@ def write_report(rows: list[dict], out: Path) -> None:
 def _plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
 
+    everything, rows = rows, [r for r in rows if "codebook_size" not in r]  # by channel count: KL runs
     panels = [m for m in ("psnr", "ssim", "lpips", "rfid") if any(m in r for r in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
     channels = sorted({r["latent_channels"] for r in rows})
@@ -151,8 +171,8 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
-    if any("rate_bpp" in r for r in rows):
-        _plot_rate_distortion(rows, path.with_name("rate_distortion.png"))
+    if any("rate_bpp" in r for r in everything):
+        _plot_rate_distortion(everything, path.with_name("rate_distortion.png"))
     probed = {f"{r['run']}: {r['latent_channels']}ch, beta {r.get('kl_weight')}": r
               for r in rows if "denoise_levels" in r}
     if probed:
@@ -167,17 +187,27 @@ def _plot_rate_distortion(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     mine = [r for r in rows if "rate_bpp" in r and "psnr" in r]
-    xs, ys = [r["rate_bpp"] for r in mine], [r["psnr"] for r in mine]
-    if all("denoise_loss" in r for r in mine):  # the third side of the choice, as colour
-        dots = ax.scatter(xs, ys, c=[r["denoise_loss"] for r in mine], cmap="viridis_r", zorder=3)
+    kl = [r for r in mine if "codebook_size" not in r]
+    vq = [r for r in mine if "codebook_size" in r]
+    xs, ys = [r["rate_bpp"] for r in kl], [r["psnr"] for r in kl]
+    if kl and all("denoise_loss" in r for r in kl):  # the third side of the choice, as colour
+        dots = ax.scatter(xs, ys, c=[r["denoise_loss"] for r in kl], cmap="viridis_r", zorder=3)
         fig.colorbar(dots, ax=ax, label="denoising loss (lower: easier to diffuse)")
-    else:
+    elif kl:
         ax.plot(xs, ys, "o")
+    if vq:  # tokens: log2 K bits a position (squares), and what an entropy coder would spend (open)
+        ax.plot([r["rate_bpp"] for r in vq], [r["psnr"] for r in vq], "s", color="tab:red", label="VQ: log2 K", zorder=3)
+        ent = [r for r in vq if "rate_entropy_bpp" in r]
+        ax.plot([r["rate_entropy_bpp"] for r in ent], [r["psnr"] for r in ent], "s", mfc="none", color="tab:red",
+                label="VQ: code entropy")
+        ax.legend(fontsize=7, loc="lower right")
     for r in mine:
-        ax.annotate(f"{r['run']}: {r['latent_channels']}ch, beta {r.get('kl_weight')}", (r["rate_bpp"], r["psnr"]),
-                    fontsize=7, xytext=(4, 3), textcoords="offset points")
+        what = (f"K {r['codebook_size']}, {100 * r.get('codebook_usage', 0):.0f}% used" if "codebook_size" in r
+                else f"{r['latent_channels']}ch, beta {r.get('kl_weight')}")
+        ax.annotate(f"{r['run']}: {what}", (r["rate_bpp"], r["psnr"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
     ax.margins(x=0.3, y=0.1)  # room for the labels
-    ax.set(xlabel="rate: KL to N(0, I), bits per image pixel", ylabel="distortion: PSNR (dB)",
+    ax.set(xlabel="rate, bits per image pixel: KL to N(0, I); VQ: per token", ylabel="distortion: PSNR (dB)",
            title="rate against distortion (up and left is better)")
     fig.tight_layout()
     save_figure(fig, path)

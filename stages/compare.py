@@ -20,12 +20,16 @@ def main() -> None:
     ap.add_argument("--commits", type=int, default=1,
                     help="also the experiments of this many commits back from HEAD (dvc exp show -n)")
     ap.add_argument("--out", type=Path, required=True, help="folder for channels.csv, channels.md, channels.png, rate_distortion.png")
+    ap.add_argument("--with", dest="earlier", type=Path, action="append", default=[],
+                    help="an earlier report's channels.csv: its rows beside these (a sweep whose experiments are gone)")
     args = ap.parse_args()
 
-    from ldm_vae.compare import experiment_runs, write_report
+    from ldm_vae.compare import experiment_runs, rows_from_csv, write_report
 
     try:
         rows = experiment_runs(args.repo, args.commits)
+        seen = {r["run"] for r in rows}
+        rows += [r for path in args.earlier for r in rows_from_csv(path) if r["run"] not in seen]
         write_report(rows, args.out)
     except RuntimeError as e:
         sys.exit(f"compare: {e}")

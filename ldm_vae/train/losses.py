@@ -120,14 +120,15 @@ class VAELoss(nn.Module):
         nll = rec_loss / s.exp() + s
         if isinstance(logvar, VQTerms):  # a VQ autoencoder: its VQ loss instead of the KL
             loss = nll + logvar.loss
-            logs.update(logvar.logs)
+            regulariser, tail = logvar.logs, {}
         else:
             kl = kl_to_prior(mean, logvar)
             # The charged KL: the plain sum, or with free bits each channel at least its floor.
             charged = free_bits_kl(mean, logvar, self.cfg.free_bits) if self.cfg.free_bits > 0 else kl
             pixels = target[0].numel()  # 3 H W: LDM's per-image sums, divided through (module docstring)
             loss = nll + self.kl_scale(step) * charged / pixels
-            logs.update({"train/kl": kl.detach(), "train/posterior_std": logvar.detach().float().mul(0.5).exp().mean()})
+            regulariser = {"train/kl": kl.detach()}
+            tail = {"train/posterior_std": logvar.detach().float().mul(0.5).exp().mean()}
         if rec_down is not None:  # [B, 3, H/2, W/2] against the image area-downsampled 2x
             se = reconstruction_loss(self.cfg.rec_loss, rec_down, F.avg_pool2d(target.float(), 2))
             loss = loss + self.cfg.scale_equivariance * se
@@ -137,11 +138,9 @@ class VAELoss(nn.Module):
             d_weight = adaptive_weight(nll, adv, last_layer) * self.cfg.disc_weight
             loss = loss + d_weight * adv
             logs.update({"train/g_adv": adv.detach(), "train/d_weight": d_weight})
-        logs.update({
-            "train/loss": loss.detach(),
-            "train/nll": nll.detach(),
-            "train/output_logvar": s.detach().float(),
-        })
+        # in the order data/train/metrics.json has always had
+        logs.update({"train/loss": loss.detach(), "train/nll": nll.detach(), **regulariser,
+                     "train/output_logvar": s.detach().float(), **tail})
         return loss, logs
 
     def discriminator_loss(self, disc: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict]:

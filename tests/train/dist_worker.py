@@ -1,4 +1,4 @@
-"""A 2-process gloo training run for test_distributed.py: ``python tests/train/dist_worker.py OUT PREPARED``.
+"""A 2-process gloo training run for test_distributed.py: ``python tests/train/dist_worker.py OUT PREPARED [vq]``.
 
 Started plainly, it re-launches itself under accelerate through the train stage's own launcher
 (ldm_vae.launch.relaunch). Each rank trains with its own output folders under OUT/rank<r>/ (so
@@ -37,6 +37,10 @@ def main() -> None:
         for m in (model, on_step.disc):
             for p in accelerator.unwrap_model(m).parameters():
                 h.update(p.detach().cpu().numpy().tobytes())
+        quantizer = accelerator.unwrap_model(model).quantizer
+        if quantizer is not None:  # VQ: the codebook's averages and use counts must agree too
+            for b in quantizer.buffers():
+                h.update(b.detach().cpu().numpy().tobytes())
         record["weights"].append(h.hexdigest())
         if step == 1:
             record["wrapper"] = type(model).__name__
@@ -57,7 +61,9 @@ def main() -> None:
         return result
 
     Accelerator.prepare = spy
-    params = make_params(loss={"disc_weight": 0.5, "disc_start": 1, "disc_channels": 8, "disc_layers": 2,
+    vq = sys.argv[3:] == ["vq"]  # a VQ autoencoder: codebook averages all-reduced, restarts from rank 0
+    params = make_params(model={"regularizer": "vq", "codebook_size": 16} if vq else {},
+                         loss={"disc_weight": 0.5, "disc_start": 1, "disc_channels": 8, "disc_layers": 2,
                                "learn_logvar": True},
                          train={"max_steps": 4, "batch_size": 2, "grad_accum_steps": 2, "log_every": 1,
                                 "val_every": 2, "sample_every": 2, "checkpoint_every": 2, "warmup_steps": 2})

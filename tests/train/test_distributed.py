@@ -50,3 +50,20 @@ def test_train_stage_launches_its_own_processes(pipeline_dir, tmp_path):
     assert metrics["processes"] == 2 and metrics["steps"] == 4
     assert sorted(p.name for p in (tmp_path / "ck" / "step-00000004").glob("random_states_*.pkl")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_two_process_vq_training_keeps_one_codebook(pipeline_dir, tmp_path):
+    """A VQ autoencoder under real 2-process DDP (with the PatchGAN): the ranks see different images,
+    yet after every step hold bit-identical weights, codebook, moving averages and use counts (the
+    counts and sums are all-reduced, re-seeded codes come from rank 0); rank 0 exports a VQModel."""
+    from diffusers import VQModel
+
+    proc = subprocess.run([sys.executable, "tests/train/dist_worker.py", str(tmp_path), str(pipeline_dir / "prepared"),
+                           "vq"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"record{r}.json").read_text()) for r in (0, 1))
+    assert r0["wrapper"] == r1["wrapper"] == "DistributedDataParallel"
+    assert all(a != b for a, b in zip(r0["batch"], r1["batch"]))
+    assert r0["weights"] == r1["weights"] and len(set(r0["weights"])) == 4
+    assert VQModel.from_pretrained(tmp_path / "rank0" / "vae").config.num_vq_embeddings == 16
+    assert len(curve(tmp_path / "rank0" / "logs", "train/codebook_used")) == 4
