@@ -206,6 +206,10 @@ def _plot_rate_distortion(rows: list[dict], path: Path) -> None:
                 else f"{r['latent_channels']}ch, beta {r.get('kl_weight')}")
         ax.annotate(f"{r['run']}: {what}", (r["rate_bpp"], r["psnr"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
+    base = [r["psnr_bicubic"] for r in mine if "psnr_bicubic" in r]
+    if base:
+        ax.axhline(base[0], color="grey", ls="--", lw=1, label="8x resize baseline")
+        ax.legend(fontsize=7, loc="lower right")
     ax.margins(x=0.3, y=0.1)  # room for the labels
     ax.set(xlabel="rate, bits per image pixel: KL to N(0, I); VQ: per token", ylabel="distortion: PSNR (dB)",
            title="rate against distortion (up and left is better)")

@@ -71,8 +71,9 @@ def check_init_from(cfg: ModelConfig) -> None:
             check_pretrained(cfg, config)
 
 
-def _fresh_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
-    vae = AutoencoderKL(
+def _architecture(cfg: ModelConfig, sample_size: int) -> dict:
+    """The encoder and decoder of ``model.*``, as diffusers' AutoencoderKL and VQModel both take them."""
+    return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(cfg.block_out_channels),
@@ -83,10 +84,12 @@ def _fresh_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
         norm_num_groups=cfg.norm_num_groups,
         mid_block_add_attention=cfg.mid_block_attention,
         sample_size=sample_size,
-        # Placeholders until export measures them on the training data.
-        scaling_factor=1.0,
-        shift_factor=0.0,
     )
+
+
+def _fresh_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
+    # The factors are placeholders until export measures them on the training data.
+    vae = AutoencoderKL(**_architecture(cfg, sample_size), scaling_factor=1.0, shift_factor=0.0)
     with torch.no_grad():
         # quant_conv maps the encoder output [B, 2C, h, w] to (mean, logvar) = channels [:C], [C:].
         vae.quant_conv.bias[cfg.latent_channels :].fill_(cfg.logvar_init)
@@ -94,21 +97,8 @@ def _fresh_vae(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
 
 
 def _fresh_vq(cfg: ModelConfig, sample_size: int) -> VQModel:
-    vq = VQModel(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(cfg.block_out_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(cfg.block_out_channels),
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels,
-        num_vq_embeddings=cfg.codebook_size,
-        vq_embed_dim=cfg.code_dim or cfg.latent_channels,
-        norm_num_groups=cfg.norm_num_groups,
-        mid_block_add_attention=cfg.mid_block_attention,
-        sample_size=sample_size,
-        scaling_factor=1.0,
-    )
+    vq = VQModel(**_architecture(cfg, sample_size), num_vq_embeddings=cfg.codebook_size,
+                 vq_embed_dim=cfg.code_dim or cfg.latent_channels, scaling_factor=1.0)
     if cfg.codebook_l2:
         with torch.no_grad():
             vq.quantize.embedding.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=1))
