@@ -368,7 +368,7 @@ def test_a_vq_run_through_dvc_repro(repo):
 
     dst, env = repo
     params = yaml.safe_load((dst / "params.yaml").read_text())
-    params["model"].update(init_from="", regularizer="vq", codebook_size=64)
+    params["model"].update(init_from="", regularizer="vq", codebook_size=64, latent_channels=4)  # (earlier tests: 8)
     params["evaluate"]["references"] = []
     params["encode"]["prequant"] = True
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

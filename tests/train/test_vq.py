@@ -112,7 +112,7 @@ def test_histogram_stats_and_token_types():
     assert token_dtype(16384).__name__ == "uint16" and token_dtype(65537).__name__ == "uint32"
 
 
-def test_a_vq_run_trains_and_exports_a_diffusers_vqmodel(pipeline_dir, tmp_path):
+def test_a_vq_run_trains_exports_a_diffusers_vqmodel_and_resumes(pipeline_dir, tmp_path):
     from ldm_vae.train.training import train
 
     params = vq_params()
@@ -132,3 +132,18 @@ def test_a_vq_run_trains_and_exports_a_diffusers_vqmodel(pipeline_dir, tmp_path)
         codes = vq.quantize.embedding.weight[idx].view(2, 4, 4, -1).permute(0, 3, 1, 2)
         assert torch.allclose(vq.decode(codes, force_not_quantize=True).sample, vq.decode(h).sample, atol=1e-5)
     assert F.mse_loss(vq(x).sample, x) < 2.0
+    # Killed after its step-4 checkpoint, then run again: it resumes, and the checkpoint (loaded
+    # whole, strictly, by accelerate) holds the codebook's moving averages and use counts as trained.
+    import shutil
+
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "ckpt" / "step-00000004" / "model.safetensors")
+    assert bool(state["quantizer.started"]) and bool(state["quantizer.started_use"])
+    assert state["quantizer.use"].sum() > 0 and not torch.equal(state["quantizer.ema_count"], torch.ones(64))
+    ckpt = tmp_path / "ckpt2"
+    ckpt.mkdir()
+    shutil.copytree(tmp_path / "ckpt" / "step-00000004", ckpt / "step-00000004")
+    again = train(params, tr, va, tmp_path / "vae2", tmp_path / "logs2", ckpt)
+    assert again["resumed"] is True and again["steps"] == 6
+    assert VQModel.from_pretrained(tmp_path / "vae2").config.num_vq_embeddings == 64
