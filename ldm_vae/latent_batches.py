@@ -10,8 +10,10 @@ A loader worker does not hand batches over one by one. Each handover costs the D
 round trip and, per tensor, a shared-memory file whose descriptor crosses a socket: about 1.5 ms,
 as much as the worker's work on 15 latents of 4x32x32 (bench/loader.py, BENCHMARKS.md). A worker
 sends *packs* instead: up to PACK_BATCHES consecutive batches, their latents in one tensor (at
-most PACK_BYTES), the small fields as arrays inside the pickle; :func:`unpack`, in the trainer's
-process, cuts a pack back into the same batches, in the same order (views of the one tensor).
+most PACK_BYTES), the small fields as arrays inside the pickle; :func:`unpacked`, in the trainer's
+process, cuts a pack back into the same batches, in the same order (views of the one tensor). The
+worker collates straight into that tensor's shared memory, and reuses it once the trainer's
+process has let go of it (:class:`_Arena`).
 """
 
 from __future__ import annotations

@@ -105,3 +105,29 @@ def test_the_maskgit_example_lowers_its_loss_and_decodes_a_grid(tokens, tmp_path
     from PIL import Image
 
     assert Image.open(tmp_path / "grid.png").size[0] >= 4 * 32
+
+
+def test_token_buckets_give_one_shape_a_batch_and_equal_batches_on_two_ranks(tmp_path, monkeypatch):
+    """Token shards of three shapes (aspect-ratio buckets, as encode writes them: one shape a shard)
+    under 2 ranks x 2 workers: every batch one shape, the same number of batches on both ranks, each
+    sample at most once."""
+    from ldm_vae.samples import npy_bytes
+    from ldm_vae.shards import ShardWriter
+
+    shapes = {(4, 8): 19, (8, 4): 13, (4, 4): 7}
+    rng = np.random.default_rng(0)
+    for b, (shape, n) in enumerate(shapes.items()):
+        with ShardWriter(tmp_path, f"train-b{b}", 4) as w:
+            for i in range(n):
+                meta = {"key": f"b{b}-{i}", "latent_shape": [4, *shape]}
+                w.write({"__key__": f"b{b}-{i}", "tokens.npy": npy_bytes(rng.integers(0, K, shape, dtype=np.uint16)),
+                         "json": json.dumps(meta).encode()})
+    seen, counts = [], []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        batches = list(token_loader(str(tmp_path / "*.tar"), batch_size=3, num_workers=2, shuffle=5))
+        assert all(tuple(b["tokens"].shape[1:]) in shapes for b in batches)
+        counts.append(len(batches))
+        seen += [k for b in batches for k in b["key"]]
+    assert counts[0] == counts[1] and len(seen) == len(set(seen)) >= sum(shapes.values()) - 2 * 2 * len(shapes)
