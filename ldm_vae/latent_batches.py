@@ -298,10 +298,13 @@ def unpacked(stream, workers: int, held: list | None = None):
 
 def _let_go(held: list) -> None:
     """Blocks whose every tensor this process has dropped -> flagged free for their worker."""
-    if held and any(ref.expired() for ref, _, _ in held):
-        for ref, free, block in [h for h in held if h[0].expired()]:
+    kept = []
+    for ref, free, block in held:
+        if ref.expired():
             free[block] = 1
-        held[:] = [h for h in held if not h[0].expired()]
+        else:
+            kept.append((ref, free, block))
+    held[:] = kept
 
 
 def _batches(pack: Pack):

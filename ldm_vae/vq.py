@@ -57,18 +57,21 @@ class Quantizer(nn.Module):
             flat = F.normalize(flat, dim=1)
         codes = self.codes(weight)
         idx = nearest(flat, codes)  # [N]
-        if self.training and self.update == "ema":
-            with torch.no_grad():
-                self._ema_update(flat, idx, weight)
-            codes = self.codes(weight)
+        counts = torch.bincount(idx, minlength=self.k).float()  # [K], this rank (the logs)
+        if self.training:
+            everyone = counts.clone()  # [K], every rank's: the averages and the restarts use these
+            _all_reduce(everyone)
+            if self.update == "ema":
+                with torch.no_grad():
+                    self._ema_update(flat, idx, everyone, weight)
+                codes = self.codes(weight)
         q = codes[idx]  # [N, D]; with update == "loss" the codebook loss's gradient reaches weight here
         loss = self.beta * F.mse_loss(flat, q.detach())  # commitment: the encoder moves to its codes
         if self.update == "loss":
             loss = loss + F.mse_loss(q, flat.detach())  # codebook: the codes move to their vectors
-        counts = torch.bincount(idx, minlength=self.k).float()  # [K], this rank
         if self.training:
             with torch.no_grad():
-                self._restart(flat, counts, weight)
+                self._restart(flat, everyone, weight)
         q_st = flat + (q - flat).detach()  # straight-through: forward q, backward identity to h
         z_q = q_st.view(b, hh, ww, d).permute(0, 3, 1, 2).contiguous()  # [B, D, h, w]
         return z_q, idx.view(b, hh, ww), loss, {"train/vq_loss": loss.detach(), **usage_logs(counts)}
@@ -76,15 +79,14 @@ class Quantizer(nn.Module):
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         return F.normalize(weight.float(), dim=1) if self.l2 else weight.float()
 
-    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> None:
+    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor) -> None:
         """N_k <- g N_k + (1 - g) n_k, m_k <- g m_k + (1 - g) sum of vectors on k, e_k = m_k / N_k
         (N_k Laplace-smoothed), from every rank's vectors."""
         if not bool(self.started):  # m_k = the codes at first (N_k = 1): unused codes stay put
             self.ema_sum.copy_(weight.detach().float())
             self.started.fill_(True)
-        counts = torch.bincount(idx, minlength=self.k).float()  # [K]
         sums = torch.zeros(self.k, self.dim, device=flat.device).index_add_(0, idx, flat)  # [K, D]
-        _all_reduce(counts, sums)
+        _all_reduce(sums)  # (counts: every rank's already)
         g = self.decay
         self.ema_count.mul_(g).add_(counts, alpha=1 - g)
         self.ema_sum.mul_(g).add_(sums, alpha=1 - g)
@@ -96,9 +98,8 @@ class Quantizer(nn.Module):
     def _restart(self, flat: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor) -> None:
         """Codes whose moving-average use is under ``dead_threshold`` x the uniform share (N / K
         vectors a step) -> random vectors of this step (rank 0's, broadcast). The first step
-        re-seeds every code no vector chose: the codebook starts from the encoder's outputs."""
-        counts = counts.clone()
-        _all_reduce(counts)
+        re-seeds every code no vector chose: the codebook starts from the encoder's outputs.
+        ``counts``: [K], every rank's."""
         share = float(counts.sum()) / self.k  # vectors a code gets a step under uniform use
         if bool(self.started_use):
             self.use.mul_(self.decay).add_(counts, alpha=1 - self.decay)
