@@ -169,6 +169,9 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_bad_steps: int = 5  # non-finite steps in a row (each skipped) before training stops
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast; the trained weights stay float32
+    # TF32 for training's float32 matmuls and convolutions on Ampere+ GPUs (ldm_vae/precision.py):
+    # off, float32 is float32; encode's and evaluate's fp32 never use it. CPUs ignore it.
+    tf32: bool = False
     # Threads of a CPU run, shared among its processes (0: torch's choice, every core). The float
     # sums, and so the trained weights, depend on it: fixed, a run repeats on another machine of the
     # same CPU kind whatever its core count (README: What reproduces). Ignored on GPUs.

@@ -54,6 +54,11 @@ def launch_command(num_processes: int, mixed_precision: str, script_argv: list[s
         # with it, accelerate sets up gloo DDP on the CPU.
         env["ACCELERATE_USE_CPU"] = "true"
         env["OMP_NUM_THREADS"] = str(cpu_threads_per_process(cpu_threads, num_processes))
+    else:
+        # torch's launcher gives each process one OpenMP thread unless told: the host-side work of
+        # a GPU process (decoding in the main process, the optimizer's CPU ops) gets its share of the
+        # cores instead. A value the user set is kept.
+        env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_process(0, num_processes)))
     return cmd, env
 
 

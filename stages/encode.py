@@ -31,11 +31,12 @@ def main() -> None:
     from ldm_vae.launch import launched, relaunch, resolve_processes
     from ldm_vae.runner import UnitFailed
 
-    try:
-        check_dtype(params.encode, "cuda" if _has_gpu() else "cpu")  # before any process starts
+    on_ray = params.engine.kind == "ray"
+    try:  # before any process starts; on Ray each task checks the node it lands on
+        if not on_ray:
+            check_dtype(params.encode, "cuda" if _has_gpu() else "cpu")
     except ValueError as e:
         sys.exit(f"encode: {e}")
-    on_ray = params.engine.kind == "ray"
     processes = resolve_processes(params.encode.num_processes)
     if processes > 1 and not launched() and not on_ray:
         sys.exit(relaunch(processes, "no", sys.argv))

@@ -44,10 +44,11 @@ def patch_this_process() -> None:
 
 
 class RayCluster:
-    def __init__(self, root: Path, cpus: tuple[int, ...] = (1, 1)):
-        """``cpus``: the head's CPUs and the second node's (one entry: a head alone)."""
+    def __init__(self, root: Path, cpus: tuple[int, ...] = (1, 1), gpus: tuple[int, ...] = (0, 0)):
+        """``cpus``: the head's CPUs and the second node's (one entry: a head alone); ``gpus``: the
+        GPUs each declares (tests/gpu_imitation.py: Ray schedules GPU tasks there, torch finds none)."""
         self.root = Path(root)
-        self.cpus = cpus
+        self.cpus, self.gpus = cpus, gpus
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[subprocess.Popen] = []
@@ -62,19 +63,20 @@ class RayCluster:
     def start(self) -> "RayCluster":
         self.root.mkdir(parents=True, exist_ok=True)
         self._ray("start", "--head", f"--port={self.port}", f"--num-cpus={self.cpus[0]}", "--include-dashboard=false",
-                  f"--temp-dir={self.root / 'ray'}", *self.COMMON, name="head")
+                  f"--temp-dir={self.root / 'ray'}", f"--num-gpus={self.gpus[0]}", *self.COMMON, name="head")
         if len(self.cpus) > 1:
             self.add_worker()
         else:
             self.wait_nodes(1)
         return self
 
-    COMMON = ("--node-ip-address=127.0.0.1", "--disable-usage-stats", "--num-gpus=0")
+    COMMON = ("--node-ip-address=127.0.0.1", "--disable-usage-stats")
 
     def add_worker(self) -> None:
         """The second node (again, after a test killed it)."""
         alive = len(self.alive_nodes())
-        self._ray("start", f"--address={self.address}", f"--num-cpus={self.cpus[1]}", *self.COMMON, name="worker")
+        self._ray("start", f"--address={self.address}", f"--num-cpus={self.cpus[1]}", f"--num-gpus={self.gpus[1]}",
+                  *self.COMMON, name="worker")
         self.wait_nodes(alive + 1)
 
     def alive_nodes(self) -> list[dict]:

@@ -33,7 +33,7 @@ from ..files import atomic_write
 from ..runner import Unit, check_launcher, code_hash, cpu_share, group, iter_records, run_units, tick
 from ..shards import shard_keys, shard_paths
 
-CODE = ("encode/encoding", "encode/latents", "data", "samples", "images", "shards", "model", "vq", "runner")
+CODE = ("encode/encoding", "encode/latents", "data", "samples", "images", "shards", "model", "vq", "precision", "runner")
 
 
 class CoverageError(RuntimeError):
@@ -49,9 +49,12 @@ def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig,
     rank encodes its share, and after a barrier rank 0 alone checks coverage and writes
     stats.json; the other ranks return None. With ``engine.kind: ray`` each input shard is a Ray
     task (a GPU each where the cluster has them) that loads the VAE from ``vae_dir``; ``vae``
-    here serves the fingerprint and the statistics.
+    here serves the fingerprint and the statistics; the dtype is checked where the VAE runs (in
+    each task on Ray: the driver needs no GPU).
     """
-    check_dtype(cfg, next(vae.parameters()).device.type)
+    on_ray = engine is not None and engine.kind == "ray"
+    if not on_ray:
+        check_dtype(cfg, next(vae.parameters()).device.type)
     if vae.config.get("force_upcast") and cfg.dtype != "fp32":
         print(f"encode: the VAE's config says force_upcast: encoding in fp32, not {cfg.dtype}", flush=True)
     fingerprint = vae_fingerprint(vae)
@@ -74,7 +77,6 @@ def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig,
         return units
 
     # Locally in this process: the VAE lives here (threads or the GPU give the parallelism).
-    on_ray = engine is not None and engine.kind == "ray"
     if on_ray and vae_dir is None:
         raise ValueError("encode on Ray: the tasks load the VAE from its folder; pass vae_dir")
     work = EncodeWork(vae_dir, out, cfg, fingerprint, rank, None if on_ray else vae)
@@ -85,9 +87,11 @@ def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig,
     return _finish(vae, prepared, out, units, fingerprint)
 
 
-def check_dtype(cfg: EncodeConfig, device_type: str) -> None:
+def check_dtype(cfg: EncodeConfig, device_type: str, where: str = "") -> None:
+    """Half precision only where the VAE runs on a GPU; ``where`` names a Ray task's node."""
     if cfg.dtype != "fp32" and device_type != "cuda":
-        raise ValueError(f"encode.dtype: {cfg.dtype!r}: needs a GPU (half-precision autocast); use fp32 on a CPU")
+        on = f" ({where} has no GPU that torch can use)" if where else ""
+        raise ValueError(f"encode.dtype: {cfg.dtype!r}: needs a GPU (half-precision autocast){on}; use fp32 on a CPU")
 
 
 class EncodeWork:
@@ -102,7 +106,11 @@ class EncodeWork:
         return {**self.__dict__, "vae": None}
 
     def __call__(self, unit: Unit) -> dict:
-        vae = self.vae if self.vae is not None else _task_vae(self.vae_dir, self.fingerprint)
+        if self.vae is not None:
+            vae = self.vae
+        else:  # a Ray task: the dtype is checked here, on the node the task landed on
+            vae = _task_vae(self.vae_dir, self.fingerprint)
+            check_dtype(self.cfg, next(vae.parameters()).device.type, where=f"Ray node {_node_name()}")
         # channels_last: the convolutions' fast path on CPU (oneDNN) and on GPU tensor cores; measured
         # 1.6x faster per image on the 2-core CPU. It changes the memory layout only, not the numbers.
         vae.to(memory_format=torch.channels_last)
@@ -114,6 +122,12 @@ class EncodeWork:
 
 
 _TASK_VAES: dict = {}  # (folder, fingerprint) -> the VAE, once per Ray worker process
+
+
+def _node_name() -> str:
+    import ray
+
+    return f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
 
 
 def _task_vae(vae_dir, fingerprint: str) -> AutoencoderKL:

@@ -24,6 +24,7 @@ from ..config import EncodeConfig
 from ..data import to_tensor
 from ..images import decode_uint8
 from ..model import LatentMoments, is_vq
+from ..precision import set_tf32
 from ..runner import cpu_share
 from ..samples import LATENT, PREPARED, batched, image_bytes
 from ..shards import ShardWriter, iter_samples
@@ -42,15 +43,17 @@ def latent_sample(prepared: dict, stored: dict[str, dict[str, np.ndarray]], shap
                         label=PREPARED.get(prepared, "label"), **arrays)
 
 
-def _pixels(batch: list[dict]) -> torch.Tensor:
-    """Images [B, 3, H, W] in [-1, 1] (channels_last in memory) of a batch of prepared samples."""
+def _pixels(batch: list[dict], pin: bool = False) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] (channels_last in memory) of a batch of prepared samples;
+    ``pin``: in page-locked memory, for an asynchronous copy to the GPU."""
     arrays = [decode_uint8(image_bytes(s)) for s in batch]  # [H, W, 3] uint8 each
     odd = next((i for i, a in enumerate(arrays) if a.shape != arrays[0].shape), None)
     if odd is not None:  # batches come from one shard, and prepare writes one shape (bucket) a shard
         raise ValueError(f"prepared samples {batch[0]['__key__']!r} and {batch[odd]['__key__']!r} of one shard differ "
                          f"in shape ({arrays[0].shape[1]}x{arrays[0].shape[0]}, {arrays[odd].shape[1]}x"
                          f"{arrays[odd].shape[0]}): a prepared shard must hold one image shape; re-run prepare")
-    return to_tensor(np.stack(arrays))
+    x = to_tensor(np.stack(arrays))
+    return x.pin_memory() if pin else x
 
 
 def ordered_map(fn, items, workers: int, depth: int = 0):
@@ -113,6 +116,7 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
     (output shards, count, exact moments), which :mod:`ldm_vae.encode.encoding` writes once they are complete.
     """
     device = next(vae.parameters()).device
+    set_tf32(False)  # encode.dtype: fp32 means float32, not TF32 (ldm_vae/precision.py)
     dtype = compute_dtype(cfg, dict(vae.config))
     vq = is_vq(vae)
     moments = LatentMoments(vae.config.vq_embed_dim if vq else vae.config.latent_channels)
@@ -125,7 +129,7 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
         """{"": {field: tensor}[, "_flip": ...]} on the CPU: KL {mean, std} float16 [B, C, H/8, W/8];
         VQ {tokens [B, H/8, W/8] long, prequant (encode.prequant), and the
         codes, float32 [B, D, H/8, W/8], for the statistics only}."""
-        x = x.to(device).contiguous(memory_format=torch.channels_last)  # [B, 3, H, W]
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)  # [B, 3, H, W]
         views = {"": x, "_flip": x.flip(-1)} if cfg.flip else {"": x}
         stored = {}
         with torch.inference_mode():  # thread-local: entered in whichever thread runs this
@@ -141,7 +145,7 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
     if device.type == "cuda":
         # Threads decode the next batches while the GPU encodes this one (decoding is what
         # starves a GPU: one core decodes far fewer 256 px JPEGs per second than it encodes).
-        pipeline = ordered_map(lambda b: (b, _pixels(b)), batches, workers)
+        pipeline = ordered_map(lambda b: (b, _pixels(b, pin=True)), batches, workers)
         results = ((b, encode(x)) for b, x in pipeline)
     else:
         # A CPU: each thread decodes and encodes whole batches on one core. Small convolutions
@@ -189,7 +193,8 @@ def _kl_fields(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def _vq_fields(vae, x: torch.Tensor, prequant: bool) -> dict[str, torch.Tensor]:
     """A VQModel's tokens (the nearest codes, as its own decode would choose them) and codes."""
     h = vae.encode(x).latents.float()  # [B, D, h, w], after quant_conv
-    codes, _, (_, _, idx) = vae.quantize(h)  # codes [B, D, h, w]; idx [B h w]
+    with torch.autocast(h.device.type, enabled=False):  # the lookup in float32, as training's (vq.py)
+        codes, _, (_, _, idx) = vae.quantize(h)  # codes [B, D, h, w]; idx [B h w]
     b, _, hh, ww = h.shape
     fields = {"tokens": idx.view(b, hh, ww).cpu(), "codes": codes.float().cpu()}  # tokens: long until stored
     if prequant:

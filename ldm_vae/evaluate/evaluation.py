@@ -26,6 +26,7 @@ from .health import ChannelStats, CodebookStats, health_metrics, write_health
 from ..inputs import loading_kwargs, pretrained_location
 from ..metrics import psnr, resize_baseline, ssim, to_unit
 from ..model import is_vq
+from ..precision import set_tf32
 from ..vq import token_codes
 from .perceptual import Lpips, RFid
 from .spectrum import Spectra
@@ -40,6 +41,7 @@ def run_evaluate(vae: AutoencoderKL, latents_val: Path, prepared_val: Path, out:
                  stats: dict, references: dict[str, AutoencoderKL] | None = None) -> dict:
     """Score every validation latent; write metrics.json, per_image.csv, grids and latent health.
     ``references``: name -> another VAE, scored on the same images (columns ``psnr_<name>`` ...)."""
+    set_tf32(False)  # psnr_fp32 and the references: float32, not TF32 (ldm_vae/precision.py)
     # Reference images by key (uint8). Validation splits are small; a very large one would want an
     # index of (shard, offset) instead.
     refs = {s["__key__"]: decode_uint8(image_bytes(s)) for s in iter_samples(shard_paths(prepared_val))}

@@ -35,9 +35,11 @@ def export_as_is(params: Params, val_shards: list[str], vae_dir: Path, log_dir: 
         tmp.mkdir(parents=True)
         for name in FILES:
             shutil.copyfile(source / name, tmp / name)
-    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()  # it loads: the copy is a usable VAE
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # it loads: the copy is a usable VAE; scored on the GPU when there is one
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).to(accelerator.device).eval()
     _, val_images = load_images(val_shards, limit=VAL_IMAGES)  # [N, 3, H, W] in [-1, 1]
-    rec_val, val_psnr = validate_vae(Accelerator(cpu=not torch.cuda.is_available()), vae, None, val_images)
+    rec_val, val_psnr = validate_vae(accelerator, vae, None, val_images)
     log = TrainLog(log_dir, True, resume_step=None)
     log.log(0, {"val/psnr": val_psnr})
     n = min(8, len(val_images))

@@ -30,15 +30,17 @@ class Progress:
 
     def __init__(self):
         self.step = 0
-        self.skipped = 0  # non-finite steps skipped so far (logged)
+        self.skipped = 0  # non-finite steps skipped so far (logged), fp16 overflows included
+        self.overflows = 0  # of which fp16 GradScaler overflows (ldm_vae/precision.py)
         self.seconds = 0.0  # training time up to this checkpoint, over every resumed run
 
     def state_dict(self):
-        return {"step": self.step, "skipped": self.skipped, "seconds": self.seconds}
+        return {"step": self.step, "skipped": self.skipped, "overflows": self.overflows, "seconds": self.seconds}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
         self.skipped = int(state.get("skipped", 0))
+        self.overflows = int(state.get("overflows", 0))
         self.seconds = float(state.get("seconds", 0.0))
 
 

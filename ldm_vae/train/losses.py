@@ -70,15 +70,27 @@ def free_bits_kl(mean: torch.Tensor, logvar: torch.Tensor, floor: float) -> torc
     return per_channel.clamp_min(floor).sum() * mean.shape[2] * mean.shape[3]
 
 
-def adaptive_weight(nll: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+def adaptive_weight(nll: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """||∇_w nll|| / (||∇_w adv|| + 1e-4) at the decoder's last weight ``w``, clamped and detached.
 
     Balances the adversarial term against the reconstruction at the one place both act on the
     image directly. ``retain_graph``: the graph is needed again for the real backward.
+
+    ``scale``: the fp16 loss scale. Under fp16 autocast the backward runs in float16, where the
+    gradients of the unscaled losses (a per-pixel mean: ~1e-7 an element) underflow to zero, so
+    they are taken of the scaled losses and divided back in float32. Where the scaled ones
+    overflow, they are taken unscaled: the weight is always finite, and an overflow of the step
+    itself is the scaler's to skip.
     """
-    g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(adv, last_layer, retain_graph=True)[0]
-    return (g_nll.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, MAX_ADAPTIVE_WEIGHT).detach()
+    def norms(s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        g_nll = torch.autograd.grad(nll * s, last_layer, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(adv * s, last_layer, retain_graph=True)[0]
+        return g_nll.float().norm() / s, g_adv.float().norm() / s
+
+    n_nll, n_adv = norms(scale)
+    if scale != 1.0 and not bool(torch.isfinite(n_nll) & torch.isfinite(n_adv)):
+        n_nll, n_adv = norms(1.0)
+    return (n_nll / (n_adv + 1e-4)).clamp(0.0, MAX_ADAPTIVE_WEIGHT).detach()
 
 
 class VAELoss(nn.Module):
@@ -104,11 +116,11 @@ class VAELoss(nn.Module):
 
     def forward(self, rec, target, mean, logvar, output_logvar: torch.Tensor | None = None, step: int = 0,
                 disc: nn.Module | None = None, last_layer: torch.Tensor | None = None,
-                rec_down: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                rec_down: torch.Tensor | None = None, grad_scale: float = 1.0) -> tuple[torch.Tensor, dict]:
         """Generator loss. ``output_logvar`` is s (a 0-d tensor; None: 0); ``disc`` the discriminator
         to fool (its parameters frozen by the caller for this pass); ``last_layer`` the decoder's
         last weight, for the adaptive weight; ``rec_down`` the decoding of the 2x-downsampled
-        latent (``loss.scale_equivariance``)."""
+        latent (``loss.scale_equivariance``); ``grad_scale`` the fp16 loss scale (:func:`adaptive_weight`)."""
         # rec, target: [B, 3, H, W] in [-1, 1]; mean, logvar: [B, C, h, w]
         s = output_logvar if output_logvar is not None else rec.new_zeros((), dtype=torch.float32)
         rec_loss = reconstruction_loss(self.cfg.rec_loss, rec, target)
@@ -135,7 +147,7 @@ class VAELoss(nn.Module):
             logs["train/scale_equivariance"] = se.detach()
         if disc is not None and self.adversarial_on(step):
             adv = generator_adv_loss(disc(rec))
-            d_weight = adaptive_weight(nll, adv, last_layer) * self.cfg.disc_weight
+            d_weight = adaptive_weight(nll, adv, last_layer, grad_scale) * self.cfg.disc_weight
             loss = loss + d_weight * adv
             logs.update({"train/g_adv": adv.detach(), "train/d_weight": d_weight})
         # in the order data/train/metrics.json has always had

@@ -7,6 +7,11 @@ reached, the discriminator's hinge loss on detached reconstructions. Then clippi
 guard (a non-finite gradient skips the step; ``train.max_bad_steps`` in a row stop the run), both
 optimizers, LR warm-up + cosine, EMA. Checkpoints every ``train.checkpoint_every`` steps.
 
+Under ``train.mixed_precision: fp16`` one GradScaler serves both optimizers, as PyTorch's AMP
+recipe for several optimizers has it: each optimizer's gradients are unscaled once, both are
+clipped, then both step and the scale is updated once. A scaler overflow is skipped with the scale
+lowered and counted apart from bad steps (ldm_vae/precision.py).
+
 Outputs (paths come from the stage command):
   vae_dir/    diffusers save_pretrained of the (EMA) autoencoder, with measured latent scale
   log_dir/    dvclive curves, metrics.json, samples/step-*.png (trainlog.py)
@@ -36,6 +41,7 @@ from ..launch import cpu_threads_per_process, environment
 from .losses import VAELoss, build_discriminator, reconstruction_loss
 from ..metrics import psnr, to_unit
 from ..model import TrainedAutoencoder, build_vae, is_vq, reconstruct
+from ..precision import is_overflow, set_tf32
 from ..vq import build_quantizer
 from .trainlog import TrainLog
 
@@ -59,7 +65,7 @@ def lr_lambda(cfg):
 # The train stage's own code: the ldm_vae modules its script imports (dvc.yaml lists the same,
 # a test checks). Editing anything else (the URL downloader, the evaluator) keeps checkpoints.
 TRAIN_CODE = ("train/training", "train/as_is", "train/checkpoints", "train/trainlog", "train/losses", "train/discriminator",
-              "launch", "model", "vq", "inputs", "lpips", "data", "samples", "export", "images", "shards", "files", "metrics",
+              "launch", "model", "vq", "precision", "inputs", "lpips", "data", "samples", "export", "images", "shards", "files", "metrics",
               "viz")
 
 
@@ -86,12 +92,7 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
     ``on_step(step, batch, accelerator, model)``: called after every optimizer step (tests, benches).
     """
     tcfg = params.train
-    accelerator = Accelerator(
-        mixed_precision=tcfg.mixed_precision, cpu=not torch.cuda.is_available(),
-        # The schedule is written in optimizer steps; by default accelerate would step it once per
-        # process per call, so 8 GPUs would run the warm-up and the cosine 8x too fast.
-        step_scheduler_with_optimizer=False,
-    )
+    accelerator = make_accelerator(tcfg)
     if not torch.cuda.is_available():  # the weights depend on the thread count: fixed, a run repeats
         torch.set_num_threads(cpu_threads_per_process(tcfg.cpu_threads, accelerator.num_processes))
     # The order of what follows is the order of the random draws (weights, then the loader's
@@ -105,6 +106,8 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
         train_stream(train_shards, seed=tcfg.seed, crop=tcfg.crop_size, color_augment=tcfg.color_augment,
                      fade_augment=tcfg.fade_augment, cache_mb=tcfg.cache_mb),
         batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, persistent_workers=tcfg.num_workers > 0,
+        # page-locked batches: the copy to the GPU runs asynchronously (accumulate's non_blocking)
+        pin_memory=accelerator.device.type == "cuda",
     )
     run.start(perceptual, TrainLog(log_dir, accelerator.is_main_process,
                                    resume_step=run.progress.step if resumed else None))
@@ -133,6 +136,18 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
     result = run.export(vae_dir, val_images, train_shards, resumed) if accelerator.is_main_process else {}
     run.save(ckpt_dir, tag)
     return result
+
+
+def make_accelerator(tcfg) -> Accelerator:
+    """The run's Accelerator: its mixed precision, the GPU when there is one, TF32 as
+    ``train.tf32`` says (tests/gpu_imitation.py wraps this to imitate a GPU's fp16 on the CPU)."""
+    set_tf32(tcfg.tf32)
+    return Accelerator(
+        mixed_precision=tcfg.mixed_precision, cpu=not torch.cuda.is_available(),
+        # The schedule is written in optimizer steps; by default accelerate would step it once per
+        # process per call, so 8 GPUs would run the warm-up and the cosine 8x too fast.
+        step_scheduler_with_optimizer=False,
+    )
 
 
 class _Trainer:
@@ -165,6 +180,8 @@ class _Trainer:
         self.progress = Progress()
         self.val_psnr = float("nan")
         self.bad_in_row = 0
+        self.loss_finite = torch.ones((), dtype=torch.bool)  # every micro-batch's loss this step, this rank
+        self.codebook = None  # a VQ codebook's state before this step's forwards (restored on a skip)
         self.norms = (torch.zeros(()), torch.zeros(()))  # the last step's gradient norms (ae, disc)
 
     def start(self, perceptual: torch.nn.Module | None, log: TrainLog) -> None:
@@ -187,10 +204,20 @@ class _Trainer:
         accum, step = self.tcfg.grad_accum_steps, self.progress.step
         self.model.train()
         logs: dict = {}
+        # The codebook moves in the forward (moving averages, restarts): kept, so that a skipped
+        # step leaves it as it was.
+        quantizer = self.inner.quantizer
+        self.codebook = quantizer.snapshot(self.inner.vae.quantize.embedding.weight) if quantizer is not None else None
+        scaler = self.accelerator.scaler
+        # The adaptive GAN weight's gradients are taken at the loss scale: unscaled, they underflow in fp16.
+        grad_scale = scaler.get_scale() if scaler is not None and self.loss_fn.adversarial_on(step) else 1.0
+        finite = torch.ones((), dtype=torch.bool, device=self.accelerator.device)
         for micro in range(accum):
-            x = next(batches).to(self.accelerator.device)  # [B, 3, H, W] in [-1, 1]
+            x = next(batches).to(self.accelerator.device, non_blocking=True)  # [B, 3, H, W] in [-1, 1]
             with _no_sync(self.accelerator, [self.model, self.disc], micro < accum - 1):
-                logs_g, rec = _generator_pass(self.accelerator, self.model, self.disc, self.loss_fn, x, step, accum)
+                logs_g, rec = _generator_pass(self.accelerator, self.model, self.disc, self.loss_fn, x, step, accum,
+                                              grad_scale)
+                finite &= torch.isfinite(logs_g["train/loss"])  # read only when a step is not finite: no sync
                 logs_d = {}
                 if self.disc is not None and self.loss_fn.adversarial_on(step):
                     with self.accelerator.autocast():
@@ -200,28 +227,40 @@ class _Trainer:
                 for k, v in {**logs_g, **logs_d}.items():
                     logs[k] = logs.get(k, 0.0) + v.float() / accum
             self.images_window += x.shape[0] * self.accelerator.num_processes
+        self.loss_finite = finite
         return x, (logs if log_now else logs_g)
 
     def optimizer_step(self, logs: dict) -> bool:
-        """Clip, guard, step both optimizers and schedules, EMA. False: a non-finite gradient, the
-        step skipped (``train.max_bad_steps`` in a row raise)."""
+        """Unscale, clip, guard, step both optimizers and schedules, EMA. False: a non-finite
+        gradient, the step skipped (``train.max_bad_steps`` bad steps in a row raise)."""
         step, grad_clip = self.progress.step, self.tcfg.grad_clip or float("inf")
+        adversarial = self.disc is not None and self.loss_fn.adversarial_on(step)
+        scaler = self.accelerator.scaler
+        # accelerate's clip_grad_norm_ unscales every prepared optimizer's gradients, and a
+        # GradScaler unscales an optimizer once per update: so it is called once, for the
+        # autoencoder, and the discriminator's gradients (unscaled by that call) are clipped by torch.
         # Clipping returns the norm of the (already all-reduced) gradients: the same on every
         # rank, so every rank takes the same skip decision and DDP never falls out of step.
         grad_norm = self.accelerator.clip_grad_norm_(self.ae_params, grad_clip)
         d_norm = torch.zeros(())
-        adversarial = self.disc is not None and self.loss_fn.adversarial_on(step)
         if adversarial:
-            d_norm = self.accelerator.clip_grad_norm_(self.disc.parameters(), grad_clip)
+            d_norm = torch.nn.utils.clip_grad_norm_(list(self.disc.parameters()), grad_clip)
         self.norms = (grad_norm, d_norm)
         if not (torch.isfinite(grad_norm) and torch.isfinite(d_norm)):
             self._skip(step, logs)
             return False
         self.bad_in_row = 0
-        self.opt_ae.step()
+        for opt, on in ((self.opt_ae, True), (self.opt_d, adversarial)):
+            if opt is None or not on:
+                continue
+            if scaler is not None:
+                scaler.step(opt.optimizer)  # the optimizer accelerate wraps: its step would update the scale too
+            else:
+                opt.step()
+        if scaler is not None:
+            scaler.update()  # once for both optimizers
         self.sched_ae.step()
-        if self.opt_d is not None and adversarial:
-            self.opt_d.step()
+        if adversarial:
             self.sched_d.step()  # the discriminator's warm-up + cosine counts from loss.disc_start
         _zero_grads(self.opt_ae, self.opt_d)
         if self.ema is not None:
@@ -230,12 +269,27 @@ class _Trainer:
         return True
 
     def _skip(self, step: int, logs: dict) -> None:
-        self.bad_in_row += 1
-        self.progress.skipped += 1
+        """A non-finite step: no optimizer, schedule, EMA or codebook change. A GradScaler overflow
+        lowers the scale; any other non-finite step counts toward ``train.max_bad_steps``."""
+        scaler = self.accelerator.scaler
         _zero_grads(self.opt_ae, self.opt_d)
+        if self.codebook is not None:
+            self.inner.quantizer.restore(self.codebook, self.inner.vae.quantize.embedding.weight)
+        self.progress.skipped += 1
         grad_norm, d_norm = self.norms
-        self.accelerator.print(f"step {step + 1}: non-finite gradient (autoencoder {float(grad_norm):.3g}, "
-                               f"discriminator {float(d_norm):.3g}); step skipped ({self.bad_in_row} in a row)")
+        what = f"autoencoder {float(grad_norm):.3g}, discriminator {float(d_norm):.3g}"
+        if scaler is not None:
+            # Every rank enters here together (the norms are the same), so this reduce is collective.
+            bad_ranks = self.accelerator.reduce((~self.loss_finite).float().reshape(1), "sum")
+            scale = scaler.get_scale()
+            scaler.update()  # the overflow recorded by the unscale: the scale is lowered
+            if is_overflow(scaler, bool(bad_ranks.item() == 0), scale):
+                self.progress.overflows += 1
+                self.accelerator.print(f"step {step + 1}: fp16 gradients overflow at loss scale {scale:g} ({what}); "
+                                       f"step skipped, scale lowered to {scaler.get_scale():g}")
+                return
+        self.bad_in_row += 1
+        self.accelerator.print(f"step {step + 1}: non-finite gradient ({what}); step skipped ({self.bad_in_row} in a row)")
         if self.bad_in_row >= self.tcfg.max_bad_steps:
             raise TrainingDiverged(
                 f"train: {self.bad_in_row} non-finite steps in a row at step {step + 1} (train.max_bad_steps: "
@@ -250,6 +304,9 @@ class _Trainer:
         values.update({"train/lr": self.sched_ae.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                        "train/images_per_s": self.images_window / max(now - self.t_window, 1e-9),
                        "train/skipped_steps": self.progress.skipped})
+        if self.accelerator.scaler is not None:  # fp16: the loss scale and the overflows it skipped
+            values.update({"train/loss_scale": self.accelerator.scaler.get_scale(),
+                           "train/overflow_steps": self.progress.overflows})
         if self.opt_d is not None:
             values["train/d_grad_norm"] = float(d_norm)
         self.t_window, self.images_window = now, 0
@@ -280,6 +337,7 @@ class _Trainer:
         if math.isnan(self.val_psnr):  # resumed from the final checkpoint: no step ran, the curves are complete
             _, self.val_psnr = validate_vae(self.accelerator, self.inner.vae, self.ema, val_images)
         vae = self.inner.vae
+        set_tf32(False)  # the measured scale: float32 moments, whatever train.tf32 (ldm_vae/precision.py)
         with _ema_weights(vae, self.ema):  # the exported weights are the EMA weights
             _, scale_images = load_images(train_shards, limit=self.tcfg.scale_samples)
             factors = (export_vq if is_vq(vae) else export_vae)(vae, scale_images, vae_dir)
@@ -287,6 +345,7 @@ class _Trainer:
                   "environment": environment(),
                   "val_psnr": round(self.val_psnr, 3), "resumed": resumed,
                   "processes": self.accelerator.num_processes, "skipped_steps": self.progress.skipped,
+                  "overflow_steps": self.progress.overflows,
                   # The factors written into data/vae/config.json, estimated on train.scale_samples
                   # images; evaluate's exact_* are over every train latent (README: Scaling factors).
                   "vae_scaling_factor": factors["scaling_factor"], "vae_shift_factor": factors["shift_factor"]}
@@ -306,8 +365,9 @@ def build_optimizers(model: TrainedAutoencoder, disc, params: Params):
     return adamw(model, tcfg.lr), (adamw(disc, params.loss.disc_lr or tcfg.lr) if disc is not None else None)
 
 
-def _generator_pass(accelerator, model, disc, loss_fn, x, step: int, accum: int):
-    """The autoencoder's forward + backward; returns (logs, reconstruction for the discriminator)."""
+def _generator_pass(accelerator, model, disc, loss_fn, x, step: int, accum: int, grad_scale: float = 1.0):
+    """The autoencoder's forward + backward; returns (logs, reconstruction for the discriminator).
+    ``grad_scale``: the fp16 loss scale, for the adaptive weight's gradients."""
     inner = accelerator.unwrap_model(model)
     # The discriminator judges the reconstruction through its plain module with its weights frozen:
     # no gradient lands on it (its own step comes next), so nothing of it is touched by DDP here.
@@ -319,7 +379,7 @@ def _generator_pass(accelerator, model, disc, loss_fn, x, step: int, accum: int)
             # through the prepared (DDP) module: gradients get synced
             rec, mean, logvar, rec_down = model(x, down=loss_fn.cfg.scale_equivariance > 0)
             loss, logs = loss_fn(rec, x, mean, logvar, inner.output_logvar, step=step, disc=judge,
-                                 last_layer=inner.last_layer, rec_down=rec_down)
+                                 last_layer=inner.last_layer, rec_down=rec_down, grad_scale=grad_scale)
         accelerator.backward(loss / accum)
     finally:
         if judge is not None:
@@ -346,9 +406,10 @@ def _zero_grads(*optimizers) -> None:
 @torch.inference_mode()
 def _reconstruct(accelerator, vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     vae.eval()
+    device = next(vae.parameters()).device  # where the VAE is, whichever device the accelerator names
     out = []
     for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(accelerator.device)
+        x = images[i : i + batch_size].to(device)
         with accelerator.autocast():
             out.append(reconstruct(vae, x).float().clamp(-1, 1).cpu())
     return torch.cat(out)

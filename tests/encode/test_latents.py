@@ -119,6 +119,40 @@ def test_encode_on_the_ray_engine_gives_the_one_process_bytes(pipeline_dir, enco
     assert (tmp_path / "latents" / "stats.json").read_bytes() == (one / "stats.json").read_bytes()
 
 
+def test_half_precision_on_ray_is_decided_in_each_task_on_nodes_that_declare_gpus(pipeline_dir, encoded, tmp_path):
+    """A Ray node that declares a GPU torch cannot use (tests/gpu_imitation.py): the driver, which
+    has no GPU, no longer refuses bf16; the task that lands there fails once, naming the node and
+    the fix; fp32 falls back to the node's CPU and gives the one-process bytes."""
+    import dataclasses
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ldm_vae.config import EngineConfig
+    from ldm_vae.units import UnitFailed
+    from raycluster import RayCluster, patch_this_process
+
+    vae, one, stats1 = encoded
+    root = Path(tempfile.mkdtemp(prefix="raygpu", dir="/tmp"))  # Ray's socket paths must stay short
+    cluster = RayCluster(root, cpus=(2,), gpus=(1,)).start()
+    try:
+        patch_this_process()
+        engine = EngineConfig(kind="ray", ray_address=cluster.address)
+        half = dataclasses.replace(make_params().encode, dtype="bf16")
+        with pytest.raises(UnitFailed, match=r"on node 127\.0\.0\.1 .*'bf16': needs a GPU .*Ray node 127\.0\.0\.1 .*has no "
+                                             r"GPU that torch can use\); use fp32"):
+            run_encode(vae, pipeline_dir / "prepared", tmp_path / "half", half, engine, pipeline_dir / "vae")
+        stats2 = run_encode(vae, pipeline_dir / "prepared", tmp_path / "latents", make_params().encode, engine,
+                            pipeline_dir / "vae")
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert stats2 == stats1
+    for split in ("train", "val"):
+        a = {p.name: p.read_bytes() for p in (one / split).iterdir()}
+        assert a == {p.name: p.read_bytes() for p in (tmp_path / "latents" / split).iterdir()}, split
+
+
 def test_a_launcher_group_over_several_machines_is_refused(pipeline_dir, encoded, monkeypatch, tmp_path):
     """Several machines are the Ray engine's; a launcher runs one machine's GPUs."""
     vae, _, _ = encoded
