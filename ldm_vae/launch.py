@@ -35,10 +35,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_threads_per_process(cpu_threads: int, num_processes: int) -> int:
     """``train.cpu_threads`` shared among a CPU run's processes (0: the cores shared)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    total = cpu_threads or cores
+    total = cpu_threads or available_cores()
     return max(1, total // num_processes)
 
 

@@ -12,6 +12,9 @@ Each stands for one thing a GPU run does and a CPU run skips:
 - :func:`elsewhere` stands for a CUDA Accelerator beside a VAE loaded on the CPU: an Accelerator
   whose ``device`` is a device the VAE was not loaded on (``meta``: nothing can compute there, so
   any tensor sent to it instead of to the VAE's device fails at once).
+- :func:`inject_overflows` stands for the gradients that overflow float16 at a loss scale too
+  high: an inf gradient at chosen backward passes, so the scaler's skip is exercised at known steps
+  (on a GPU too: bench/gpu_check.py).
 - ``RayCluster(gpus=...)`` (raycluster.py) stands for Ray nodes with GPUs: they declare GPUs, Ray
   plans and schedules GPU tasks onto them and sets ``CUDA_VISIBLE_DEVICES``, and torch finds no GPU
   there, as on a node whose GPU torch cannot use.
@@ -79,3 +82,24 @@ def elsewhere(accelerator):
 
     accelerator.__class__ = Elsewhere
     return accelerator
+
+
+def inject_overflows(monkeypatch, backwards: set[int]):
+    """An inf gradient (the encoder's first weight) at the given backward passes of the next train
+    runs, counted from 1: their scaled gradients overflow as float16 ones do. Returns what undoes it."""
+    from ldm_vae.train import training
+
+    real = training._Trainer
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] in backwards else grad
+
+    class Overflowing(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.inner.vae.encoder.conv_in.weight.register_hook(poison)
+
+    monkeypatch.setattr(training, "_Trainer", Overflowing)
+    return lambda: monkeypatch.setattr(training, "_Trainer", real)

@@ -37,7 +37,7 @@ from ..config import Params, stage_hash, stage_hash_of
 from ..data import load_images, train_stream
 from ..export import export_vae, export_vq
 from ..inputs import fingerprint, pretrained_location
-from ..launch import cpu_threads_per_process, environment
+from ..launch import available_cores, cpu_threads_per_process, environment
 from .losses import VAELoss, build_discriminator, reconstruction_loss
 from ..metrics import psnr, to_unit
 from ..model import TrainedAutoencoder, build_vae, is_vq, reconstruct
@@ -95,6 +95,10 @@ def train(params: Params, train_shards: list[str], val_shards: list[str], vae_di
     accelerator = make_accelerator(tcfg)
     if not torch.cuda.is_available():  # the weights depend on the thread count: fixed, a run repeats
         torch.set_num_threads(cpu_threads_per_process(tcfg.cpu_threads, accelerator.num_processes))
+    elif tcfg.num_workers * accelerator.num_processes > available_cores():
+        accelerator.print(f"train: {tcfg.num_workers} loader workers x {accelerator.num_processes} GPU processes on "
+                          f"{available_cores()} cores: the workers share cores; train.num_workers of about "
+                          f"{max(1, available_cores() // accelerator.num_processes - 1)} fits this node (docs/gpu.md)")
     # The order of what follows is the order of the random draws (weights, then the loader's
     # worker seeds after a resume restored the RNG): changing it changes every trained VAE.
     set_seed(tcfg.seed, device_specific=True)  # per-rank posterior noise; weights come from rank 0

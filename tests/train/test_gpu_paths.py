@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from conftest import curve, make_params
-from gpu_imitation import elsewhere, fp16_on_cpu, fresh_precision
+from gpu_imitation import elsewhere, fp16_on_cpu, fresh_precision, inject_overflows
 from ldm_vae.shards import shard_paths
 from ldm_vae.train.training import train
 
@@ -22,27 +22,6 @@ def _shards(pipeline_dir):
 
 def _outs(tmp_path):
     return tmp_path / "vae", tmp_path / "logs", tmp_path / "ck"
-
-
-def poison_backward(monkeypatch, backwards: set[int]):
-    """An inf gradient (the encoder's first weight) at the given backward passes of the next runs,
-    1-based: their scaled gradients overflow as fp16 ones do. Returns what undoes it."""
-    from ldm_vae.train import training
-
-    real = training._Trainer
-    calls = {"n": 0}
-
-    def poison(grad):
-        calls["n"] += 1
-        return grad * float("inf") if calls["n"] in backwards else grad
-
-    class Poisoned(real):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.inner.vae.encoder.conv_in.weight.register_hook(poison)
-
-    monkeypatch.setattr(training, "_Trainer", Poisoned)
-    return lambda: monkeypatch.setattr(training, "_Trainer", real)
 
 
 def test_fp16_with_the_discriminator_steps_both_optimizers_through_one_scaler(pipeline_dir, tmp_path, monkeypatch):
@@ -71,7 +50,7 @@ def test_fp16_overflows_are_skipped_with_the_scale_lowered_and_the_run_goes_on(p
     """Two steps whose scaled gradients overflow (an inf gradient, at the 2nd and 4th backward)
     with max_bad_steps 1: each is skipped, the scale halved, and the run still ends at its last step."""
     params = make_params(train={"mixed_precision": "fp16", "max_steps": 6, "max_bad_steps": 1, "log_every": 1})
-    poison_backward(monkeypatch, {2, 4})
+    inject_overflows(monkeypatch, {2, 4})
     with fp16_on_cpu(monkeypatch, init_scale=1024.0) as scalers:
         result = train(params, *_shards(pipeline_dir), *_outs(tmp_path))
     assert result["steps"] == 6 and result["overflow_steps"] == 2 and result["skipped_steps"] == 2
@@ -218,7 +197,7 @@ def test_fp16_run_resumes_with_its_loss_scale(pipeline_dir, tmp_path, monkeypatc
     import shutil
 
     params = make_params(train={"mixed_precision": "fp16", "max_steps": 4, "checkpoint_every": 2})
-    restore = poison_backward(monkeypatch, {1})
+    restore = inject_overflows(monkeypatch, {1})
     with fp16_on_cpu(monkeypatch, init_scale=1024.0):
         train(params, *_shards(pipeline_dir), *_outs(tmp_path))
     shutil.rmtree(tmp_path / "ck" / "step-00000004", ignore_errors=True)
