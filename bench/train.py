@@ -57,8 +57,9 @@ class BareLoop:
         t0 = time.perf_counter()
         for _ in range(steps):
             with self.autocast:
-                rec, mean, logvar = self.model(self.x)
-                loss, _ = self.loss_fn(rec, self.x, mean, logvar, self.model.output_logvar, step=self.step)
+                rec, mean, logvar, rec_down = self.model(self.x, down=params_down(self.loss_fn))
+                loss, _ = self.loss_fn(rec, self.x, mean, logvar, self.model.output_logvar, step=self.step,
+                                       rec_down=rec_down)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
@@ -68,6 +69,11 @@ class BareLoop:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+
+def params_down(loss_fn) -> bool:
+    """Whether the forward decodes the 2x-downsampled latent too (loss.scale_equivariance), as train() does."""
+    return loss_fn.cfg.scale_equivariance > 0
 
 
 def interleaved(params, prepared: Path, steps: int, skip: int, segment: int, tmp: Path, perceptual=None) -> dict:
