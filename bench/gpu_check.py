@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -223,24 +224,21 @@ class Check:
 
     def ray_encode(self) -> None:
         """A one-node Ray cluster with one GPU (declared on a CPU) encodes what evaluate's encode did."""
-        import ray
-
         from ldm_vae.encode.encoding import run_encode
         from ldm_vae.export import load_vae
         from ldm_vae.units import UnitFailed
 
         params = params_from_dict(check_params(self.size))  # evaluate's encode dtype: its bytes are compared
         vae = load_vae(self.work / "train_bf16_gan" / "vae", "cpu")  # the driver needs no GPU
-        engine = EngineConfig(kind="ray", ray_address="local")
-        # On 127.0.0.1 only: the workers load tests/ray_loopback first (its docstring says why).
-        import os
+        # A head node started as the README's cluster section says (`ray start --head`), with one
+        # GPU, on 127.0.0.1 (tests/raycluster.py). Not ray.init() of a local cluster: Ray 2.60 leaves
+        # an auth token in ~/.ray that later clusters on the machine then refuse.
+        from raycluster import RayCluster, patch_this_process
 
-        from raycluster import LOOPBACK, patch_this_process
-
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [LOOPBACK, str(ROOT), os.environ.get("PYTHONPATH")]))
+        root = Path(tempfile.mkdtemp(prefix="raygc", dir="/tmp"))  # Ray's socket paths must stay short
+        cluster = RayCluster(root, cpus=(2,), gpus=(1,)).start()
         patch_this_process()
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        engine = EngineConfig(kind="ray", ray_address=cluster.address)
         try:
             figures = {}
             if not GPU:  # the declared GPU is not one torch can use: half precision fails in the task
@@ -255,7 +253,8 @@ class Check:
                                self.work / "train_bf16_gan" / "vae")
             seconds = time.perf_counter() - t
         finally:
-            ray.shutdown()
+            cluster.stop()
+            shutil.rmtree(root, ignore_errors=True)
         local = self.work / "latents"
         figures["same_bytes_as_local"] = stats["splits"] == self.stats["splits"] and all(
                 (local / n).read_bytes() == (self.work / "ray_latents" / n).read_bytes()
