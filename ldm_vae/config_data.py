@@ -43,6 +43,9 @@ class DataConfig:
     # urls: the most one URL may take, retries and waits included (a server that drips a byte
     # at a time never trips read_timeout); a 429/503's Retry-After is honoured within it.
     fetch_deadline: float = 60.0
+    # urls: X-Robots-Tag directives that mean "not for AI training" (img2dataset's default set): a
+    # response carrying one, for every agent or for ldm-vae, is rejected as opted_out. () fetches all.
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     max_bytes: int = 50_000_000
     min_size: int = 32  # shorter side in pixels below which an image is rejected
     max_pixels: int = 64_000_000  # decompression-bomb cap (width * height)
@@ -94,6 +97,10 @@ class DataConfig:
         check_at_least("data.retries", self.retries, 0)
         check_at_least("data.retry_backoff", self.retry_backoff, 0.0)
         check_range("data.fetch_deadline", self.fetch_deadline, 0.0, 3600.0, open_lo=True)
+        for d in self.disallowed_header_directives:
+            if not d or d != d.strip().lower() or "," in d or ":" in d:
+                raise ParamError(f"data.disallowed_header_directives: {d!r}: a directive is one lower-case word, "
+                                 "e.g. noai, noimageai, noindex, noimageindex")
         check_at_least("data.max_bytes", self.max_bytes, 1)
         check_at_least("data.min_size", self.min_size, 1)
         check_at_least("data.max_pixels", self.max_pixels, 1)

@@ -49,6 +49,8 @@ def run_download(cfg: DataConfig, out: Path, engine=None) -> dict | None:
         shutil.rmtree(out / "images")  # the one-file-per-image layout of earlier versions of this stage
     judged = {"min_size": cfg.min_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
               "code": code_hash(*CODE)}
+    if cfg.source_kind == "urls":  # what a fetch refuses: another list re-runs the units (folders never fetch)
+        judged["disallowed_header_directives"] = list(cfg.disallowed_header_directives)
 
     def plan() -> list[Unit]:
         units = plan_source(cfg)

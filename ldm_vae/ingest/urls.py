@@ -215,6 +215,9 @@ class Fetcher:
                     raise FetchError("bad_url", f"redirected to {r.url[:200]!r}")
                 if r.status_code != 200:
                     raise FetchError(f"http_{r.status_code}", url[:200], _retry_after(r.headers.get("Retry-After")))
+                refused = opted_out(_header_values(r, "X-Robots-Tag"), self.cfg.disallowed_header_directives)
+                if refused:  # before the body: an opted-out image is never downloaded
+                    raise FetchError("opted_out", f"X-Robots-Tag: {refused}")
                 declared = _content_length(r.headers.get("Content-Length"))
                 if declared is None:  # no way to tell where the body ends: never wait for it
                     raise FetchError("bad_response", f"Content-Length {r.headers['Content-Length'][:40]!r}")
@@ -228,6 +231,36 @@ class Fetcher:
                 if declared and len(body) < declared:
                     raise FetchError("connection_error", f"body cut short: {len(body)} of {declared} bytes")
                 return bytes(body), r.url
+
+
+USER_AGENT_TOKEN = "ldm-vae"  # the name an X-Robots-Tag may address this downloader by
+
+
+def opted_out(values: list[str], disallowed: tuple[str, ...]) -> str | None:
+    """The X-Robots-Tag value that opts this image out, or None, by img2dataset's rule: each header
+    value is ``directives`` or ``agent: directives`` (comma-separated); it applies when it names
+    no agent or names ldm-vae, and refuses when one of its directives is ``disallowed``."""
+    wanted = set(disallowed)
+    for value in values:
+        head, sep, rest = value.partition(":")
+        # "otherbot: noai" addresses one crawler; "noindex, unavailable_after: <date>" addresses all
+        addressed = bool(sep) and "," not in head and " " not in head.strip()
+        if addressed and head.strip().lower() != USER_AGENT_TOKEN:
+            continue
+        directives = {d.strip().lower() for d in (rest if addressed else value).split(",")}
+        if directives & wanted:
+            return value.strip()[:200]
+    return None
+
+
+def _header_values(response, name: str) -> list[str]:
+    """Every value of a header, one per header line (requests joins repeated lines with commas,
+    which would merge an agent-addressed line with the next)."""
+    raw = getattr(response.raw, "headers", None)
+    if raw is not None and hasattr(raw, "getlist"):
+        return list(raw.getlist(name))
+    value = response.headers.get(name)
+    return [value] if value else []
 
 
 _WATCHED = threading.local()  # .box: [the connection this thread's current fetch runs on]

@@ -1,5 +1,6 @@
 import csv
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -226,3 +227,29 @@ def test_retry_after_values(value, seconds):
     from ldm_vae.ingest.urls import _retry_after
 
     assert _retry_after(value) == seconds
+
+
+def test_x_robots_tag_opt_outs_are_honoured_by_default_and_can_be_turned_off(tmp_path, server):
+    """img2dataset's default: noai, noimageai, noindex and noimageindex, addressed to every agent
+    or to ldm-vae, refuse an image (its own reason, its body never read); another crawler's rule,
+    or another directive, does not."""
+    tags = {"noai": "noai", "ours": "ldm-vae: noimageai", "theirs": "otherbot: noai",
+            "index": "noindex, unavailable_after: 25 Jun 2030 15:00:00 PST", "follow": "nofollow", "none": ""}
+    for i, (name, tag) in enumerate(tags.items()):
+        server.routes[f"/{name}.png"] = Route(image_bytes(photo(seed=i)), headers={"X-Robots-Tag": tag} if tag else {})
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"{server.url}/{name}.png\n" for name in tags))
+    key = {url_key(f"{server.url}/{name}.png"): name for name in tags}
+    summary = run_download(DataConfig(source=f"urls:{listing}", **FAST), tmp_path / "raw")
+    assert summary == {"kept": 3, "rejected": 3, "reasons": {"opted_out": 3}}
+    rows = [json.loads(line) for line in (tmp_path / "raw" / "rejected.jsonl").read_text().splitlines()]
+    refused = {key[r["key"]]: (r["reason"], r["detail"]) for r in rows}
+    assert refused == {"noai": ("opted_out", "X-Robots-Tag: noai"), "ours": ("opted_out", "X-Robots-Tag: ldm-vae: noimageai"),
+                       "index": ("opted_out", f"X-Robots-Tag: {tags['index']}")}
+    assert server.hits["/noai.png"] == 1  # refused at once: never retried
+    # the list changed: a re-run into the same folder does its URL units again, fetching what it refused
+    everything = run_download(DataConfig(source=f"urls:{listing}", disallowed_header_directives=(), **FAST),
+                              tmp_path / "raw")
+    assert everything == {"kept": 6, "rejected": 0, "reasons": {}} and server.hits["/noai.png"] == 2
+    with pytest.raises(Exception, match="data.disallowed_header_directives: 'NoAI'"):
+        DataConfig(source=f"urls:{listing}", disallowed_header_directives=("NoAI",)).check()
