@@ -35,8 +35,6 @@ import torch
 def fp16_on_cpu(monkeypatch, init_scale: float = 2.0**16, growth_interval: int = 2000):
     """While open, the train stage's Accelerator (``train.mixed_precision: fp16``) has a CPU
     GradScaler and fp16 autocast; yields the list of scalers made (one per ``train`` call)."""
-    from accelerate.state import AcceleratorState
-
     from ldm_vae.train import training
 
     real = training.make_accelerator
@@ -51,13 +49,12 @@ def fp16_on_cpu(monkeypatch, init_scale: float = 2.0**16, growth_interval: int =
         scalers.append(accelerator.scaler)
         return accelerator
 
-    AcceleratorState._reset_state()  # accelerate keeps one precision per process
     monkeypatch.setattr(training, "make_accelerator", make)
     try:
-        yield scalers
+        with fresh_precision():  # accelerate keeps one precision per process
+            yield scalers
     finally:
         monkeypatch.setattr(training, "make_accelerator", real)
-        AcceleratorState._reset_state()
 
 
 @contextlib.contextmanager
