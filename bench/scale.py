@@ -41,8 +41,8 @@ def make_photo(args: tuple[int, str]) -> None:
     from ldm_vae.ingest.sources import builtin_files
 
     rng = random.Random(i)
-    files = [f for f in builtin_files() if f[1]]
-    with Image.open(files[i % len(files)][1]) as src:
+    files = [f for f in builtin_files() if f.path]
+    with Image.open(files[i % len(files)].path) as src:
         src = src.convert("RGB")
     w, h = (500, 375) if rng.random() < 0.8 else (375, 500)
     # The largest box of this aspect that fits, scaled down at random, at a random place.

@@ -98,6 +98,9 @@ def main() -> None:
     if stats.get("regularizer") != "vq":
         raise SystemExit(f"{args.latents}: KL latents, not tokens: train with model.regularizer: vq")
     k = stats["codebook_size"]
+    if stats["latent_shape"] is None:  # one position embedding per token: one grid size
+        raise SystemExit(f"{args.latents}: tokens of {len(stats['latent_shapes'])} shapes (buckets); this example "
+                         "takes square crops of one size")
     _, h, w = stats["latent_shape"]
     loader = token_loader(str(args.latents / "train" / "*.tar"), batch_size=args.batch_size, num_workers=0,
                           drop_last=False, stats=args.latents / "stats.json")

@@ -1,21 +1,28 @@
-"""A small, complete latent diffusion trainer on this pipeline's latent shards.
+"""A small, complete latent diffusion trainer on this pipeline's latent shards: unconditional,
+class-conditional or text-conditional, on square latents or on aspect-ratio buckets.
 
-It trains a diffusers ``UNet2DModel`` (class-conditional when the shards carry integer labels) to
-predict the noise of DDPM on the stored latents, on one process or many (DDP through accelerate),
-then samples a grid with the trained model and decodes it with the exported VAE.
+It trains a diffusers UNet to predict the noise of DDPM on the stored latents, on one process or
+many (DDP through accelerate), then samples a grid per bucket (a row per class or per caption) and
+decodes it with the exported VAE.
 
-    python examples/train_diffusion.py --steps 2000                         # one process
-    accelerate launch --num_processes 8 examples/train_diffusion.py ...     # DDP, one process a GPU
-    python examples/train_diffusion.py --size-cond ...                      # buckets + SDXL size conditioning
+    python examples/train_diffusion.py --steps 2000                      # unconditional
+    python examples/train_diffusion.py --class-cond ...                  # labels (data.labels: folder)
+    python examples/train_diffusion.py --text-cond --size-cond ...       # captions + buckets, SDXL-style
+    accelerate launch --num_processes 8 examples/train_diffusion.py ...  # DDP, one process a GPU
 
-With ``--size-cond`` (latents prepared with ``data.crop: bucket``) the batches come in several
-shapes, one each, and the UNet is conditioned the way SDXL is: the six numbers original_size,
-crop_top_left and target_size, each a sinusoidal embedding, concatenated and projected, added to
-the timestep embedding (SDXL's ``add_time_ids``; diffusers' UNet2DModel takes it as an identity
-class embedding).
+- ``--class-cond``: a class embedding added to the timestep embedding (DiT's and ADM's way), the
+  classes from the latents' classes.json (``data.labels``).
+- ``--text-cond``: a ``UNet2DConditionModel`` whose cross-attention reads the caption's token
+  states, from a small byte-level text encoder trained jointly (examples/text_encoder.py; swap in
+  CLIP or T5 where a hub is reachable). Captions are dropped 10% of the time, and sampling uses
+  classifier-free guidance.
+- ``--size-cond`` (latents prepared with ``data.crop: bucket``): SDXL's micro-conditioning, the six
+  numbers original_size, crop_top_left and target_size, each a sinusoidal embedding; with text, as
+  SDXL adds them (``addition_embed_type: text_time``, beside the pooled caption).
 
-What it relies on from ldm_vae: ``latent_loader`` (every rank the same number of full batches per
-epoch, ``drop_last``; ``set_epoch`` reshuffles) and ``decode_latents`` (undoes the loader's
+What it is not: a recipe for a good model (no EMA, no learning-rate schedule, a small UNet). What
+it relies on from ldm_vae: ``latent_loader`` (every rank the same number of full batches per epoch,
+one shape a batch; ``set_epoch`` reshuffles) and ``decode_latents`` (undoes the loader's
 normalisation, then the VAE decodes). Everything else is plain torch, diffusers and accelerate.
 """
 
@@ -24,73 +31,112 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from PIL import Image
 
 from ldm_vae import decode_latents, latent_loader
+from ldm_vae.samples import LATENT
+from ldm_vae.shards import iter_samples, shard_paths
+from text_encoder import ByteTextEncoder
+
+SIZE_DIM = 256  # sinusoid channels per size number (SDXL's addition_time_embed_dim)
 
 
-def build_unet(channels: int, size: int, widths: list[int], classes: int, embedding_in: bool = False) -> UNet2DModel:
-    """A UNet over [C, h, w] latents (h, w multiples of 2^(len(widths) - 1)); attention at the lowest
-    resolution. ``embedding_in``: it takes a ready embedding as class_labels (size conditioning)."""
-    down = ["DownBlock2D"] * (len(widths) - 1) + ["AttnDownBlock2D"]
-    up = ["AttnUpBlock2D"] + ["UpBlock2D"] * (len(widths) - 1)
-    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=widths,
-                       layers_per_block=2, down_block_types=down, up_block_types=up,
-                       norm_num_groups=min(32, widths[0]), num_class_embeds=classes or None,
-                       class_embed_type="identity" if embedding_in else None)
+@dataclass
+class Cond:
+    """What a batch is conditioned on (None: that kind of conditioning is off)."""
+    labels: torch.Tensor | None = None  # [B] int64 class indices
+    captions: list[str] | None = None
+    time_ids: torch.Tensor | None = None  # [B, 6] float: original_size, crop_top_left, target_size
 
 
-class SizeConditioned(torch.nn.Module):
-    """A UNet2DModel with SDXL's micro-conditioning: time_ids [B, 6] (original_size, crop_top_left,
-    target_size) -> a sinusoid of 256 channels each -> [B, 1536] -> the timestep embedding's width,
-    added to it (and a class embedding, when ``classes``)."""
+class Denoiser(torch.nn.Module):
+    """eps(z_t, t | cond). Without text: a UNet2DModel, the size and class embeddings added to
+    its timestep embedding. With text: a UNet2DConditionModel with cross-attention on the text
+    encoder's states, its class embedding, and SDXL's text_time embedding for sizes."""
 
-    def __init__(self, unet: UNet2DModel, classes: int):
+    def __init__(self, channels: int, size: int, widths: list[int], classes: int, size_cond: bool,
+                 text: ByteTextEncoder | None):
         super().__init__()
-        dim = unet.time_embedding.linear_2.out_features
-        self.unet, self.proj = unet, Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.embed = TimestepEmbedding(6 * 256, dim)
-        self.classes = torch.nn.Embedding(classes, dim) if classes else None
+        n = len(widths)
+        self.text, self.size_cond = text, size_cond
+        common = dict(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=widths,
+                      layers_per_block=2, norm_num_groups=min(32, widths[0]))
+        if text is not None:
+            self.unet = UNet2DConditionModel(
+                **common, down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
+                up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1), cross_attention_dim=text.dim,
+                attention_head_dim=8, num_class_embeds=classes or None,
+                addition_embed_type="text_time" if size_cond else None,
+                addition_time_embed_dim=SIZE_DIM if size_cond else None,
+                projection_class_embeddings_input_dim=text.dim + 6 * SIZE_DIM if size_cond else None)
+            return
+        extra = size_cond or classes > 0
+        self.unet = UNet2DModel(**common, down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
+                                up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+                                class_embed_type="identity" if extra else None)
+        dim = self.unet.time_embedding.linear_2.out_features
+        self.size_proj = Timesteps(SIZE_DIM, flip_sin_to_cos=True, downscale_freq_shift=0) if size_cond else None
+        self.size_embed = TimestepEmbedding(6 * SIZE_DIM, dim) if size_cond else None
+        self.class_embed = torch.nn.Embedding(classes, dim) if classes else None
 
-    def forward(self, z, t, time_ids, labels=None):
-        emb = self.embed(self.proj(time_ids.flatten()).reshape(len(time_ids), -1).to(z.dtype))  # [B, dim]
-        if self.classes is not None:
-            emb = emb + self.classes(labels)
-        return self.unet(z, t, class_labels=emb)
+    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """z [B, C, h, w], t [B] -> predicted noise [B, C, h, w]."""
+        if self.text is not None:
+            states = self.text(cond.captions)
+            added = None
+            if self.size_cond:  # SDXL: the pooled caption beside the six size numbers
+                added = {"text_embeds": states.pooled, "time_ids": cond.time_ids}
+            return self.unet(z, t, encoder_hidden_states=states.hidden, encoder_attention_mask=states.mask,
+                             class_labels=cond.labels, added_cond_kwargs=added).sample
+        emb = None
+        if self.size_embed is not None:  # [B, 6] -> [B, 6 * 256] -> [B, dim]
+            emb = self.size_embed(self.size_proj(cond.time_ids.flatten()).reshape(len(z), -1).to(z.dtype))
+        if self.class_embed is not None:
+            emb = self.class_embed(cond.labels) if emb is None else emb + self.class_embed(cond.labels)
+        return self.unet(z, t, class_labels=emb).sample
 
 
-def denoise(model, z, t, labels, ids):
-    """The noise prediction of either model: the plain UNet or the size-conditioned one."""
-    if ids is not None:
-        return model(z, t, ids, labels).sample
-    return model(z, t, class_labels=labels).sample
+def batch_cond(batch: dict, args, device, train: bool) -> Cond:
+    captions = None
+    if args.text_cond:  # caption dropout: what classifier-free guidance samples against
+        drop = np.random.random(len(batch["caption"])) < args.caption_dropout if train else [False] * len(batch["caption"])
+        captions = ["" if d else (c or "") for c, d in zip(batch["caption"], drop)]
+    return Cond(labels=batch["label"].to(device) if args.class_cond else None, captions=captions,
+                time_ids=batch["time_ids"].float().to(device) if args.size_cond else None)
 
 
 @torch.no_grad()
-def sample(unet, scheduler: DDPMScheduler, n: int, shape: list[int], labels, steps: int, seed: int,
-           ids=None) -> torch.Tensor:
-    """n latents [n, C, h, w] in the loader's normalisation, by ``steps`` DDPM steps."""
+def sample(model: Denoiser, scheduler: DDPMScheduler, n: int, shape: list[int], cond: Cond, steps: int, seed: int,
+           guidance: float) -> torch.Tensor:
+    """n latents [n, C, h, w] in the loader's normalisation, by ``steps`` DDPM steps; with
+    captions and ``guidance`` != 1, classifier-free guidance against the empty caption."""
     g = torch.Generator().manual_seed(seed)
-    device = next(unet.parameters()).device
+    device = next(model.parameters()).device
     z = torch.randn((n, *shape), generator=g).to(device)
+    guided = cond.captions is not None and guidance != 1.0
+    empty = Cond(cond.labels, [""] * n, cond.time_ids)
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
-        eps = denoise(unet, z, t, labels, ids)
+        eps = model(z, t, cond)
+        if guided:
+            eps_empty = model(z, t, empty)
+            eps = eps_empty + guidance * (eps - eps_empty)
         z = scheduler.step(eps, t, z, generator=g).prev_sample
     return z
 
 
-def save_image_grid(images: torch.Tensor, path: Path) -> None:
-    """[N, 3, H, W] in [0, 1] -> one PNG, as square a grid as N allows."""
+def save_image_grid(images: torch.Tensor, path: Path, cols: int | None = None) -> None:
+    """[N, 3, H, W] in [0, 1] -> one PNG, ``cols`` a row (default: as square as N allows)."""
     n, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.full((rows * h, cols * w, 3), 255, np.uint8)
     arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [N, H, W, 3]
@@ -100,35 +146,89 @@ def save_image_grid(images: torch.Tensor, path: Path) -> None:
     Image.fromarray(grid).save(path)
 
 
-def train_loop(accelerator, unet, opt, scheduler: DDPMScheduler, loader, steps: int, classes: int,
-               size_cond: bool = False) -> list[float]:
-    """``steps`` optimizer steps of epsilon prediction, epoch by epoch; the loss of each (mean over ranks)."""
+def train_loop(accelerator, model, opt, scheduler: DDPMScheduler, loader, args) -> list[float]:
+    """``args.steps`` optimizer steps of epsilon prediction, epoch by epoch; the loss of each (mean over ranks)."""
     step, epoch, losses = 0, 0, []
-    while step < steps:
+    while step < args.steps:
         loader.set_epoch(epoch)  # a new order, the same on every rank
         before = step
         for batch in loader:
             z0 = batch["latent"].to(accelerator.device)  # [B, C, h, w], ~N(0, 1) per channel
-            labels = batch["label"].to(accelerator.device) if classes else None
             noise = torch.randn_like(z0)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
-            ids = batch["time_ids"].float().to(z0.device) if size_cond else None  # [B, 6], SDXL's add_time_ids
-            pred = denoise(unet, scheduler.add_noise(z0, noise, t), t, labels, ids)
+            pred = model(scheduler.add_noise(z0, noise, t), t, batch_cond(batch, args, z0.device, train=True))
             loss = torch.nn.functional.mse_loss(pred, noise)
             accelerator.backward(loss)
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(accelerator.reduce(loss.detach(), "mean").item())
             step += 1
-            if accelerator.is_main_process and (step % 50 == 0 or step == steps):
+            if accelerator.is_main_process and (step % 50 == 0 or step == args.steps):
                 print(f"step {step}: loss {np.mean(losses[-50:]):.4f}", flush=True)
-            if step == steps:
+            if step == args.steps:
                 break
         epoch += 1
         if step == before:
-            raise SystemExit("the loader gave no full batch: fewer latents per process and loader worker "
+            raise SystemExit("the loader gave no full batch: fewer latents per process, loader worker and bucket "
                              "than --batch-size; lower it or --num-workers")
     return losses
+
+
+def sample_rows(args, stats: dict) -> list[tuple[str, dict]]:
+    """The rows of each sample grid: (what it shows, its condition): one per class (at most 8),
+    per caption (the first --sample-captions of the validation latents), or one unconditional."""
+    if args.class_cond:
+        names_file = args.latents / "classes.json"
+        names = json.loads(names_file.read_text()) if names_file.is_file() else []
+        return [(names[i] if i < len(names) else f"class {i}", {"label": i})
+                for i in range(min(8, num_classes(args, stats)))]
+    if args.text_cond:
+        captions: list[str] = []
+        for split in ("val", "train"):
+            for s in iter_samples(shard_paths(args.latents / split)):
+                caption = LATENT.get(s, "caption")
+                if caption and caption not in captions:
+                    captions.append(caption)
+                if len(captions) == args.sample_captions:
+                    return [(c, {"caption": c}) for c in captions]
+        return [(c, {"caption": c}) for c in captions] or [("(no caption)", {"caption": ""})]
+    return [("unconditional", {})]
+
+
+def num_classes(args, stats: dict) -> int:
+    if stats.get("num_classes"):
+        return stats["num_classes"]
+    labels = [int(k) for k in stats["splits"]["train"].get("labels", {}) if k.lstrip("-").isdigit()]
+    if not labels or min(labels) < 0:
+        raise SystemExit(f"--class-cond: {args.latents} has no integer labels (prepare the data with data.labels: "
+                         "folder, or an hf/urls label column of class indices)")
+    return max(labels) + 1
+
+
+def write_samples(accelerator, model: Denoiser, scheduler, args, stats: dict, shapes: list[list[int]]) -> list[dict]:
+    """A grid per bucket (the --sample-buckets most common shapes): a row per class or caption,
+    --samples columns; samples.png is the first; samples.json says what each row shows."""
+    vae = AutoencoderKL.from_pretrained(args.vae)
+    rows = sample_rows(args, stats)
+    grids = []
+    for b, (channels, h, w) in enumerate(shapes[: args.sample_buckets]):
+        n = len(rows) * args.samples
+        picks = [cond for _, cond in rows for _ in range(args.samples)]
+        device = accelerator.device
+        cond = Cond(
+            labels=torch.tensor([c["label"] for c in picks], device=device) if args.class_cond else None,
+            captions=[c["caption"] for c in picks] if args.text_cond else None,
+            # SDXL's neutral size ids: uncropped, at the bucket's own size.
+            time_ids=torch.tensor([[8 * h, 8 * w, 0, 0, 8 * h, 8 * w]] * n, dtype=torch.float, device=device)
+            if args.size_cond else None)
+        z = sample(model, scheduler, n, [channels, h, w], cond, args.sample_steps, args.seed + b, args.guidance)
+        images = decode_latents(vae, z.cpu(), "channel", args.latents / "stats.json")  # [N, 3, 8h, 8w] in [0, 1]
+        name = f"samples-{8 * w}x{8 * h}.png"
+        save_image_grid(images, args.out / name, cols=args.samples)
+        grids.append({"file": name, "latent_shape": [channels, h, w], "rows": [r for r, _ in rows]})
+    (args.out / "samples.png").write_bytes((args.out / grids[0]["file"]).read_bytes())
+    (args.out / "samples.json").write_text(json.dumps({"grids": grids}, indent=2) + "\n")
+    return grids
 
 
 def main() -> None:
@@ -142,50 +242,52 @@ def main() -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 128], help="UNet block widths")
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--sample-steps", type=int, default=50)
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=4, help="samples per grid row")
+    ap.add_argument("--sample-buckets", type=int, default=3, help="grids for this many shapes, most common first")
+    ap.add_argument("--sample-captions", type=int, default=4, help="--text-cond: grid rows, one caption each")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--classes", type=int, default=0,
-                    help="class-conditional on the shards' integer labels 0..N-1 (0: unconditional)")
+    ap.add_argument("--class-cond", action="store_true", help="condition on the shards' class labels")
+    ap.add_argument("--text-cond", action="store_true", help="condition on the captions (cross-attention)")
+    ap.add_argument("--text-dim", type=int, default=128, help="--text-cond: the text encoder's width")
+    ap.add_argument("--caption-dropout", type=float, default=0.1, help="--text-cond: share of empty captions")
+    ap.add_argument("--guidance", type=float, default=3.0, help="--text-cond: classifier-free guidance scale")
     ap.add_argument("--size-cond", action="store_true",
                     help="SDXL size conditioning (for bucketed latents: batches of several shapes)")
     args = ap.parse_args()
 
     accelerator = Accelerator()
     torch.manual_seed(args.seed)
+    np.random.seed(args.seed + accelerator.process_index)  # caption dropout: a draw of its own per rank
     stats = json.loads((args.latents / "stats.json").read_text())
-    channels, h, w = stats["latent_shape"]
+    # latent_shapes: every [C, h, w] with its count, most common first (one for squares, one per bucket).
+    shapes = [s["shape"] for s in stats["latent_shapes"]]
+    if len(shapes) > 1 and not args.size_cond:
+        print(f"note: {len(shapes)} latent shapes (buckets) and no --size-cond: the model is not told each "
+              "image's size and crop", flush=True)
     loader = latent_loader(str(args.latents / "train" / "*.tar"), stats=args.latents / "stats.json",
                            batch_size=args.batch_size, num_workers=args.num_workers, drop_last=True,
                            normalize="channel", sample_posterior=True, flip=True, seed=args.seed)
-    classes = args.classes
-    unet = build_unet(channels, h, args.widths, 0 if args.size_cond else classes, args.size_cond)
-    if args.size_cond:
-        unet = SizeConditioned(unet, classes)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    unet, opt = accelerator.prepare(unet, opt)  # DDP; the loader splits the data by rank itself
+    classes = num_classes(args, stats) if args.class_cond else 0
+    text = ByteTextEncoder(args.text_dim) if args.text_cond else None
+    channels, h, _ = shapes[0]
+    model = Denoiser(channels, h, args.widths, classes, args.size_cond, text)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    model, opt = accelerator.prepare(model, opt)  # DDP; the loader splits the data by rank itself
     scheduler = DDPMScheduler(num_train_timesteps=1000)
 
-    losses = train_loop(accelerator, unet, opt, scheduler, loader, args.steps, classes, args.size_cond)
+    losses = train_loop(accelerator, model, opt, scheduler, loader, args)
     if accelerator.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
-        net = accelerator.unwrap_model(unet).eval()
-        labels = torch.arange(args.samples, device=accelerator.device) % classes if classes else None
-        # The most common shape; with size conditioning, SDXL's neutral ids: uncropped, at that size.
-        ids = torch.tensor([[8 * h, 8 * w, 0, 0, 8 * h, 8 * w]] * args.samples, dtype=torch.float) \
-            if args.size_cond else None
-        z = sample(net, scheduler, args.samples, [channels, h, w], labels, args.sample_steps, args.seed,
-                   None if ids is None else ids.to(accelerator.device))
-        vae = AutoencoderKL.from_pretrained(args.vae)
-        images = decode_latents(vae, z.cpu(), "channel", args.latents / "stats.json")  # [N, 3, H, W] in [0, 1]
-        save_image_grid(images, args.out / "samples.png")
-        (net.unet if args.size_cond else net).save_pretrained(args.out / "unet")
-        if args.size_cond:
+        net = accelerator.unwrap_model(model).eval()
+        grids = write_samples(accelerator, net, scheduler, args, stats, shapes)
+        net.unet.save_pretrained(args.out / "unet")
+        rest = {k: v.contiguous() for k, v in net.state_dict().items() if not k.startswith("unet.")}
+        if rest:  # the text encoder, the size and class embeddings of the plain UNet
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in net.state_dict().items() if not k.startswith("unet.")},
-                      args.out / "size_embedding.safetensors")
+            save_file(rest, args.out / "conditioning.safetensors")
         (args.out / "loss.json").write_text(json.dumps({"step": list(range(1, len(losses) + 1)), "loss": losses}))
-        print(f"wrote {args.out}/samples.png and {args.out}/unet", flush=True)
+        print(f"wrote {', '.join(g['file'] for g in grids)} and the model to {args.out}", flush=True)
 
 
 if __name__ == "__main__":

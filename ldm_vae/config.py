@@ -334,6 +334,7 @@ def params_from_dict(raw: dict) -> Params:
 
 def _check_across(p: Params) -> None:
     """Keys whose allowed values depend on another section's."""
+    _check_probe_fits(p)
     if p.data.crop == "bucket":
         from .buckets import bucket_set, smallest_side
 
@@ -343,6 +344,25 @@ def _check_across(p: Params) -> None:
         if not 0 < p.train.crop_size <= smallest:
             raise ParamError(f"train.crop_size: {p.train.crop_size}: with data.crop: bucket the training images differ "
                              f"in shape: use windows of at most the smallest bucket side ({smallest})")
+
+
+def _check_probe_fits(p: Params) -> None:
+    """probe.widths against the latents prepare will make: the probe's UNet halves them
+    len(widths) - 1 times, so every latent side (a bucket's side / 8) must divide by 2^(len - 1)."""
+    step = 2 ** (len(p.probe.widths) - 1)
+    sides = {p.data.resolution}
+    if p.data.crop == "bucket":
+        from .buckets import bucket_set
+
+        sides = {s for b in bucket_set(p.data) for s in b}
+        if not p.data.bucket_upscale and not p.data.buckets:  # smaller buckets: multiples of the step
+            sides.add(p.data.bucket_step)
+    bad = sorted(s for s in sides if (s // 8) % step)
+    if bad:
+        what = "data.bucket_step or data.buckets" if p.data.crop == "bucket" else "data.resolution"
+        raise ParamError(f"probe.widths: {list(p.probe.widths)}: halves the latents {len(p.probe.widths) - 1} times, so "
+                         f"every latent side must be a multiple of {step}; a side of {bad[0]} px is {bad[0] // 8} "
+                         f"latents ({what}): use fewer widths or sides that are multiples of {8 * step} px")
 
 
 def stage_hash(*configs) -> str:

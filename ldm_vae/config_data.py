@@ -3,6 +3,7 @@ Part of :mod:`ldm_vae.config`, which re-exports it; import it from there."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from .param_checks import ParamError, check_at_least, check_choice, check_proces
 
 SOURCE_KINDS = ("builtin", "folder", "hf", "urls", "s3")
 CROP_METHODS = ("multiscale", "adm", "random", "bucket")
+LABEL_MODES = ("none", "folder", "file")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,12 @@ class DataConfig:
     image_column: str = "image"
     caption_column: str = ""
     label_column: str = ""
+    # folder: and s3:// sources: where a class label comes from. folder: the first folder under the
+    # source (train/n01440764/x.JPEG -> n01440764), indexed as torchvision's ImageFolder does;
+    # file: data.label_file maps file names to classes (a flat folder: ImageNet's val). The class
+    # list goes to classes.json, and a later run never renumbers it (ingest/labels.py).
+    labels: str = "none"
+    label_file: str = ""
     max_images: int = 0  # stop after this many source items (0: all); for hf and urls
     # Worker processes per machine for download and prepare (auto: every core). Results do not
     # depend on it, so dvc.yaml does not list it: changing it re-runs nothing.
@@ -88,6 +96,7 @@ class DataConfig:
                              "slicing syntax ('train[:10%]', 'train+validation')")
         if kind == "hf" and not self.image_column:
             raise ParamError("data.image_column: '': an hf source needs the name of its image column")
+        self._check_labels(kind)
         check_at_least("data.max_images", self.max_images, 0)
         check_processes("data.num_workers", self.num_workers)
         check_processes("data.unit_images", str(self.unit_images))
@@ -119,6 +128,24 @@ class DataConfig:
                              f"({self.crops_per_image}) and data.val_crops_per_image ({self.val_crops_per_image}) to 1")
         check_at_least("data.samples_per_shard", self.samples_per_shard, 1)
         self._check_buckets()
+
+    def _check_labels(self, kind: str) -> None:
+        check_choice("data.labels", self.labels, LABEL_MODES)
+        if self.labels != "none" and kind not in ("folder", "s3"):
+            raise ParamError(f"data.labels: {self.labels!r}: labels from the layout need a folder: or s3:// source "
+                             f"(this is {kind}; hf: and urls: take data.label_column / a label column)")
+        if self.labels == "file":
+            if kind != "folder":
+                raise ParamError("data.labels: 'file': a label file labels a folder: source (put an s3 set's "
+                                 "images in class folders and use data.labels: folder)")
+            if not self.label_file:
+                raise ParamError("data.label_file: '': data.labels: file needs the file mapping image names to "
+                                 "classes (LOC_val_solution.csv, or lines of 'file,class')")
+            if not os.path.isfile(self.label_file):
+                raise ParamError(f"data.label_file: {self.label_file!r} does not exist")
+        elif self.label_file:
+            raise ParamError(f"data.label_file: {self.label_file!r} is read only with data.labels: file "
+                             f"(data.labels is {self.labels!r})")
 
     def _check_buckets(self) -> None:
         if self.bucket_step < 8 or self.bucket_step % 8:

@@ -28,6 +28,7 @@ import csv
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,8 +81,19 @@ def _loader(shards, stats: Path, cfg: ProbeConfig, shuffle: int, drop_last: bool
                          seed=cfg.seed)
 
 
-def train_probe(unet: UNet2DModel, shards: list[str], stats: Path, cfg: ProbeConfig, device) -> list[float]:
-    """``cfg.steps`` AdamW steps of v-prediction at lambda ~ U(LOG_SNR_RANGE); the loss of each."""
+@dataclass
+class ProbeRun:
+    losses: list[float]  # the training loss of each step
+    partial_batches: bool  # no full batch per bucket and loader worker: trained on partial ones
+
+
+def train_probe(unet: UNet2DModel, shards: list[str], stats: Path, cfg: ProbeConfig, device) -> ProbeRun:
+    """``cfg.steps`` AdamW steps of v-prediction at lambda ~ U(LOG_SNR_RANGE).
+
+    Batches hold one latent shape (one bucket) and come per loader worker, full ones only. Where
+    no bucket gives a worker a full batch (a small bucketed set), the probe trains on the partial
+    ones instead of failing, and says so: the budget is still ``cfg.steps`` steps."""
+    partial = False
     loader = _loader(shards, stats, cfg, shuffle=1000, drop_last=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP) * 0.5 * (
@@ -111,10 +123,14 @@ def train_probe(unet: UNet2DModel, shards: list[str], stats: Path, cfg: ProbeCon
                 break
         epoch += 1
         if len(losses) == before:
-            raise ValueError(f"probe.batch_size: {cfg.batch_size}: the train latents give no full batch "
-                             f"(per loader worker); lower it or probe.num_workers")
+            if partial:
+                raise ValueError("probe: the train latent shards hold no latents")
+            partial = True
+            loader = _loader(shards, stats, cfg, shuffle=1000, drop_last=False)
+            tqdm.write(f"probe: no bucket gives a loader worker a full batch of probe.batch_size {cfg.batch_size}; "
+                       "training on partial batches (one bucket each)")
     bar.close()
-    return losses
+    return ProbeRun(losses, partial)
 
 
 @torch.no_grad()
@@ -181,9 +197,10 @@ def run_probe(latents: Path, out: Path, cfg: ProbeConfig) -> dict:
     torch.manual_seed(cfg.seed)
     unet = build_probe_unet(stats["channels"], cfg.widths).to(device)
     start = time.perf_counter()
-    losses = train_probe(unet, train, stats_path, cfg, device)
+    run = train_probe(unet, train, stats_path, cfg, device)
     v_mse, n_val = score_probe(unet, val, stats_path, cfg, device)
-    m = probe_metrics(v_mse, losses, cfg, sum(p.numel() for p in unet.parameters()), n_val)
+    m = probe_metrics(v_mse, run.losses, cfg, sum(p.numel() for p in unet.parameters()), n_val)
+    m["probe_partial_batches"] = run.partial_batches
     out.mkdir(parents=True, exist_ok=True)
     write_levels(m, out / "denoise.csv")
     save_denoise_plot({"this run": m}, out / "denoise.png")

@@ -15,8 +15,11 @@ import io
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_write
 
 # Raw members carry the source's own format; prepared images are PNG (lossless) or JPEG.
 RAW_IMAGE_EXTS = ("jpg", "png", "webp", "gif", "bmp", "tif")
@@ -264,3 +267,23 @@ def batched(samples, size: int, key=None):
             batch = []
     if batch:
         yield batch
+
+
+# -- the class list beside the shards --------------------------------------------------------------
+
+CLASSES_FILE = "classes.json"  # a JSON list of class names: a label is an index into it
+
+
+def read_classes(folder) -> list[str]:
+    """The class names an earlier stage wrote in ``folder`` ([] if none: labels without names)."""
+    path = Path(folder) / CLASSES_FILE
+    if not path.is_file():
+        return []
+    names = json.loads(path.read_text())
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: expected a JSON list of class names; remove it to number the classes anew")
+    return names
+
+
+def write_classes(folder, names: list[str]) -> None:
+    atomic_write(Path(folder) / CLASSES_FILE, json.dumps(names, indent=0) + "\n")

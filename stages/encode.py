@@ -51,8 +51,12 @@ def main() -> None:
     if stats is None:
         return  # not rank 0: rank 0 checks and reports
     counts = ", ".join(f"{s} {v['count']}" for s, v in stats["splits"].items())
-    print(f"encode: {counts} latents of shape {stats['latent_shape']}; "
-          f"train latent mean {stats['mean']:.4f} std {stats['std']:.4f}")
+    shapes = stats["latent_shapes"]
+    shape = f"of shape {shapes[0]['shape']}" if len(shapes) == 1 else f"in {len(shapes)} shapes (latent_shapes)"
+    print(f"encode: {counts} latents {shape}; train latent mean {stats['mean']:.4f} std {stats['std']:.4f}")
+    if stats["num_classes"]:
+        seen = len(stats["splits"]["train"]["labels"])
+        print(f"  labels: {stats['num_classes']} classes (classes.json), {seen} of them in train")
     if stats["regularizer"] == "vq":
         print(f"  tokens: {stats['codes_used']} of {stats['codebook_size']} codes used on train, perplexity "
               f"{stats['perplexity']:.1f}, {stats['entropy_bits_per_token']:.2f} of {stats['bits_per_token']:.0f} bits a token")

@@ -99,6 +99,19 @@ def make_photo_folder(root: Path) -> Path:
     return root
 
 
+# Class folders whose sorted order is not their creation order; synset-like names, as ImageNet's.
+CLASSES = ["n02085620", "n01440764", "n04592741", "n01530575"]
+
+
+def imagenet_tree(root: Path, classes=CLASSES, per_class: int = 3, seed: int = 0) -> Path:
+    """An ImageNet-like train folder: <wnid>/<wnid>_<n>.JPEG, small distinct photographs."""
+    for c, wnid in enumerate(classes):
+        (root / wnid).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / wnid / f"{wnid}_{i}.JPEG").write_bytes(image_bytes(photo(48 + 4 * i, 40, seed=seed + 10 * c + i), "JPEG"))
+    return root
+
+
 @pytest.fixture
 def photo_folder(tmp_path):
     return make_photo_folder(tmp_path / "photos")

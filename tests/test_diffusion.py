@@ -1,6 +1,7 @@
 """The latent shards feed a real diffusion model: examples/train_diffusion.py (a diffusers UNet and
-scheduler on the project's loader) learns to denoise them, samples a decoded grid, and runs under
-real 2-process DDP without a rank waiting for another."""
+scheduler on the project's loader) learns to denoise them, samples a decoded grid (a row per class
+when class-conditional on data.labels), and runs under real 2-process DDP without a rank waiting
+for another. Its text-conditional mode runs on captioned buckets in test_e2e_buckets.py."""
 
 import json
 import os
@@ -10,9 +11,11 @@ import sys
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT, make_params
+from conftest import ROOT, imagenet_tree, make_params
 from ldm_vae.encode.encoding import run_encode
 from ldm_vae.export import load_vae
+from ldm_vae.ingest.download import run_download
+from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.launch import _free_port
 
 EXAMPLE = str(ROOT / "examples" / "train_diffusion.py")
@@ -40,8 +43,8 @@ def test_the_example_trainer_lowers_its_loss_and_decodes_a_sample_grid(pipeline_
     assert np.mean(loss[-20:]) < 0.75 * np.mean(loss[:20]), (loss[:20], loss[-20:])
     stats = json.loads((latents / "stats.json").read_text())
     side = 8 * stats["latent_shape"][1]
-    with Image.open(out / "samples.png") as grid:  # 4 samples: 2 x 2 decoded images
-        assert grid.size == (2 * side, 2 * side)
+    with Image.open(out / "samples.png") as grid:  # 4 samples: one row of decoded images
+        assert grid.size == (4 * side, side)
         assert np.asarray(grid).std() > 1  # decoded pictures, not a blank
     assert (out / "unet" / "config.json").is_file()
 
@@ -57,3 +60,26 @@ def test_the_example_trainer_runs_under_two_process_ddp(pipeline_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert len(json.loads((out / "loss.json").read_text())["loss"]) == 6
     assert "step 6: loss" in proc.stdout
+
+
+def test_the_example_trainer_is_class_conditional_on_folder_labels(pipeline_dir, tmp_path):
+    tree = imagenet_tree(tmp_path / "train", per_class=4)
+    params = make_params(data={"source": f"folder:{tree}", "labels": "folder"})
+    run_download(params.data, tmp_path / "raw")
+    run_prepare(params.data, tmp_path / "raw", tmp_path / "prepared")
+    run_encode(load_vae(pipeline_dir / "vae"), tmp_path / "prepared", tmp_path / "latents", params.encode)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, EXAMPLE, *_args(tmp_path / "latents", pipeline_dir / "vae", out, **{
+        "--steps": 60, "--batch-size": 6, "--lr": 1e-3, "--num-workers": 1, "--samples": 3}), "--class-cond"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    loss = json.loads((out / "loss.json").read_text())["loss"]
+    assert len(loss) == 60 and np.mean(loss[-15:]) < 0.75 * np.mean(loss[:15]), (loss[:15], loss[-15:])
+    names = json.loads((tmp_path / "latents" / "classes.json").read_text())
+    grid, = json.loads((out / "samples.json").read_text())["grids"]
+    assert grid["rows"] == names == sorted(names) and len(names) == 4  # a row per class, by its name
+    _, h, w = grid["latent_shape"]
+    with Image.open(out / grid["file"]) as img:
+        assert img.size == (3 * 8 * w, 4 * 8 * h) and np.asarray(img).std() > 1
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["class_embed_type"] == "identity" and (out / "conditioning.safetensors").is_file()

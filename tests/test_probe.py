@@ -67,5 +67,23 @@ def test_latents_the_unet_cannot_halve_are_refused_naming_the_key(tmp_path):
     latents = write_latents(tmp_path / "odd", "noise", n_train=8, n_val=2, side=9)
     with pytest.raises(ValueError, match=r"probe.widths: 2 levels .* multiples of 2; these latents are 9x9"):
         probe(latents, tmp_path / "out")
-    with pytest.raises(ValueError, match="probe.batch_size: 16: the train latents give no full batch"):
-        probe(write_latents(tmp_path / "few", "noise", n_train=8, n_val=2), tmp_path / "out")
+
+
+
+def test_fewer_latents_than_a_batch_train_on_partial_batches_and_say_so(tmp_path, capsys):
+    m = probe(write_latents(tmp_path / "few", "noise", n_train=8, n_val=2), tmp_path / "out")  # batch_size 16
+    assert m["probe_partial_batches"] is True and m["probe_steps"] == FAST["steps"]
+    assert "no bucket gives a loader worker a full batch of probe.batch_size 16" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "details.json").read_text())["probe_partial_batches"] is True
+
+
+def test_probe_widths_the_latents_cannot_take_fail_with_the_params(tmp_path):
+    from ldm_vae.config import ParamError
+
+    make_params(data={"resolution": 64}, probe={"widths": [8, 16, 32, 64]})  # 8 latents: halved 3 times
+    with pytest.raises(ParamError, match="probe.widths: .* multiple of 8; a side of 32 px is 4 latents"):
+        make_params(data={"resolution": 32}, probe={"widths": [8, 16, 32, 64]})
+    bucket = {"crop": "bucket", "crops_per_image": 1, "val_crops_per_image": 1, "bucket_step": 32}
+    with pytest.raises(ParamError, match="data.bucket_step or data.buckets"):  # buckets of 4 x 32 px sides
+        make_params(data={**bucket, "resolution": 128}, probe={"widths": [32, 64, 128, 256]}, train={"crop_size": 32})
+    make_params(data={**bucket, "resolution": 128}, probe={"widths": [32, 64, 128]}, train={"crop_size": 32})

@@ -31,6 +31,7 @@ from ..model import LatentMoments, is_vq
 from ..vq import histogram_stats
 from ..files import atomic_write
 from ..runner import Unit, check_launcher, code_hash, cpu_share, group, iter_records, run_units, tick
+from ..samples import read_classes, write_classes
 from ..shards import shard_keys, shard_paths
 
 CODE = ("encode/encoding", "encode/latents", "data", "samples", "images", "shards", "model", "vq", "precision", "runner")
@@ -150,6 +151,7 @@ def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fi
     channels = vae.config.vq_embed_dim if vq else vae.config.latent_channels
     stats = {"channels": channels, "regularizer": "vq" if vq else "kl", "splits": {}, "vae_fingerprint": fingerprint}
     records = list(iter_records(out, units))
+    every_shape: set = set()
     for split in SPLITS:
         mine = [r for r in records if r["split"] == split]
         outputs = [str(out / n) for r in mine for n in r["outputs"]]
@@ -162,9 +164,16 @@ def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fi
                                   "shard_counts": {n: counts[str(out / n)] for n in shards},
                                   "shard_shapes": {n: shapes[n] for n in shards},
                                   "buckets": _bucket_counts({n: counts[str(out / n)] for n in shards}, shapes)}
-        if mine and (split == "train" or "latent_shape" not in stats):  # the train split's most common
-            per_shape = Counter({tuple(shapes[n]): counts[str(out / n)] for n in shards})
-            stats["latent_shape"] = list(per_shape.most_common(1)[0][0]) if per_shape else None
+        stats["splits"][split]["labels"] = _label_counts(mine)
+        per_shape = Counter()
+        for n in shards:
+            per_shape[tuple(shapes[n])] += counts[str(out / n)]
+        every_shape |= set(per_shape)
+        if mine and (split == "train" or "latent_shapes" not in stats):  # the train split's
+            # A trainer reads latent_shapes: each shape [C, h, w] with its latents, most first (one
+            # for square crops; one per bucket). latent_shape: the shape, only where there is one.
+            stats["latent_shapes"] = [{"shape": list(sh), "count": c} for sh, c in
+                                      sorted(per_shape.items(), key=lambda kv: (-kv[1], kv[0]))]
         if split == "train":
             moments = LatentMoments(channels)
             for r in mine:
@@ -178,11 +187,24 @@ def _finish(vae: AutoencoderKL, prepared: Path, out: Path, units: list[Unit], fi
                 stats.update({**histogram_stats(counts, k), "code_histogram": counts})
     # How full the encode batches were: each input shard (one bucket) ends in a partial batch.
     slots = sum(r["batches"] * r["batch_size"] for r in records if "batches" in r)
+    stats["latent_shape"] = list(next(iter(every_shape))) if len(every_shape) == 1 else None
+    classes = read_classes(prepared)  # the names the labels index ([]: none)
+    write_classes(out, classes)
+    stats["num_classes"] = len(classes)
     stats["batch_fill"] = round(sum(r["count"] for r in records if "batches" in r) / slots, 4) if slots else None
     stats["vae_scaling_factor"] = vae.config.scaling_factor
     stats["vae_shift_factor"] = vae.config.get("shift_factor")
     atomic_write(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def _label_counts(records: list[dict]) -> dict[str, int]:
+    """Latents per label ("label": count, by label; {} without labels): per class with data.labels."""
+    per: Counter = Counter()
+    for r in records:
+        for label, n in r.get("labels", []):
+            per[label] += n
+    return {str(k): per[k] for k in sorted(per, key=lambda k: (isinstance(k, str), k))}
 
 
 def _bucket_counts(counts: dict[str, int], shapes: dict[str, list[int]]) -> dict[str, int]:

@@ -124,6 +124,7 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
     tokens_as = token_dtype(vae.config.num_vq_embeddings) if vq else None  # the stored integer type
     shape: list[int] = []
     n_batches = 0
+    labels: collections.Counter = collections.Counter()  # samples per label (its per-class counts in stats.json)
 
     def encode(x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """{"": {field: tensor}[, "_flip": ...]} on the CPU: KL {mean, std} float16 [B, C, H/8, W/8];
@@ -171,6 +172,8 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
                     shape = list(mean16.shape[1:])
                 check_finite(batch, stored, cfg.dtype if dtype != torch.float32 else "fp32")
                 for i, s in enumerate(batch):
+                    if "cls" in s:
+                        labels[PREPARED.get(s, "label")] += 1
                     fields = {k: {n: t[i].numpy().astype(tokens_as) if n == "tokens" else t[i].numpy()
                                   for n, t in f.items()} for k, f in stored.items()}
                     writer.write(latent_sample(s, fields, shape))
@@ -182,7 +185,8 @@ def encode_shard(vae: AutoencoderKL, in_path: str, out_dir: Path, split: str, in
         torch.set_num_threads(threads)
     return {"input": Path(in_path).name, "vae": fingerprint, "flip": cfg.flip, "outputs": writer.written,
             "count": writer.total, "shape": shape, "moments": moments.state(), "batches": n_batches,
-            "batch_size": cfg.batch_size, **({"histogram": [int(c) for c in histogram]} if vq else {})}
+            "batch_size": cfg.batch_size, "labels": [[k, n] for k, n in labels.items() if n],
+            **({"histogram": [int(c) for c in histogram]} if vq else {})}
 
 
 def _kl_fields(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:

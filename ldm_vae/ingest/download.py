@@ -6,6 +6,8 @@ Output (the raw contract, docs/design.md):
   <out>/manifest.jsonl      one line per kept image: key, sha256, width, height, source, shard,
                             member (+caption/label), in source order
   <out>/rejected.jsonl      one line per rejected input: key, source, reason, detail
+  <out>/classes.json        the class names a label indexes (data.labels; [] without), never
+                            renumbered by a later run (:mod:`ldm_vae.ingest.labels`)
   <out>/.done/<unit>.json   the runner's per-unit records (what a re-run keeps)
 
 The source is cut into units (:func:`ldm_vae.ingest.sources.plan_source`) that a pool of worker
@@ -31,10 +33,12 @@ from ..images import ImageRejected, check_image, image_ext
 from ..samples import RAW
 from ..runner import Unit, code_hash, iter_records, resolve_workers, run_units, tick
 from ..shards import ShardWriter, tar_members
-from .sources import iter_unit, plan_source
+from ..samples import read_classes, write_classes
+from .labels import LabelRule
+from .sources import Labels, iter_unit, plan_source
 
 SHARDS = "shards"
-CODE = ("ingest/download", "ingest/items", "ingest/sources", "ingest/urls", "ingest/hf_source", "ingest/s3_source", "s3", "images", "samples", "shards", "runner")
+CODE = ("ingest/download", "ingest/items", "ingest/sources", "ingest/labels", "ingest/urls", "ingest/hf_source", "ingest/s3_source", "s3", "images", "samples", "shards", "runner")
 
 
 def run_download(cfg: DataConfig, out: Path, engine=None) -> dict | None:
@@ -51,9 +55,19 @@ def run_download(cfg: DataConfig, out: Path, engine=None) -> dict | None:
               "code": code_hash(*CODE)}
     if cfg.source_kind == "urls":  # what a fetch refuses: another list re-runs the units (folders never fetch)
         judged["disallowed_header_directives"] = list(cfg.disallowed_header_directives)
+    if cfg.labels != "none":  # each item's label is in its unit's fingerprint; this covers those rejected
+        judged["labels"] = cfg.labels
 
     def plan() -> list[Unit]:
-        units = plan_source(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        labels = None
+        if cfg.labels != "none":
+            labels = Labels(LabelRule(cfg.labels, cfg.label_file), read_classes(out))
+        units = plan_source(cfg, labels)
+        # Written before any unit runs: a killed run's units and its re-run number the same.
+        write_classes(out, labels.classes.names if labels else [])
+        if labels and labels.classes.note():
+            print(f"download: {labels.classes.note()}", flush=True)
         for u in units:
             u.ident = {**u.ident, **judged}
         return units

@@ -28,6 +28,20 @@ class SourceItem:
     final_url: str | None = None  # urls: where the redirects ended, when not at ``source``
 
 
+@dataclass(frozen=True)
+class FileRef:
+    """A local file a unit reads (builtin and folder: sources): planned by rank 0, read by a worker."""
+    key: str
+    path: str | None
+    source: str  # the path relative to the source folder (builtin: package/path), for the manifest
+    error: str | None = None  # found but not usable (a missing package, no class folder)
+    label: int | None = None  # the class index (data.labels), None: no label
+
+    def ident(self, stat: tuple) -> list:
+        """What a unit's fingerprint holds of this file: its names, size and mtime (and label)."""
+        return [self.key, self.path, self.source, *stat] + ([] if self.label is None else [self.label])
+
+
 # data.unit_images: auto. Sizes double from 125 to 4,000, so that a unit of one size is two units
 # of the size below (an S3 listing merges its units as it grows, s3_source.py).
 UNIT_LADDER = (125, 250, 500, 1000, 2000, 4000)

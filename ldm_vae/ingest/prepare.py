@@ -24,7 +24,7 @@ from ..config import DataConfig
 from ..buckets import bucket_crop, bucket_name, bucket_set, square_sizes
 from ..images import adm_center_crop, crop_resize, encode_image, load_rgb, random_squares, square_crops
 from ..files import atomic_write
-from ..samples import PREPARED
+from ..samples import PREPARED, read_classes, write_classes
 from ..runner import Unit, code_hash, iter_records, resolve_workers, run_units, tick
 from ..shards import ShardWriter, tar_members
 
@@ -105,6 +105,7 @@ def run_prepare(cfg: DataConfig, raw: Path, out: Path, engine=None) -> dict | No
         if "buckets" in counts[split]:
             counts[split]["buckets"] = dict(sorted(counts[split]["buckets"].items()))
     atomic_write(out / "counts.json", json.dumps(counts, indent=2) + "\n")
+    write_classes(out, read_classes(raw))  # the labels' names travel with the shards
     return counts
 
 

@@ -30,6 +30,7 @@ from typing import Iterator
 
 from .. import s3 as store
 from ..runner import Unit
+from .labels import LabelRule
 from .items import IMAGE_EXTENSIONS, UNIT_LADDER, SourceItem, folder_key, ordered_map, unique_key, unit_size
 
 
@@ -39,13 +40,16 @@ def listing_root(url: str) -> str:
     return f"s3://{bucket}/{prefix.rstrip('/') + '/' if prefix.strip('/') else ''}"
 
 
-def plan_s3(cfg) -> list[Unit]:
+def plan_s3(cfg, labels=None) -> list[Unit]:
     """Units of ``data.unit_images`` images in key order (at most ``cfg.max_images`` in all).
 
     ``auto`` (:func:`~ldm_vae.ingest.items.unit_size`) needs the count, which only the end of the
     listing tells: the planner cuts the listing into units of the smallest size as it streams and
     merges neighbours in pairs whenever the count so far allows the next size (the sizes double):
-    at most 2 x MIN_UNITS summaries until units reach the largest size, then one per unit."""
+    at most 2 x MIN_UNITS summaries until units reach the largest size, then one per unit.
+
+    ``labels`` (:class:`~ldm_vae.ingest.sources.Labels`, ``data.labels: folder``): each unit
+    carries the index of each class its objects name (a few per unit), and a worker labels them."""
     root = listing_root(cfg.source)
     s3 = _client(cfg)
     auto = cfg.unit_images == "auto"
@@ -59,6 +63,10 @@ def plan_s3(cfg) -> list[Unit]:
             rel = obj["rel"]
             key = unique_key(folder_key(rel), rel, seen)
             cur.add(key, obj, folder_key(rel))
+            if labels is not None:
+                name, _ = labels.rule.class_name(rel)  # no class: rejected when the unit reads it
+                if name is not None:
+                    cur.classes.add(name)
             total += 1
             if cur.count == size:
                 done.append(cur)
@@ -70,7 +78,8 @@ def plan_s3(cfg) -> list[Unit]:
                 break
     if cur.count:
         done.append(cur)
-    units = [summary.unit(n, root) for n, summary in enumerate(done)]
+    index = labels.finish({c for summary in done for c in summary.classes}) if labels is not None else None
+    units = [summary.unit(n, root, index) for n, summary in enumerate(done)]
     if not units:
         raise store.StoreError(f"{root}: no image objects under this prefix (extensions "
                                f"{', '.join(sorted(IMAGE_EXTENSIONS))}): an empty dataset is not a success")
@@ -80,7 +89,7 @@ def plan_s3(cfg) -> list[Unit]:
 def iter_s3_unit(cfg, task) -> Iterator[SourceItem]:
     """The SourceItems of one planned unit, in key order, read on ``cfg.download_workers``
     threads; fails the unit if its slice of the listing is no longer what was planned."""
-    _, root, after, count, renamed, planned, leaf = task
+    _, root, after, count, renamed, planned, leaf, classes = task
     s3 = _client(cfg)
     bucket, _ = store.split_url(root)
     objs = list(itertools.islice(_images(store.iter_objects(s3, root, start_after=after), root), count))
@@ -95,7 +104,20 @@ def iter_s3_unit(cfg, task) -> Iterator[SourceItem]:
         where = f"s3://{bucket}/{after}" if after else "the start of the prefix"
         raise store.StoreError(f"{root}: the objects after {where} changed since the stage planned "
                                "(listing, ETags or sizes): run the stage again")
-    yield from ordered_map(lambda o: _read(cfg, s3, bucket, o), objs, cfg.download_workers)
+    rule = LabelRule(cfg.labels) if classes is not None else None
+    yield from ordered_map(lambda o: _labelled(_read(cfg, s3, bucket, o), rule, classes, o["rel"]), objs,
+                           cfg.download_workers)
+
+
+def _labelled(item: SourceItem, rule: LabelRule | None, classes: dict | None, rel: str) -> SourceItem:
+    """The item with its class index (``data.labels``), or rejected for having no class."""
+    if rule is None or item.error:
+        return item
+    name, error = rule.class_name(rel)
+    if error:
+        return SourceItem(item.key, item.source, error=error)
+    item.label = classes[name]
+    return item
 
 
 def _read(cfg, s3, bucket: str, obj: dict) -> SourceItem:
@@ -149,6 +171,7 @@ class _Summary:
         self.leaves = bytearray()  # 32 bytes per finished leaf
         self.hash = hashlib.sha256()  # the leaf being filled
         self.first = ""
+        self.classes: set[str] = set()  # data.labels: the class names of its objects
 
     def add(self, key: str, obj: dict, plain: str) -> None:
         if key != plain:
@@ -166,13 +189,17 @@ class _Summary:
         self.count += other.count
         self.leaves += other.leaves
         self.hash = other.hash
+        self.classes |= other.classes
         return self
 
-    def unit(self, n: int, root: str) -> Unit:
+    def unit(self, n: int, root: str, index: dict[str, int] | None) -> Unit:
         leaves = self.leaves + (self.hash.digest() if self.count % self.leaf else b"")
         digest = hashlib.sha256(leaves).hexdigest()[:16]
         ident = {"kind": "s3", "root": root, "after": self.after, "count": self.count, "objects": digest}
-        return Unit(f"u{n:05d}", ident, ("s3", root, self.after, self.count, self.renamed, digest, self.leaf),
+        classes = None if index is None else {c: index[c] for c in sorted(self.classes)}
+        if classes is not None:
+            ident["classes"] = classes  # a relabelled class redoes the units that hold it
+        return Unit(f"u{n:05d}", ident, ("s3", root, self.after, self.count, self.renamed, digest, self.leaf, classes),
                     self.count, f"{root}{self.first} and {self.count - 1} objects after it")
 
 

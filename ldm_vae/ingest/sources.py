@@ -12,10 +12,12 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from dataclasses import replace
 from typing import Iterator
 
 from ..runner import Unit
-from .items import IMAGE_EXTENSIONS, SourceItem, chunks, fingerprint, folder_key, unique_key, unit_size
+from .items import IMAGE_EXTENSIONS, FileRef, SourceItem, chunks, fingerprint, folder_key, unique_key, unit_size
+from .labels import ClassList, LabelRule, extend_classes
 
 # Photographs that ship inside installed packages: (package, path inside it, key). Synthetic
 # test patterns, documents and the right half of the motorcycle stereo pair (near-identical to
@@ -41,12 +43,14 @@ BUILTIN_PHOTOS = [
 ]
 
 
-def plan_source(cfg) -> list[Unit]:
+def plan_source(cfg, labels: Labels | None = None) -> list[Unit]:
     """The source's items cut into units of ``data.unit_images`` (:func:`unit_size`; an hf streaming set: its own
     shards), in source order. Only rank 0 plans; workers read a unit with :func:`iter_unit`.
+    ``labels`` (``data.labels`` folder or file): the class of each item, and ``labels.classes``
+    the list they index, once planned.
 
-    A unit's ident fingerprints what it would read (paths with sizes and mtimes, URL rows, the
-    dataset's rows), so a re-run redoes a unit whose items changed and keeps every other one."""
+    A unit's ident fingerprints what it would read (paths with sizes and mtimes, their labels, URL
+    rows, the dataset's rows), so a re-run redoes a unit whose items changed and keeps every other one."""
     kind, target = cfg.source_kind, cfg.source_target
     if kind == "hf":
         from .hf_source import plan_hf
@@ -59,16 +63,38 @@ def plan_source(cfg) -> list[Unit]:
     if kind == "s3":
         from .s3_source import plan_s3
 
-        return plan_s3(cfg)
+        return plan_s3(cfg, labels)
     files = builtin_files() if kind == "builtin" else folder_files(Path(target))
     if cfg.max_images:
         files = files[: cfg.max_images]
+    if labels is not None:
+        files = labels.label_files(files)
     root = str(Path(target).resolve()) if kind == "folder" else None
     units = []
     for n, chunk in enumerate(chunks(files, unit_size(cfg.unit_images, len(files)))):
-        ident = {"kind": kind, "files": fingerprint([f[:3] + _stat(f[1]) for f in chunk])}
-        units.append(Unit(f"u{n:05d}", ident, ("files", root, chunk), len(chunk), f"{kind} items {chunk[0][2]} ..."))
+        ident = {"kind": kind, "files": fingerprint([f.ident(_stat(f.path)) for f in chunk])}
+        units.append(Unit(f"u{n:05d}", ident, ("files", root, chunk), len(chunk), f"{kind} items {chunk[0].key} ..."))
     return units
+
+
+class Labels:
+    """``data.labels`` applied while planning: each path's class name by the rule, then the class
+    list (:func:`~ldm_vae.ingest.labels.extend_classes` of the last run's) and each item's index."""
+
+    def __init__(self, rule: LabelRule, previous: list[str]):
+        self.rule, self.previous = rule, previous
+        self.classes: ClassList | None = None
+
+    def label_files(self, files: list[FileRef]) -> list[FileRef]:
+        named = [(f, *self.rule.class_name(f.source)) for f in files]
+        index = self.finish(name for _, name, _ in named if name is not None)
+        return [f if f.error else replace(f, error=error) if error else replace(f, label=index[name])
+                for f, name, error in named]
+
+    def finish(self, found) -> dict[str, int]:
+        """The class list from the names found; name -> index."""
+        self.classes = extend_classes(self.previous, found)
+        return self.classes.index()
 
 
 def iter_unit(cfg, task, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
@@ -76,7 +102,7 @@ def iter_unit(cfg, task, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
     fetched: they come without data (the caller has their bytes)."""
     if task[0] == "files":
         _, root, files = task
-        return (_read_file(key, path, source, root, error) for key, path, source, error in files)
+        return (_read_file(f, root) for f in files)
     if task[0] == "urls":
         from .urls import iter_url_rows
 
@@ -90,24 +116,24 @@ def iter_unit(cfg, task, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
     return iter_hf_unit(cfg, task)
 
 
-def builtin_files() -> list[tuple]:
-    """(key, path, source, error) of every builtin photograph."""
+def builtin_files() -> list[FileRef]:
+    """Every builtin photograph (an error where its package is not installed)."""
     files = []
     for package, rel, key in BUILTIN_PHOTOS:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            files.append((key, None, f"{package}/{rel}", f"package {package} is not installed"))
+            files.append(FileRef(key, None, f"{package}/{rel}", f"package {package} is not installed"))
         else:
-            files.append((key, str(Path(list(spec.submodule_search_locations)[0]) / rel), f"{package}/{rel}", None))
+            files.append(FileRef(key, str(Path(list(spec.submodule_search_locations)[0]) / rel), f"{package}/{rel}"))
     return files
 
 
 def iter_builtin() -> Iterator[SourceItem]:
-    return (_read_file(*f[:3], None, f[3]) for f in builtin_files())
+    return (_read_file(f, None) for f in builtin_files())
 
 
-def folder_files(root: Path) -> list[tuple]:
-    """(key, path, relative path, None) of every image file under ``root`` (recursive, sorted).
+def folder_files(root: Path) -> list[FileRef]:
+    """Every image file under ``root`` (recursive, sorted), ``source`` its path relative to the root.
 
     Plain string operations, not pathlib: this runs once per file before any work starts, and
     pathlib's parsing made it 36 us a file (45 s for ImageNet's 1.28 M)."""
@@ -124,7 +150,7 @@ def folder_files(root: Path) -> list[tuple]:
             if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             rel = prefix + name
-            files.append((unique_key(folder_key(rel), rel, seen), os.path.join(dirpath, name), rel, None))
+            files.append(FileRef(unique_key(folder_key(rel), rel, seen), os.path.join(dirpath, name), rel))
     return files
 
 
@@ -136,14 +162,14 @@ def _stat(path: str | None) -> tuple:
         return (-1, -1)
 
 
-def _read_file(key: str, path: str | None, source: str, root: str | None, error: str | None) -> SourceItem:
-    if error:
-        return SourceItem(key, source, error=error)
+def _read_file(f: FileRef, root: str | None) -> SourceItem:
+    if f.error:
+        return SourceItem(f.key, f.source, error=f.error)
     if root is not None:  # a folder: never follow a link out of it
-        real = Path(path).resolve()
+        real = Path(f.path).resolve()
         if not real.is_relative_to(root):
-            return SourceItem(key, source, error=f"link_outside_folder: {source} -> {real}")
+            return SourceItem(f.key, f.source, error=f"link_outside_folder: {f.source} -> {real}")
     try:
-        return SourceItem(key, source, data=Path(path).read_bytes())
+        return SourceItem(f.key, f.source, data=Path(f.path).read_bytes(), label=f.label)
     except OSError as e:
-        return SourceItem(key, source, error=f"unreadable: {e.strerror or e}")
+        return SourceItem(f.key, f.source, error=f"unreadable: {e.strerror or e}")

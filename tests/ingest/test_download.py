@@ -21,7 +21,7 @@ def test_builtin_download_keeps_every_photograph(tmp_path):
     assert (astronaut["width"], astronaut["height"]) == (512, 512)
     assert astronaut["source"] == "skimage/data/astronaut.png"
     assert astronaut["shard"] == "shards/raw-u00000-00000.tar" and astronaut["member"] == "skimage-astronaut.png"
-    path = next(f[1] for f in builtin_files() if f[0] == "skimage-astronaut")
+    path = next(f.path for f in builtin_files() if f.key == "skimage-astronaut")
     assert raw_images(tmp_path)["skimage-astronaut"] == open(path, "rb").read()  # the source's bytes
 
 
