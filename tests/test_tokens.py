@@ -131,3 +131,23 @@ def test_token_buckets_give_one_shape_a_batch_and_equal_batches_on_two_ranks(tmp
         counts.append(len(batches))
         seen += [k for b in batches for k in b["key"]]
     assert counts[0] == counts[1] and len(seen) == len(set(seen)) >= sum(shapes.values()) - 2 * 2 * len(shapes)
+
+
+def test_the_token_loader_gives_folder_labels(tokens, tmp_path):
+    """data.labels through download, prepare and a VQ encode: token batches carry each image's class."""
+    from conftest import imagenet_tree
+    from ldm_vae.ingest.download import read_manifest, run_download
+    from ldm_vae.ingest.prepare import run_prepare
+    from ldm_vae.samples import LATENT
+
+    base, _ = tokens
+    params = make_params(data={"source": f"folder:{imagenet_tree(tmp_path / 'train')}", "labels": "folder"})
+    run_download(params.data, tmp_path / "raw")
+    run_prepare(params.data, tmp_path / "raw", tmp_path / "prepared")
+    run_encode(load_vae(base / "vae"), tmp_path / "prepared", tmp_path / "latents", params.encode)
+    label_of = {r["key"]: r["label"] for r in read_manifest(tmp_path / "raw")}
+    raw_key = {s["__key__"]: LATENT.get(s, "meta")["raw_key"] for s in iter_samples(shard_paths(tmp_path / "latents" / "train"))}
+    loader = token_loader(str(tmp_path / "latents" / "train" / "*.tar"), batch_size=2, num_workers=0,
+                          stats=tmp_path / "latents" / "stats.json")
+    got = [(key, label) for batch in loader for key, label in zip(batch["key"], batch["label"].tolist())]
+    assert got and all(label == label_of[raw_key[key]] for key, label in got)
