@@ -230,7 +230,7 @@ class Check:
 
         params = params_from_dict(check_params(self.size))  # evaluate's encode dtype: its bytes are compared
         vae = load_vae(self.work / "train_bf16_gan" / "vae", "cpu")  # the driver needs no GPU
-        # A head node started as the README's cluster section says (`ray start --head`), with one
+        # A head node started as the cluster guide (docs/scale.md) says (`ray start --head`), with one
         # GPU, on 127.0.0.1 (tests/raycluster.py). Not ray.init() of a local cluster: Ray 2.60 leaves
         # an auth token in ~/.ray that later clusters on the machine then refuse.
         from raycluster import RayCluster, patch_this_process

@@ -5,7 +5,7 @@ for the UNet's cross-attention and one pooled vector (SDXL's ``text_embeds``) ou
 from this dataset's captions, so it knows the words the captions use and nothing else: enough to
 show that the latents and their captions train a text-conditional model end to end, not a
 substitute for a pretrained encoder. To use CLIP or T5 instead, replace :class:`ByteTextEncoder`
-with a module of the same ``forward`` (README: Training a diffusion model on the latents).
+with a module of the same ``forward`` (docs/trainer.md).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class ModelConfig:
     # above, is the architecture, and its weights and factors reach data/vae byte for byte.
     use_as_is: bool = False
     # The latent's regulariser: kl (a Gaussian posterior, AutoencoderKL) or vq (a codebook of
-    # codebook_size vectors of code_dim each, diffusers' VQModel; tokens, README: VQ latents).
+    # codebook_size vectors of code_dim each, diffusers' VQModel; tokens, docs/latent-space.md: VQ latents).
     regularizer: str = "kl"
     codebook_size: int = 1024
     code_dim: int = 0  # 0: latent_channels
@@ -174,7 +174,7 @@ class TrainConfig:
     tf32: bool = False
     # Threads of a CPU run, shared among its processes (0: torch's choice, every core). The float
     # sums, and so the trained weights, depend on it: fixed, a run repeats on another machine of the
-    # same CPU kind whatever its core count (README: What reproduces). Ignored on GPUs.
+    # same CPU kind whatever its core count (docs/reproducibility.md: What reproduces). Ignored on GPUs.
     cpu_threads: int = 2
     scale_samples: int = 512  # train samples encoded to measure scaling/shift factors
     seed: int = 0
@@ -269,7 +269,7 @@ class ProbeConfig:
 class EngineConfig:
     """Where the units of download, prepare and encode run (ldm_vae/engine/). No stage lists this
     section in dvc.yaml: the outputs are the same bytes on either engine, so switching re-runs nothing."""
-    kind: str = "local"  # local: this machine's processes | ray: a Ray cluster (README: A cluster)
+    kind: str = "local"  # local: this machine's processes | ray: a Ray cluster (docs/scale.md: A cluster)
     ray_address: str = ""  # "" = RAY_ADDRESS, else the cluster `ray start` began on this node; "local": a new one
     max_retries: int = 3  # Ray runs a unit again this often when its worker or node is lost (not on a bad input)
 
@@ -281,7 +281,7 @@ class EngineConfig:
 
             if importlib.util.find_spec("ray") is None:
                 raise ParamError("engine.kind: ray: the ray package is not installed here: "
-                                 "pip install -e '.[cluster]' (README: A cluster)")
+                                 "pip install -e '.[cluster]' (docs/scale.md: A cluster)")
 
 
 def reference_name(location: str) -> str:

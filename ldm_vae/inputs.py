@@ -7,7 +7,7 @@ torch and takes well under a second) writes what each input *is*: a local folder
 their md5s, a hub id's commit. It rewrites those files with the same bytes when nothing changed,
 so ``train`` (which depends on ``init_from.json``) and ``evaluate`` (``references.json``) re-run
 exactly when their input did, and nothing else does. The stages then load a hub id at the commit
-recorded here, never a newer one (README: Inputs DVC cannot see).
+recorded here, never a newer one (docs/training.md: Inputs DVC cannot see).
 
 A location is ``folder``, ``org/name``, ``org/name/subfolder``, each optionally ``@revision``
 (a branch, a tag or a commit) for a hub id.

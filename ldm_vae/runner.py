@@ -120,11 +120,11 @@ def check_launcher(desc: str, engine, launcher_group: bool) -> None:
                          "launcher (one command, on any node of the cluster)")
     if not launcher_group:
         raise ValueError(f"{desc}: runs as one process with a pool of workers (data.num_workers), not under a "
-                         f"launcher (WORLD_SIZE={world}); for several machines use engine.kind: ray (README: A cluster)")
+                         f"launcher (WORLD_SIZE={world}); for several machines use engine.kind: ray (docs/scale.md: A cluster)")
     if world != int(os.environ.get("LOCAL_WORLD_SIZE", world)):
         raise ValueError(f"{desc}: a launcher group spans several machines (WORLD_SIZE={world}, LOCAL_WORLD_SIZE="
                          f"{os.environ.get('LOCAL_WORLD_SIZE')}); for several machines use engine.kind: ray "
-                         "(README: A cluster); a launcher runs the GPUs of one machine")
+                         "(docs/scale.md: A cluster); a launcher runs the GPUs of one machine")
 
 
 def _run(out, plan, work, clean, engine, desc, item, agree, redo, rank, world) -> list[Unit] | None:

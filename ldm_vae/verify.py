@@ -4,7 +4,7 @@ every shard's tar headers walked.
     python -m ldm_vae.verify            # the whole pipeline, from the repository root
     python -m ldm_vae.verify data/latents --jobs 4
 
-Why DVC alone does not find it: the outputs are hard links into the DVC cache (README: Storage),
+Why DVC alone does not find it: the outputs are hard links into the DVC cache (docs/scale.md: storage),
 so a file changed in place (root ignores the read-only bit; a copy that stopped half-way) changes
 the cache object with it. ``dvc status`` trusts a file whose size and mtime it has seen, and
 ``dvc checkout --relink`` links the damaged cache object straight back. Here every byte is hashed

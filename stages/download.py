@@ -1,7 +1,7 @@
 """Download stage: find every image of ``data.source``, keep the good ones, record the rest.
 
 Every core (``data.num_workers``); several machines: ``engine.kind: ray`` runs the units as tasks on
-a Ray cluster, with the output folder on a filesystem every node mounts (README: A cluster).
+a Ray cluster, with the output folder on a filesystem every node mounts (docs/scale.md: A cluster).
 
     python stages/download.py --out data/raw
 """

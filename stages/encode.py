@@ -3,7 +3,7 @@
 One process per GPU (encode.num_processes: auto): with more than one, the command re-runs itself
 under ``accelerate launch``, each rank on its own input shards. Several machines: ``engine.kind:
 ray``, a Ray task per input shard (a GPU each where the cluster has GPUs) on a shared output
-folder (README: A cluster); the driver checks coverage and writes stats.json. A killed run, run
+folder (docs/scale.md: A cluster); the driver checks coverage and writes stats.json. A killed run, run
 again, keeps what it finished (see ldm_vae/encode/encoding.py).
 
     python stages/encode.py --vae data/vae --prepared data/prepared --out data/latents

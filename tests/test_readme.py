@@ -1,4 +1,5 @@
-"""The README's code, run as written: what a new user pastes first must work."""
+"""The README's and the guides' code, run as written, and their links: what a new user pastes first
+must work, and every relative link and anchor in README.md, BENCHMARKS.md and docs/ resolves."""
 
 import os
 import re
@@ -8,9 +9,42 @@ import sys
 from conftest import ROOT, published_vae
 
 
-def _block_after(marker: str) -> str:
-    text = (ROOT / "README.md").read_text()
+def _block_after(marker: str, doc: str = "README.md") -> str:
+    text = (ROOT / doc).read_text()
     return re.search(re.escape(marker) + r".*?```python\n(.*?)```", text, re.S).group(1)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # a '#' in a code block is no heading
+    return {_slug(h) for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def test_every_relative_link_and_anchor_resolves():
+    docs = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for doc in docs:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_trainers_guide_shows_the_readmes_loader_snippet():
+    """One snippet in two places (the front door and the guide): the test below runs it, this keeps
+    the two from drifting."""
+    assert _block_after("Its core, the loader part") == _block_after("Its core, the loader part", "docs/trainer.md")
 
 
 def test_the_loader_snippet_runs_as_written(tmp_path):

@@ -1,5 +1,5 @@
 """The Ray engine: each unit is a Ray task, scheduled by Ray onto whichever node has a free CPU (or
-GPU), on a cluster started with ``ray start`` (README: A cluster).
+GPU), on a cluster started with ``ray start`` (docs/scale.md: A cluster).
 
 - **Outputs land on a shared filesystem.** Every node must see the stage's folders at the same
   path (NFS, Lustre, a FUSE mount of a bucket); a task writes its unit's outputs there, exactly as
@@ -61,7 +61,7 @@ class RayEngine:
                          log_to_driver=False, runtime_env={"env_vars": env} if env else None)
             except (ConnectionError, RuntimeError) as e:
                 raise ValueError(f"engine.ray_address: {address!r}: no Ray cluster there ({e}); start one with "
-                                 "`ray start --head` (README: A cluster)") from None
+                                 "`ray start --head` (docs/scale.md: A cluster)") from None
             self._connected_here = True
         try:
             self._plan_resources()
@@ -126,7 +126,7 @@ class RayEngine:
         problems = [f"node {where}: {problem}" for where, missing in seen for problem in missing]
         if problems:
             raise ValueError("the Ray engine needs the stage's folders on a filesystem every node mounts at the "
-                             f"same path (README: A cluster): {'; '.join(problems)}")
+                             f"same path (docs/scale.md: A cluster): {'; '.join(problems)}")
 
     def submit(self, unit: Unit):
         return self.remote.remote(self.work_ref, unit, self.progress_actor, self.context)
@@ -170,7 +170,7 @@ def _reachable(address: str, timeout: float = 10.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
         raise ValueError(f"engine.ray_address: {address!r}: nothing answers there ({e}); start the cluster's "
-                         "head with `ray start --head --port=<port>` (README: A cluster)") from None
+                         "head with `ray start --head --port=<port>` (docs/scale.md: A cluster)") from None
 
 
 def _run_unit(work, unit: Unit, progress, context: dict) -> dict:

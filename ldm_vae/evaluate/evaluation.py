@@ -232,7 +232,7 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
 
 
 # metrics.json, what `dvc metrics show` prints: the headline under short names, rounded to what can
-# be told apart, so that it and the probe's fit one 120-column line (README: What a healthy demo
+# be told apart, so that it and the probe's fit one 120-column line (docs/reproducibility.md: What a healthy demo
 # prints). details.json holds every number unrounded under its full name (per channel, per bucket,
 # the references, the latent statistics); it is no DVC metric. short name -> (full name, decimals)
 HEADLINE = {"psnr": ("psnr", 3), "ssim": ("ssim", 4), "psnr_bicubic": ("psnr_bicubic", 3),

@@ -351,7 +351,7 @@ class _Trainer:
                   "processes": self.accelerator.num_processes, "skipped_steps": self.progress.skipped,
                   "overflow_steps": self.progress.overflows,
                   # The factors written into data/vae/config.json, estimated on train.scale_samples
-                  # images; evaluate's exact_* are over every train latent (README: Scaling factors).
+                  # images; evaluate's exact_* are over every train latent (docs/trainer.md: Scaling factors).
                   "vae_scaling_factor": factors["scaling_factor"], "vae_shift_factor": factors["shift_factor"]}
         self.log.finish(result)
         return result
