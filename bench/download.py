@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from httpserver import ImageServer, Route  # noqa: E402
+
 from ldm_vae.config import DataConfig  # noqa: E402
 from ldm_vae.ingest.download import run_download  # noqa: E402
 

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ldm_vae.config import EncodeConfig  # noqa: E402
-from ldm_vae.samples import image_bytes  # noqa: E402
 from ldm_vae.encode.encoding import run_encode  # noqa: E402
 from ldm_vae.export import load_vae  # noqa: E402
+from ldm_vae.samples import image_bytes  # noqa: E402
 from ldm_vae.shards import ShardWriter, iter_samples, shard_paths  # noqa: E402
 
 
@@ -92,7 +92,9 @@ def main() -> None:
             line = f"run {r}: naive {naive:.1f} images/s"
             for b in batches:
                 t = time.perf_counter()
-                stats = run_encode(vae, tmp / "prepared", tmp / f"latents{r}-{b}", EncodeConfig(batch_size=b, dtype=dtype))
+                stats = run_encode(
+                    vae, tmp / "prepared", tmp / f"latents{r}-{b}", EncodeConfig(batch_size=b, dtype=dtype)
+                )
                 stage = n / (time.perf_counter() - t)
                 times[b] += time.perf_counter() - t
                 assert stats["splits"]["train"]["count"] == n

@@ -8,7 +8,8 @@
    shards, sides alternated each round: the local engine (`data.num_workers: 2`) and the Ray
    engine on a cluster started here with `ray start` (tests/raycluster.py, on 127.0.0.1): by
    default a head and a second node, the cores split between them; ``--nodes 1``: a head alone
-   with every core (one set of Ray's daemons instead of two on the same cores). Each run writes a fresh folder; the wall time is the
+   with every core (one set of Ray's daemons instead of two on the same cores). Each run writes a
+   fresh folder; the wall time is the
    command's, interpreter start, `ray.init` and the shared-folder probe included. Both sides'
    outputs are compared byte for byte.
 3. Times DVC's hashing of a large output (``--hash-mb`` of shard-sized files, `dvc add
@@ -76,17 +77,23 @@ def bench_prepare(work: Path, images: int, unit_images: int, rounds: int, nodes:
             for side, p in (("local", local), ("ray", on_ray)) if r % 2 == 0 else (("ray", on_ray), ("local", local)):
                 out = work / f"prepared-{side}"
                 shutil.rmtree(out, ignore_errors=True)
-                secs = run([sys.executable, "stages/prepare.py", "--params", str(p), "--raw", str(raw), "--out", str(out)],
-                           env)
-                rows.append({"round": r, "engine": side, "seconds": round(secs, 2), "images_per_s": round(images / secs, 1)})
+                secs = run(
+                    [sys.executable, "stages/prepare.py", "--params", str(p), "--raw", str(raw), "--out", str(out)], env
+                )
+                rows.append(
+                    {"round": r, "engine": side, "seconds": round(secs, 2), "images_per_s": round(images / secs, 1)}
+                )
                 print(json.dumps(rows[-1]), flush=True)
             a, b = files_of(work / "prepared-local"), files_of(work / "prepared-ray")
             assert a == b, "the two engines wrote different prepared shards"
     finally:
         cluster.stop()
     med = {side: statistics.median(x["images_per_s"] for x in rows if x["engine"] == side) for side in ("local", "ray")}
-    pairs = [next(x for x in rows if x["round"] == r and x["engine"] == "ray")["images_per_s"]
-             / next(x for x in rows if x["round"] == r and x["engine"] == "local")["images_per_s"] for r in range(rounds)]
+    pairs = [
+        next(x for x in rows if x["round"] == r and x["engine"] == "ray")["images_per_s"]
+        / next(x for x in rows if x["round"] == r and x["engine"] == "local")["images_per_s"]
+        for r in range(rounds)
+    ]
     return {"ray_nodes": nodes, "prepare_images_per_s": med, "ray_over_local": round(med["ray"] / med["local"], 3),
             "paired_ratios": [round(x, 3) for x in pairs]}
 

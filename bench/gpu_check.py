@@ -243,8 +243,14 @@ class Check:
             figures = {}
             if not GPU:  # the declared GPU is not one torch can use: half precision fails in the task
                 try:
-                    run_encode(vae, self.work / "prepared", self.work / "ray_half",
-                               dataclasses.replace(params.encode, dtype="bf16"), engine, self.work / "train_bf16_gan" / "vae")
+                    run_encode(
+                        vae,
+                        self.work / "prepared",
+                        self.work / "ray_half",
+                        dataclasses.replace(params.encode, dtype="bf16"),
+                        engine,
+                        self.work / "train_bf16_gan" / "vae",
+                    )
                     figures["half_refused_in_task"] = False
                 except UnitFailed as e:
                     figures["half_refused_in_task"] = "needs a GPU" in str(e) and "Ray node" in str(e)

@@ -24,8 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldm_vae.samples import npy_bytes  # noqa: E402
 from ldm_vae.loader import latent_loader  # noqa: E402
+from ldm_vae.samples import npy_bytes  # noqa: E402
 from ldm_vae.shards import ShardWriter  # noqa: E402
 
 C = 16
@@ -84,7 +84,9 @@ def main() -> None:
               f"({len(sides[name])} shapes, batch {args.batch_size}, {args.workers} workers)")
     if args.buckets:
         pairs = [b / s for b, s in zip(rates["buckets"], rates["square"])]
-        print(f"buckets / square: median {statistics.median(pairs):.3f} (epochs: {', '.join(f'{p:.3f}' for p in pairs)})")
+        print(
+            f"buckets / square: median {statistics.median(pairs):.3f} (epochs: {', '.join(f'{p:.3f}' for p in pairs)})"
+        )
 
 
 if __name__ == "__main__":

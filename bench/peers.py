@@ -11,7 +11,8 @@ run, sides alternated round by round, every round printed.
 2. ``folder``: the same JPEGs as a folder, to 256 px PNG shards: download + prepare against
    litdata's ``optimize`` (2 workers) and a plain multiprocessing pool that decodes, crops and
    writes tars (bench/peer_jobs.py), both with ADM's crop and Pillow's PNG at level 1.
-3. ``loader``: ``--latents`` 4x32x32 latents (SD's at 256 px; ``--latent-side 8``: the demo's) in the project's shards, converted
+3. ``loader``: ``--latents`` 4x32x32 latents (SD's at 256 px; ``--latent-side 8``: the demo's) in
+   the project's shards, converted
    once to LitData's and MosaicML's formats; each read with batch 64 and 2 workers: plain
    webdataset, litdata's StreamingDataset and mosaicml-streaming's StreamingDataset under torch's
    DataLoader (each item made a float32 tensor), against ``latent_loader`` as a trainer uses it
@@ -188,14 +189,19 @@ def bench_loader(work: Path, n: int, side: int, rounds: int, epochs: int = 4) ->
                 (folder / ".done").write_text("")
     args = ["64", "2", str(epochs), str(n)]
     stats = str(shards / "stats.json")
-    sides = [("latent_loader", [sys.executable, JOBS, "project-read", str(shards), *args]),
-             ("latent_loader, 0 workers", [sys.executable, JOBS, "project-read", str(shards), "64", "0", str(epochs), str(n)]),
-             ("litdata, trainer work", [litdata, JOBS, "litdata-read", str(converted["litdatafull"]), *args, stats]),
-             ("mosaicml-streaming, trainer work", [litdata, JOBS, "mds-read", str(converted["mdsfull"]), *args, stats]),
-             ("latent_loader, mean only", [sys.executable, JOBS, "project-read", str(shards), *args, "mean"]),
-             ("webdataset", [sys.executable, JOBS, "wds-read", str(shards), *args]),
-             ("litdata", [litdata, JOBS, "litdata-read", str(converted["litdata"]), *args]),
-             ("mosaicml-streaming", [litdata, JOBS, "mds-read", str(converted["mds"]), *args])]
+    sides = [
+        ("latent_loader", [sys.executable, JOBS, "project-read", str(shards), *args]),
+        (
+            "latent_loader, 0 workers",
+            [sys.executable, JOBS, "project-read", str(shards), "64", "0", str(epochs), str(n)],
+        ),
+        ("litdata, trainer work", [litdata, JOBS, "litdata-read", str(converted["litdatafull"]), *args, stats]),
+        ("mosaicml-streaming, trainer work", [litdata, JOBS, "mds-read", str(converted["mdsfull"]), *args, stats]),
+        ("latent_loader, mean only", [sys.executable, JOBS, "project-read", str(shards), *args, "mean"]),
+        ("webdataset", [sys.executable, JOBS, "wds-read", str(shards), *args]),
+        ("litdata", [litdata, JOBS, "litdata-read", str(converted["litdata"]), *args]),
+        ("mosaicml-streaming", [litdata, JOBS, "mds-read", str(converted["mds"]), *args]),
+    ]
     for r in range(rounds):
         for side, cmd in alternate(r, sides):
             rates = json.loads(timed(cmd, cwd=ROOT)[1].strip().splitlines()[-1])["rates"]
@@ -242,7 +248,9 @@ def summary() -> None:
     for row in ROWS:
         groups.setdefault((row["section"], row["side"], row["unit"]), []).append(row["rate"])
     for (section, side, unit), rates in groups.items():
-        print(f"| {section} | {side} | {statistics.median(rates):,.0f} {unit} | {', '.join(f'{x:,.0f}' for x in rates)} |")
+        print(
+            f"| {section} | {side} | {statistics.median(rates):,.0f} {unit} | {', '.join(f'{x:,.0f}' for x in rates)} |"
+        )
     for section in dict.fromkeys(r["section"] for r in ROWS):
         mine = [r for r in ROWS if r["section"] == section]
         bases = {"loader": "latent_loader", "encode": "encode stage"}.get(section, "project")
@@ -260,7 +268,9 @@ def main() -> None:
                     default=["urls", "folder", "loader", "encode"])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--latents", type=int, default=24000)
-    ap.add_argument("--latent-side", type=int, default=32, help="latents are 4 x side x side (32: SD at 256 px; 8: the demo)")
+    ap.add_argument(
+        "--latent-side", type=int, default=32, help="latents are 4 x side x side (32: SD at 256 px; 8: the demo)"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ldm-vae-peers"))
     args = ap.parse_args()

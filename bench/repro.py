@@ -100,8 +100,11 @@ def main() -> None:
         rates = [r["steps_per_s"] for r in results[s]]
         ratios = [a["steps_per_s"] / b["steps_per_s"] for a, b in zip(results[s], results[base])]
         hashes = sorted({r["sha256"] for r in results[s]})
-        print(f"{s:10s} {min(rates):.2f}-{max(rates):.2f} steps/s, {min(ratios):.2f}-{max(ratios):.2f}x {base}; "
-              f"PSNR {', '.join(format(r['val_psnr'], '.3f') for r in results[s])}; distinct weights {len(hashes)}: {hashes}")
+        print(
+            f"{s:10s} {min(rates):.2f}-{max(rates):.2f} steps/s, {min(ratios):.2f}-{max(ratios):.2f}x {base}; "
+            f"PSNR {', '.join(format(r['val_psnr'], '.3f') for r in results[s])}; "
+            f"distinct weights {len(hashes)}: {hashes}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> float:
 
 def download_rates(folder: Path, work: Path, server, n: int, repeat: int) -> list[dict]:
     from conftest import make_params
+
     from ldm_vae.ingest.download import run_download
 
     rows = []
@@ -103,6 +104,7 @@ def planner_memory(server, sizes: list[int]) -> list[dict]:
     from concurrent.futures import ThreadPoolExecutor
 
     from conftest import make_params
+
     from ldm_vae.ingest.s3_source import plan_s3
 
     rows, have = [], 0

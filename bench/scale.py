@@ -160,17 +160,22 @@ def main() -> None:
             for n in ((1, 2) if (k + r) % 2 == 0 else (2, 1)):  # alternate which side goes first
                 rows.append(run_stage(repos[n], envs[n], stage, args.images, n, again=r > 0))
     rows = [_median(rows, stage, n) for stage in dict.fromkeys(r["stage"] for r in rows) for n in (1, 2)]
-    print("\n| stage | processes | images/s (median) | 2p / 1p | DVC share | files | images per file | bytes/image | with cache |")
+    print("\n| stage | processes | images/s (median) | 2p / 1p | DVC share | files | images per file | bytes/image "
+          "| with cache |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         one = next(x for x in rows if x["stage"] == r["stage"] and x["processes"] == 1)
-        print(f"| {r['stage']} | {r['processes']} | {r['images_per_s']} | {r['images_per_s'] / one['images_per_s']:.2f}x"
-              f" | {r['dvc_share']:.1%} | {r['files']} | {r['images_per_file']} | {r['bytes_per_image']:,}"
-              f" | {r['bytes_per_image_with_cache']:,} |")
+        print(
+            f"| {r['stage']} | {r['processes']} | {r['images_per_s']} | {r['images_per_s'] / one['images_per_s']:.2f}x"
+            f" | {r['dvc_share']:.1%} | {r['files']} | {r['images_per_file']} | {r['bytes_per_image']:,}"
+            f" | {r['bytes_per_image_with_cache']:,} |"
+        )
     for n, repo in repos.items():
         cache = repo / ".dvc" / "cache"
-        print(f"{n}p: data/ {du(repo / 'data') / 1e6:.0f} MB, data/ + DVC cache {du(repo / 'data', cache) / 1e6:.0f} MB, "
-              f"cache alone {du(cache) / 1e6:.0f} MB")
+        print(
+            f"{n}p: data/ {du(repo / 'data') / 1e6:.0f} MB, data/ + DVC cache {du(repo / 'data', cache) / 1e6:.0f} MB, "
+            f"cache alone {du(cache) / 1e6:.0f} MB"
+        )
     if not args.keep:
         for repo in repos.values():
             shutil.rmtree(repo, ignore_errors=True)

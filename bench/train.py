@@ -35,8 +35,8 @@ class BareLoop:
     def __init__(self, params, perceptual=None):
         from diffusers.training_utils import EMAModel
 
-        from ldm_vae.train.losses import VAELoss
         from ldm_vae.model import TrainedAutoencoder, build_vae
+        from ldm_vae.train.losses import VAELoss
 
         t = self.t = params.train
         size = t.crop_size or params.data.resolution
@@ -116,7 +116,9 @@ def main() -> None:
     ap.add_argument("--segment", type=int, default=25)
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--num-workers", type=int, default=None, help="override train.num_workers")
-    ap.add_argument("--cache-mb", type=int, default=None, help="override train.cache_mb (0: decode every image every time)")
+    ap.add_argument(
+        "--cache-mb", type=int, default=None, help="override train.cache_mb (0: decode every image every time)"
+    )
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
     from dataclasses import replace
@@ -148,9 +150,19 @@ def main() -> None:
         for r in range(args.repeats):
             rows.append(interleaved(params, prepared, args.steps, args.skip, args.segment, tmp / f"run{r}", perceptual))
             print(json.dumps(rows[-1]), flush=True)
-    print(json.dumps({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                      "threads": torch.get_num_threads(), "batch": params.train.batch_size, "num_workers": workers, "cache_mb": cache_mb,
-                      "crop": params.train.crop_size, "runs": rows}))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "threads": torch.get_num_threads(),
+                "batch": params.train.batch_size,
+                "num_workers": workers,
+                "cache_mb": cache_mb,
+                "crop": params.train.crop_size,
+                "runs": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

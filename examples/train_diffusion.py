@@ -40,11 +40,11 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from PIL import Image
+from text_encoder import ByteTextEncoder
 
 from ldm_vae import decode_latents, latent_loader
 from ldm_vae.samples import LATENT
 from ldm_vae.shards import iter_samples, shard_paths
-from text_encoder import ByteTextEncoder
 
 SIZE_DIM = 256  # sinusoid channels per size number (SDXL's addition_time_embed_dim)
 
@@ -107,7 +107,9 @@ class Denoiser(torch.nn.Module):
 def batch_cond(batch: dict, args, device, train: bool) -> Cond:
     captions = None
     if args.text_cond:  # caption dropout: what classifier-free guidance samples against
-        drop = np.random.random(len(batch["caption"])) < args.caption_dropout if train else [False] * len(batch["caption"])
+        drop = (
+            np.random.random(len(batch["caption"])) < args.caption_dropout if train else [False] * len(batch["caption"])
+        )
         captions = ["" if d else (c or "") for c, d in zip(batch["caption"], drop)]
     return Cond(labels=batch["label"].to(device) if args.class_cond else None, captions=captions,
                 time_ids=batch["time_ids"].float().to(device) if args.size_cond else None)

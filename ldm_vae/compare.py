@@ -11,8 +11,8 @@ run scored (``evaluate.references``) are rows of their own, ``ref:<name>``.
 from __future__ import annotations
 
 import csv
-import re
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -24,8 +24,14 @@ COLUMNS = ["run", "latent_channels", "kl_weight", "codebook_size", "compression_
 METRICS_FILE = "data/eval/metrics.json"  # the headline (evaluation.HEADLINE's short names)
 PROBE_FILE = "data/probe/metrics.json"  # the denoising probe's (its own stage)
 DETAILS = {METRICS_FILE: "data/eval/details.json", PROBE_FILE: "data/probe/details.json"}  # every number
-FULL_NAMES = {"fp16_db": "psnr_fp16_cost", "hf_share": "latent_hf_share", "collapsed": "collapsed_channels",
-              "denoise": "denoise_loss", "usage": "codebook_usage", "perplexity": "codebook_perplexity"}  # headline -> details names (evaluation.HEADLINE, probe.py)
+FULL_NAMES = {
+    "fp16_db": "psnr_fp16_cost",
+    "hf_share": "latent_hf_share",
+    "collapsed": "collapsed_channels",
+    "denoise": "denoise_loss",
+    "usage": "codebook_usage",
+    "perplexity": "codebook_perplexity",
+}  # headline -> details names (evaluation.HEADLINE, probe.py)
 
 
 def experiment_runs(repo: Path, commits: int = 1) -> list[dict]:
@@ -196,7 +202,9 @@ def _plot_rate_distortion(rows: list[dict], path: Path) -> None:
     elif kl:
         ax.plot(xs, ys, "o")
     if vq:  # tokens: log2 K bits a position (squares), and what an entropy coder would spend (open)
-        ax.plot([r["rate_bpp"] for r in vq], [r["psnr"] for r in vq], "s", color="tab:red", label="VQ: log2 K", zorder=3)
+        ax.plot(
+            [r["rate_bpp"] for r in vq], [r["psnr"] for r in vq], "s", color="tab:red", label="VQ: log2 K", zorder=3
+        )
         ent = [r for r in vq if "rate_entropy_bpp" in r]
         ax.plot([r["rate_entropy_bpp"] for r in ent], [r["psnr"] for r in ent], "s", mfc="none", color="tab:red",
                 label="VQ: code entropy")

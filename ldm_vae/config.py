@@ -360,9 +360,11 @@ def _check_probe_fits(p: Params) -> None:
     bad = sorted(s for s in sides if (s // 8) % step)
     if bad:
         what = "data.bucket_step or data.buckets" if p.data.crop == "bucket" else "data.resolution"
-        raise ParamError(f"probe.widths: {list(p.probe.widths)}: halves the latents {len(p.probe.widths) - 1} times, so "
-                         f"every latent side must be a multiple of {step}; a side of {bad[0]} px is {bad[0] // 8} "
-                         f"latents ({what}): use fewer widths or sides that are multiples of {8 * step} px")
+        raise ParamError(
+            f"probe.widths: {list(p.probe.widths)}: halves the latents {len(p.probe.widths) - 1} times, so "
+            f"every latent side must be a multiple of {step}; a side of {bad[0]} px is {bad[0] // 8} "
+            f"latents ({what}): use fewer widths or sides that are multiples of {8 * step} px"
+        )
 
 
 def stage_hash(*configs) -> str:
@@ -383,7 +385,9 @@ def _build_section(name: str, cls, values):
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise ParamError(f"{name}.{key}: unknown key{_did_you_mean(key, allowed, name)}; allowed: {', '.join(allowed)}")
+            raise ParamError(
+                f"{name}.{key}: unknown key{_did_you_mean(key, allowed, name)}; allowed: {', '.join(allowed)}"
+            )
         kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
     obj = cls(**kwargs)
     obj.check()

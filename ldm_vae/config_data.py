@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from .param_checks import ParamError, check_at_least, check_choice, check_processes, check_range
 
-
 SOURCE_KINDS = ("builtin", "folder", "hf", "urls", "s3")
 CROP_METHODS = ("multiscale", "adm", "random", "bucket")
 LABEL_MODES = ("none", "folder", "file")
@@ -160,8 +159,10 @@ class DataConfig:
                                  "(e.g. 1152x896)")
         if self.crop == "bucket":
             if (self.crops_per_image, self.val_crops_per_image) != (1, 1):
-                raise ParamError(f"data.crop: 'bucket' takes one crop per image: set data.crops_per_image "
-                                 f"({self.crops_per_image}) and data.val_crops_per_image ({self.val_crops_per_image}) to 1")
+                raise ParamError(
+                    f"data.crop: 'bucket' takes one crop per image: set data.crops_per_image "
+                    f"({self.crops_per_image}) and data.val_crops_per_image ({self.val_crops_per_image}) to 1"
+                )
             from .buckets import bucket_set
 
             if not bucket_set(self):

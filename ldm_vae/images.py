@@ -14,7 +14,6 @@ import os
 import random
 import re
 import warnings
-
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps
@@ -120,7 +119,15 @@ def _turn(img: Image.Image) -> bool:
     return img.size != before and img.size == before[::-1]
 
 
-FORMAT_EXT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+FORMAT_EXT = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "GIF": ".gif",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+}
 
 
 def image_ext(data: bytes) -> str:
@@ -255,8 +262,12 @@ def png_bytes(img: Image.Image) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit, truecolour, deflate, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", isal_zlib.compress(rows.tobytes(), PNG_LEVEL))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", isal_zlib.compress(rows.tobytes(), PNG_LEVEL))
+        + chunk(b"IEND", b"")
+    )
 
 
 def decode_uint8(data: bytes) -> np.ndarray:

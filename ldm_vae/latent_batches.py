@@ -75,8 +75,12 @@ def size_ids(meta: dict, latent_shape) -> np.ndarray:
 
 def small_fields(raws: list[dict]) -> dict:
     """A batch's key, caption (lists), label int64 [B] and time_ids int64 [B, 6]."""
-    return {"key": [r["key"] for r in raws], "caption": [r["caption"] for r in raws],
-            "label": np.array([r["label"] for r in raws], np.int64), "time_ids": np.stack([r["time_ids"] for r in raws])}
+    return {
+        "key": [r["key"] for r in raws],
+        "caption": [r["caption"] for r in raws],
+        "label": np.array([r["label"] for r in raws], np.int64),
+        "time_ids": np.stack([r["time_ids"] for r in raws]),
+    }
 
 
 class Collate:
@@ -98,7 +102,7 @@ class Collate:
         # batches: the kernel zeroing new pages took this VM's memory bandwidth (BENCHMARKS.md).
         shape = (len(raws), *raws[0]["mean"].shape)  # [B, C, h, w]
         half, std, eps = self._buffers(shape)
-        zt = _ARENA.alloc(shape) if self.packs and torch.utils.data.get_worker_info() else torch.empty(shape)
+        zt = ARENA.alloc(shape) if self.packs and torch.utils.data.get_worker_info() else torch.empty(shape)
         np.stack([r["mean"] for r in raws], out=half)
         zt.copy_(torch.from_numpy(half))
         if self.sample_posterior:
@@ -211,7 +215,7 @@ class _Arena:
             self.limit = 1
 
 
-_ARENA = _Arena()  # one per process: a loader worker is a process, and only workers use it
+ARENA = _Arena()  # one per process: a loader worker is a process, and only workers use it
 
 
 def packed(batches):
@@ -222,14 +226,14 @@ def packed(batches):
     if info is None:
         yield from map(tensors, batches)
         return
-    _ARENA.seal(epoch_start=True)  # an epoch's batches never share a block with those sent before it
+    ARENA.seal(epoch_start=True)  # an epoch's batches never share a block with those sent before it
     pack: list[dict] = []
     for batch in batches:
         if pack and data(batch).untyped_storage().data_ptr() != data(pack[0]).untyped_storage().data_ptr():
             yield _pack(pack, info.id, False)
             pack = []
         pack.append(batch)
-    _ARENA.seal()
+    ARENA.seal()
     yield _pack(pack, info.id, True)
 
 
@@ -242,14 +246,14 @@ def _pack(batches: list[dict], worker: int, last: bool) -> Pack:
             runs[-1].append(b)
         else:
             runs.append([b])
-    block = _ARENA.block_of(data(batches[0])) if batches else -1
+    block = ARENA.block_of(data(batches[0])) if batches else -1
     key = _data_key(batches[0]) if batches else "latent"
     return Pack([{key: _joined([data(b) for b in run]),
                   "key": [k for b in run for k in b["key"]], "caption": [c for b in run for c in b["caption"]],
                   "label": np.concatenate([b["label"] for b in run]),
                   "time_ids": np.concatenate([b["time_ids"] for b in run]),
                   "sizes": [len(b["key"]) for b in run]} for run in runs], worker, last, block,
-                _ARENA.free if block >= 0 else None)
+                ARENA.free if block >= 0 else None)
 
 
 def _joined(latents: list[torch.Tensor]) -> torch.Tensor:

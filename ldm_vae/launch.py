@@ -87,7 +87,8 @@ def relaunch(num_processes: int, mixed_precision: str, script_argv: list[str], c
 
 
 # What a CPU run's floats depend on besides the thread count: the kernels torch, oneDNN and MKL pick
-# for the CPU. These variables hold all three to AVX2 (docs/reproducibility.md: What reproduces); the stages never set them.
+# for the CPU. These variables hold all three to AVX2 (docs/reproducibility.md: What reproduces);
+# the stages never set them.
 KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
 

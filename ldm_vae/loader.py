@@ -43,18 +43,42 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import webdataset as wds
 
-from .epochs import (EpochPlan, EpochShuffle, EpochState, epoch_slices, expand_shards, read_slices, shard_counts,
-                     shard_shapes)
+from .epochs import (
+    EpochPlan,
+    EpochShuffle,
+    EpochState,
+    epoch_slices,
+    expand_shards,
+    read_slices,
+    shard_counts,
+    shard_shapes,
+)
+from .latent_batches import Collate, ToRaw, packed, tensors, unpacked
 from .s3 import load_json
-from .latent_batches import Collate, ToRaw, packed, size_ids, tensors, unpacked
 from .shards import ShardError, tar_samples
 
 NORMALIZE = ("channel", "vae", "none")
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How stored samples become the trainer's items: the options of :func:`latent_loader`,
+    :func:`latent_dataset` and :func:`~ldm_vae.token_batches.token_loader`, documented once."""
+    sample_posterior: bool = True  # z = mean + std * eps, a fresh eps each time; False: the mean
+    flip: bool = True  # a random one of the stored views (encode.flip: the mirrored image's latents)
+    normalize: str = "channel"  # channel: per-channel N(0, 1) by stats.json | vae: the config's factors | none
+    stats: str | Path | None = None  # stats.json (a path or URL): shard counts and shapes, channel statistics
+    vae_config: dict | str | Path | None = None  # normalize="vae": the VAE's config (or its folder)
+    shuffle: int = 1000  # shuffle buffer, in samples (0: none)
+    resampled: bool = False  # shards drawn at random forever (step-based training) instead of epochs
+    seed: int = 0  # the epoch orders, the shuffle and (resampled) the shard draws
+    counts: dict[str, int] | None = None  # shard file name -> samples: overrides stats.json's (URL shards)
 
 
 class _Affine:
@@ -111,35 +135,29 @@ class _ToItem:
         return {k: v[0] for k, v in tensors(self.collate([self.raw(sample)])).items()}
 
 
-def time_ids(meta: dict, latent_shape) -> torch.Tensor:
-    """SDXL's size conditioning of a sample, long [6]: original_size (h, w), crop_top_left (top,
-    left), target_size (h, w), the order of diffusers' ``add_time_ids``. A shard written without
-    them (an older prepare) gets SDXL's neutral values: the stored size, crop (0, 0). One tensor,
-    not three: per sample this is on the loader's hot path."""
-    return torch.from_numpy(size_ids(meta, latent_shape))
-
-
 def latent_dataset(shards, *, sample_posterior: bool = True, flip: bool = True, normalize: str = "channel",
                    stats=None, vae_config=None, shuffle: int = 1000, resampled: bool = False,
                    seed: int = 0, counts: dict[str, int] | None = None) -> wds.DataPipeline:
-    """A webdataset pipeline of dicts {latent [C, h, w] float32, key, caption, label}.
+    """A webdataset pipeline of dicts {latent [C, h, w] float32, key, caption, label}, one per
+    sample (the options: :class:`LoaderOptions`).
 
-    Epoch mode: ``set_epoch(epoch)`` on the result (or the loader) before each epoch. ``counts``
-    (shard file name -> samples) overrides stats.json's; URL shards need one or the other.
+    Epoch mode: ``set_epoch(epoch)`` on the result (or the loader) before each epoch. URL shards
+    need ``stats`` or ``counts``.
     """
+    opts = LoaderOptions(sample_posterior, flip, normalize, stats, vae_config, shuffle, resampled, seed, counts)
     urls = expand_shards(shards)
-    to_item = _ToItem(sample_posterior, flip, _normalizer(normalize, stats, vae_config))
-    return _pipeline(urls, [wds.map(to_item)], shuffle, resampled, seed, stats, counts)
+    to_item = _ToItem(opts.sample_posterior, opts.flip, _normalizer(opts.normalize, opts.stats, opts.vae_config))
+    return sample_pipeline(urls, [wds.map(to_item)], opts)
 
 
-def _pipeline(urls: list[str], tail: list, shuffle: int, resampled: bool, seed: int, stats, counts) -> wds.DataPipeline:
+def sample_pipeline(urls: list[str], tail: list, opts: LoaderOptions) -> wds.DataPipeline:
     """Samples in epoch order (or resampled), through a shuffle buffer, then the ``tail`` stages."""
-    if resampled:
-        return wds.DataPipeline(*_resampled(urls, shuffle, seed), *tail)
-    plan = EpochPlan(urls, shard_counts(urls, stats, counts), seed)
+    if opts.resampled:
+        return wds.DataPipeline(*_resampled(urls, opts.shuffle, opts.seed), *tail)
+    plan = EpochPlan(urls, shard_counts(urls, opts.stats, opts.counts), opts.seed)
     stages = [plan, read_slices]
-    if shuffle:
-        stages.append(EpochShuffle(shuffle, seed, plan))
+    if opts.shuffle:
+        stages.append(EpochShuffle(opts.shuffle, opts.seed, plan))
     pipeline = wds.DataPipeline(*stages, *tail)
     pipeline.set_epoch = plan.set_epoch
     return pipeline
@@ -154,7 +172,7 @@ def _resampled(urls: list[str], shuffle: int, seed: int) -> list:
     return stages
 
 
-class _Batched:
+class Batched:
     """Raw items -> batches of ``batch_size`` (the last one partial unless ``drop_last``), collated
     in the process that reads them and handed on as :func:`~ldm_vae.latent_batches.packed` says."""
 
@@ -279,63 +297,60 @@ def _shard_problem(e: ShardError) -> str:
     return lines[-1] if lines else str(e).splitlines()[0]
 
 
-def latent_loader(shards, batch_size: int, num_workers: int = 2, drop_last: bool = False,
-                  bucket_batch: str = "samples", **kwargs) -> LatentLoader:
-    """A DataLoader over :func:`latent_dataset` (default collation: tensors stacked, strings listed),
-    or over :func:`bucket_dataset` when the shards hold latents of several shapes (buckets).
+def latent_loader(shards, batch_size: int, num_workers: int = 2, drop_last: bool = False, *,
+                  bucket_batch: str = "samples", sample_posterior: bool = True, flip: bool = True,
+                  normalize: str = "channel", stats=None, vae_config=None, shuffle: int = 1000,
+                  resampled: bool = False, seed: int = 0, counts: dict[str, int] | None = None) -> LatentLoader:
+    """A DataLoader of batches {latent [B, C, h, w] float32, key, caption, label [B], time_ids [B, 6]}:
+    over :func:`latent_dataset`'s items, or one shape a batch when the shards hold latents of
+    several shapes (buckets). The sample options are :class:`LoaderOptions`'.
 
     ``drop_last``: only full batches. Each loader worker drops its own last partial batch (of each
     bucket), so an epoch loses fewer than ``max(1, num_workers) * batch_size`` samples per rank
     (per bucket), and every rank still gets the same number of batches (their worker shares are
     equal). ``bucket_batch``: "samples" or "pixels" (see the module's docstring)."""
+    opts = LoaderOptions(sample_posterior, flip, normalize, stats, vae_config, shuffle, resampled, seed, counts)
     urls = expand_shards(shards)
-    shapes = shard_shapes(urls, kwargs.get("stats"))
+    shapes = shard_shapes(urls, opts.stats)
+    collate = Collate(opts.sample_posterior, _normalizer(opts.normalize, opts.stats, opts.vae_config))
+    items = (ToRaw(opts.sample_posterior, opts.flip), collate)
+    return batch_loader(urls, shapes, items, batch_size, num_workers, drop_last, bucket_batch, opts)
+
+
+def batch_loader(urls: list[str], shapes: list, items: tuple, batch_size: int, num_workers: int, drop_last: bool,
+                 bucket_batch: str, opts: LoaderOptions) -> LatentLoader:
+    """The loader over ``urls`` with ``items`` = (to_raw: a sample -> a raw item, collate: raw items
+    -> a batch): one pipeline for one shape, :func:`bucket_dataset` for several (also the token
+    loader's, ldm_vae.token_batches)."""
     if len({x for x in shapes if x is not None}) > 1:
-        dataset = bucket_dataset(urls, batch_size=batch_size, drop_last=drop_last, bucket_batch=bucket_batch,
-                                 shapes=shapes, **kwargs)
+        dataset = bucket_dataset(urls, batch_size, drop_last, bucket_batch, shapes, items, opts)
     else:
-        dataset = _batch_dataset(urls, batch_size, drop_last, **kwargs)
+        dataset = sample_pipeline(urls, [wds.map(items[0]), Batched(items[1], batch_size, drop_last)], opts)
     # Batches come collated from the dataset (latent_batches.py), so the loader passes them on as they are.
     return LatentLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                        collate_fn=_as_is)
+                        collate_fn=as_is)
 
 
-def _as_is(batch):
+def as_is(batch):
     return batch
 
 
-def _batch_dataset(urls: list[str], batch_size: int, drop_last: bool, *, sample_posterior: bool = True,
-                   flip: bool = True, normalize: str = "channel", stats=None, vae_config=None, shuffle: int = 1000,
-                   resampled: bool = False, seed: int = 0, counts: dict[str, int] | None = None) -> wds.DataPipeline:
-    """:func:`latent_dataset`'s items, in batches: what the loader's workers run for one latent shape."""
-    collate = Collate(sample_posterior, _normalizer(normalize, stats, vae_config))
-    return _pipeline(urls, [wds.map(ToRaw(sample_posterior, flip)), _Batched(collate, batch_size, drop_last)],
-                     shuffle, resampled, seed, stats, counts)
-
-
-def bucket_dataset(shards, *, batch_size: int, drop_last: bool = False, bucket_batch: str = "samples",
-                   shapes: list | None = None, sample_posterior: bool = True, flip: bool = True,
-                   normalize: str = "channel", stats=None, vae_config=None, shuffle: int = 1000,
-                   resampled: bool = False, seed: int = 0, counts: dict[str, int] | None = None,
-                   items: tuple | None = None):
-    """Batches of one latent shape each (dicts as :func:`latent_dataset`'s items, collated), for
-    shards of several shapes: epoch mode (:class:`BucketBatches`) or ``resampled``. ``shapes``:
-    each shard's latent shape (default: :func:`shard_shapes`). ``items``: (to_raw, collate) other
-    than the latents' (ldm_vae.token_batches)."""
-    urls = expand_shards(shards)
-    shapes = shapes if shapes is not None else shard_shapes(urls, stats)
+def bucket_dataset(urls: list[str], batch_size: int, drop_last: bool, bucket_batch: str, shapes: list, items: tuple,
+                   opts: LoaderOptions):
+    """Batches of one latent shape each (``items``: see :func:`batch_loader`), for shards of
+    several shapes: epoch mode (:class:`BucketBatches`) or ``resampled``. ``shapes``: each shard's
+    latent shape (:func:`~ldm_vae.epochs.shard_shapes`)."""
     unknown = [u for u, x in zip(urls, shapes) if x is None]
     if unknown:
         raise ValueError(f"{unknown[0]}: the latent shape of its samples is unknown: pass stats= (stats.json lists "
                          "each shard's shape); with several shapes every batch must hold one")
     sizes = bucket_batch_sizes(shapes, batch_size, bucket_batch)
-    to_raw, collate = items or (ToRaw(sample_posterior, flip), Collate(sample_posterior,
-                                                                       _normalizer(normalize, stats, vae_config)))
-    if resampled:
-        return wds.DataPipeline(*_resampled(urls, shuffle, seed), wds.map(to_raw), _ResampledBuckets(
+    to_raw, collate = items
+    if opts.resampled:
+        return wds.DataPipeline(*_resampled(urls, opts.shuffle, opts.seed), wds.map(to_raw), _ResampledBuckets(
             collate, sizes, batch_size, drop_last))
-    return BucketBatches(urls, shard_counts(urls, stats, counts), shapes, sizes, to_raw, collate, shuffle, seed,
-                         drop_last)
+    return BucketBatches(urls, shard_counts(urls, opts.stats, opts.counts), shapes, sizes, to_raw, collate,
+                         opts.shuffle, opts.seed, drop_last)
 
 
 class _ResampledBuckets:

@@ -3,7 +3,6 @@ latent scale measured on data that makes it usable by a diffusion model."""
 
 from __future__ import annotations
 
-
 from typing import NamedTuple
 
 import torch

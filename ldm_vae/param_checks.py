@@ -38,7 +38,11 @@ def coerce(key: str, value, hint):
             return value
         if key == "train.mixed_precision" and value is False:
             return "no"  # YAML 1.1 reads a bare `no` as false
-        if key.endswith((".num_processes", "data.num_workers", "data.unit_images")) and isinstance(value, int) and not isinstance(value, bool):
+        if (
+            key.endswith((".num_processes", "data.num_workers", "data.unit_images"))
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+        ):
             return str(value)  # `auto` or a count
     elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):

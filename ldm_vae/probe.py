@@ -135,7 +135,8 @@ def train_probe(unet: UNet2DModel, shards: list[str], stats: Path, cfg: ProbeCon
 
 @torch.no_grad()
 def score_probe(unet: UNet2DModel, shards: list[str], stats: Path, cfg: ProbeConfig, device) -> tuple[dict, int]:
-    """{lambda: (v-MSE per element, the no-structure denoiser's)} over the first ``cfg.val_latents`` validation latents, each
+    """{lambda: (v-MSE per element, the no-structure denoiser's)} over the first ``cfg.val_latents``
+    validation latents, each
     with ``cfg.val_draws`` fixed noise draws per level; and how many latents were scored."""
     torch.manual_seed(cfg.seed + 1)  # the posterior samples: the same whatever training did
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 2)

@@ -30,16 +30,18 @@ import datetime
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
+from .code_deps import PACKAGE, stage_code
 from .engine import open_engine
 from .files import atomic_write
 from .units import Unit, UnitFailed, call, set_tick, tick
 
 # The stages import the unit pieces from here, with the runner's own.
-__all__ = ["Unit", "UnitFailed", "tick", "run_units", "iter_records", "record_path", "code_hash", "group",
-           "cpu_share", "resolve_workers", "check_launcher", "RECORDS"]
+__all__ = ["Unit", "UnitFailed", "tick", "run_units", "StageWork", "Placement", "iter_records", "record_path",
+           "code_hash", "stage_code", "group", "cpu_share", "resolve_workers", "check_launcher", "RECORDS"]
 
 RECORDS = ".done"
 
@@ -79,35 +81,49 @@ def code_hash(*modules: str) -> str:
     other code are never kept."""
     h = hashlib.sha256()
     for name in modules:
-        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+        h.update((PACKAGE / f"{name}.py").read_bytes())
     return h.hexdigest()[:16]
 
 
-def run_units(out: Path, plan: Callable[[], list[Unit]], work: Callable[[Unit], dict], *, clean: list[str],
-              workers: int = 1, desc: str, item: str = "img", agree: str = "",
-              redo: Callable[[dict], bool] | None = None, engine=None, shared: list[Path] = (),
-              gpu: bool = False, launcher_group: bool = False) -> list[Unit] | None:
-    """Run every unit not yet done; return all units (rank 0, for :func:`iter_records`) or None.
+@dataclass
+class StageWork:
+    """What a stage hands the runner: its units and what to do with each."""
+    desc: str  # the stage in messages and on its progress bar ("download folder", "encode")
+    out: Path  # the stage's output folder; records go to out/.done
+    plan: Callable[[], list[Unit]]  # every unit, in order (rank 0 only)
+    # work(unit) writes the unit's outputs and returns its record: ``outputs`` (paths relative to
+    # ``out``) plus anything the stage's finish needs.
+    work: Callable[[Unit], dict]
+    clean: list[str]  # folders under ``out`` (non-recursive) holding only outputs: unlisted files go
+    item: str = "img"  # the progress bar's unit
+    agree: str = ""  # a value every rank must share (the VAE's fingerprint), checked against rank 0's
+    # redo(record): True for a valid record whose unit should run again (URL fetches that failed);
+    # its outputs are kept and the record is passed as ``unit.extra["previous"]``.
+    redo: Callable[[dict], bool] | None = None
 
-    ``work(unit)`` writes the unit's outputs and returns its record: ``outputs`` (paths relative
-    to ``out``) plus anything the stage's finish needs. ``clean`` names the folders under ``out``
-    (non-recursive) that hold only outputs: whatever no valid record lists is deleted there.
-    ``agree``: a value every rank must share (the VAE's fingerprint), checked against rank 0's.
-    ``redo(record)``: True for a valid record whose unit should run again (URL fetches that
-    failed); its outputs are kept and the record is passed as ``unit.extra["previous"]``, so the
-    work can reuse what it finished.
-    ``engine``: an :class:`~ldm_vae.config.EngineConfig` (None: local) and, for the Ray engine,
-    ``shared``: the folders every node must see (``out`` first), ``gpu``: a GPU per task where the
-    cluster has them. ``launcher_group``: the stage may run as the ranks of one machine's launcher
-    (encode on several GPUs); several machines are the Ray engine's.
-    """
-    check_launcher(desc, engine, launcher_group)
+
+@dataclass
+class Placement:
+    """Where a stage's units run."""
+    engine: Any = None  # an EngineConfig (None: local)
+    workers: int = 1  # the local pool's processes
+    shared: list[Path] = field(default_factory=list)  # Ray: folders every node must see (``out`` is added)
+    gpu: bool = False  # Ray: a GPU per task where the cluster has them
+    launcher_group: bool = False  # the stage may run as the ranks of one machine's launcher (encode's GPUs)
+
+
+def run_units(stage: StageWork, where: Placement) -> list[Unit] | None:
+    """Run every unit of ``stage`` not yet done, ``where`` says; return all units (rank 0, for
+    :func:`iter_records`) or None (the other ranks)."""
+    check_launcher(stage.desc, where.engine, where.launcher_group)
     rank, world = group()
     # The pool's start-up (or the cluster's checks) overlap rank 0's planning.
-    with open_engine(engine, workers, work, shared=[Path(out), *shared], gpu=gpu) as runs_on:
-        if hasattr(runs_on, "describe") and rank == 0:
-            print(f"{desc}: {runs_on.describe()}", flush=True)
-        return _run(out, plan, work, clean, runs_on, desc, item, agree, redo, rank, world)
+    with open_engine(where.engine, where.workers, stage.work, shared=[Path(stage.out), *where.shared],
+                     gpu=where.gpu) as runs_on:
+        about = runs_on.describe()
+        if about and rank == 0:
+            print(f"{stage.desc}: {about}", flush=True)
+        return _run(stage, runs_on, rank, world)
 
 
 def check_launcher(desc: str, engine, launcher_group: bool) -> None:
@@ -119,18 +135,21 @@ def check_launcher(desc: str, engine, launcher_group: bool) -> None:
         raise ValueError(f"{desc}: engine.kind: ray runs the units on the cluster: start the stage without a "
                          "launcher (one command, on any node of the cluster)")
     if not launcher_group:
-        raise ValueError(f"{desc}: runs as one process with a pool of workers (data.num_workers), not under a "
-                         f"launcher (WORLD_SIZE={world}); for several machines use engine.kind: ray (docs/scale.md: A cluster)")
+        raise ValueError(
+            f"{desc}: runs as one process with a pool of workers (data.num_workers), not under a "
+            f"launcher (WORLD_SIZE={world}); for several machines use engine.kind: ray (docs/scale.md: A cluster)"
+        )
     if world != int(os.environ.get("LOCAL_WORLD_SIZE", world)):
         raise ValueError(f"{desc}: a launcher group spans several machines (WORLD_SIZE={world}, LOCAL_WORLD_SIZE="
                          f"{os.environ.get('LOCAL_WORLD_SIZE')}); for several machines use engine.kind: ray "
                          "(docs/scale.md: A cluster); a launcher runs the GPUs of one machine")
 
 
-def _run(out, plan, work, clean, engine, desc, item, agree, redo, rank, world) -> list[Unit] | None:
+def _run(stage: StageWork, engine, rank: int, world: int) -> list[Unit] | None:
+    out, clean, desc, agree, redo = stage.out, stage.clean, stage.desc, stage.agree, stage.redo
     units = todo = None
     if rank == 0:
-        units = plan()
+        units = stage.plan()
         done = _valid(out, units)  # name -> record, each read once
         _remove_unrecorded(out, clean, done)
         for u in units:
@@ -149,7 +168,7 @@ def _run(out, plan, work, clean, engine, desc, item, agree, redo, rank, world) -
         if shared[1] != agree:
             raise RuntimeError(f"rank {rank} disagrees with rank 0 ({agree} vs {shared[1]}): "
                                "were the inputs changed while the ranks started?")
-    _execute(out, todo[rank::world], work, engine, f"{desc} rank {rank}" if world > 1 else desc, item)
+    _execute(out, todo[rank::world], stage.work, engine, f"{desc} rank {rank}" if world > 1 else desc, stage.item)
     if world > 1:
         import torch.distributed as dist
 

@@ -109,7 +109,9 @@ class Kind:
             lines.append(f"| `{ext}` | {f.type} | {'yes' if f.required else 'no'} | {f.meaning} |")
         if self.meta:
             lines += ["", "| json field | type | always | meaning |", "|---|---|---|---|"]
-            lines += [f"| `{n}` | {f.type} | {'yes' if f.required else 'no'} | {f.meaning} |" for n, f in self.meta.items()]
+            lines += [
+                f"| `{n}` | {f.type} | {'yes' if f.required else 'no'} | {f.meaning} |" for n, f in self.meta.items()
+            ]
         return "\n".join(lines)
 
     def _encode(self, key: str, name: str, field: Field, value) -> bytes:
@@ -119,8 +121,10 @@ class Kind:
               "tokens": lambda v: isinstance(v, np.ndarray) and v.dtype.kind == "u" and v.ndim == 2,
               "json": lambda v: isinstance(v, dict)}[field.type](value)
         if not ok:
-            raise ValueError(f"{self.name} sample {key!r}: field {name} must be {field.type}, got {type(value).__name__}"
-                             + (f" {value.dtype} {value.shape}" if isinstance(value, np.ndarray) else ""))
+            raise ValueError(
+                f"{self.name} sample {key!r}: field {name} must be {field.type}, got {type(value).__name__}"
+                + (f" {value.dtype} {value.shape}" if isinstance(value, np.ndarray) else "")
+            )
         if field.type == "json":
             self._check_meta(key, value)
             return json.dumps(value, sort_keys=True).encode()
@@ -184,8 +188,14 @@ def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-_DECODE = {"image": bytes, "npy": npy_load, "tokens": npy_load, "json": json.loads, "text": lambda b: bytes(b).decode("utf-8"),
-           "label": _label}
+_DECODE = {
+    "image": bytes,
+    "npy": npy_load,
+    "tokens": npy_load,
+    "json": json.loads,
+    "text": lambda b: bytes(b).decode("utf-8"),
+    "label": _label,
+}
 
 _CAPTION = Field("txt", "text", "the caption, UTF-8 (sources with a caption column)", required=False)
 _LABEL = Field("cls", "label", "the label (sources with a label column): an integer as decimal digits, "
@@ -204,13 +214,21 @@ _PREPARED_META = {
     "width": Field("width", "int", "the raw image's width, after EXIF orientation"),
     "height": Field("height", "int", "the raw image's height, after EXIF orientation"),
     "crop_box": Field("crop_box", "ints", "[left, top, right, bottom] of the crop in the raw image"),
-    "resolution": Field("resolution", "int", "data.resolution: the stored square's side; with buckets, the side of the "
-                        "square of about the same pixel count"),
+    "resolution": Field(
+        "resolution",
+        "int",
+        "data.resolution: the stored square's side; with buckets, the side of the square of about the same pixel count",
+    ),
     "original_size": Field("original_size", "ints", "SDXL's original_size: [height, width] of the raw image"),
-    "crop_top_left": Field("crop_top_left", "ints", "SDXL's crops_coords_top_left: [top, left] of the crop in the raw "
-                           "image resized so that the crop has the stored size"),
-    "target_size": Field("target_size", "ints", "SDXL's target_size: [height, width] of the stored image (with buckets: "
-                         "its bucket)"),
+    "crop_top_left": Field(
+        "crop_top_left",
+        "ints",
+        "SDXL's crops_coords_top_left: [top, left] of the crop in the raw "
+        "image resized so that the crop has the stored size",
+    ),
+    "target_size": Field(
+        "target_size", "ints", "SDXL's target_size: [height, width] of the stored image (with buckets: its bucket)"
+    ),
     "caption": Field("caption", "str", "the caption, as in txt", required=False),
     "label": Field("label", "label", "the label, as in cls", required=False),
 }

@@ -13,11 +13,10 @@ import random
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from .epochs import expand_shards, shard_shapes
-from .latent_batches import _ARENA, conditioning, small_fields
-from .loader import LatentLoader, _as_is, _Batched, _pipeline, bucket_dataset
+from .latent_batches import ARENA, conditioning, small_fields
+from .loader import LatentLoader, LoaderOptions, batch_loader
 from .samples import npy_load
 
 
@@ -32,9 +31,14 @@ class ToTokens:
         try:
             tokens = npy_load(sample[f"tokens{suffix}.npy"])
         except KeyError:
-            what = ("it holds KL latents (mean.npy): read them with latent_loader" if "mean.npy" in sample
-                    else "a VQ latent shard holds tokens.npy (encode's output with model.regularizer: vq)")
-            raise KeyError(f"latent sample {sample.get('__key__')!r} has no member 'tokens{suffix}.npy': {what}") from None
+            what = (
+                "it holds KL latents (mean.npy): read them with latent_loader"
+                if "mean.npy" in sample
+                else "a VQ latent shard holds tokens.npy (encode's output with model.regularizer: vq)"
+            )
+            raise KeyError(
+                f"latent sample {sample.get('__key__')!r} has no member 'tokens{suffix}.npy': {what}"
+            ) from None
         return {"tokens": tokens, **conditioning(sample, tokens.shape)}
 
 
@@ -47,7 +51,7 @@ class CollateTokens:
     def __call__(self, raws: list[dict]) -> dict:
         shape = (len(raws), *raws[0]["tokens"].shape)  # [B, h, w]
         worker = torch.utils.data.get_worker_info() is not None
-        out = _ARENA.alloc(shape, torch.int64) if worker else torch.empty(shape, dtype=torch.int64)
+        out = ARENA.alloc(shape, torch.int64) if worker else torch.empty(shape, dtype=torch.int64)
         out.copy_(torch.from_numpy(np.stack([r["tokens"] for r in raws]).astype(np.int64)))
         return {"tokens": out, **small_fields(raws)}
 
@@ -56,20 +60,14 @@ def token_loader(shards, batch_size: int, num_workers: int = 2, drop_last: bool 
                  shuffle: int = 1000, resampled: bool = False, seed: int = 0, stats=None,
                  counts: dict[str, int] | None = None, bucket_batch: str = "samples") -> LatentLoader:
     """A DataLoader of token batches over VQ latent shards; the arguments mean what they mean for
-    :func:`ldm_vae.loader.latent_loader` (``stats``: the encode stage's stats.json, for the
-    per-shard counts that keep DDP ranks equal, and for buckets the shapes)."""
+    :func:`ldm_vae.loader.latent_loader` (:class:`~ldm_vae.loader.LoaderOptions`; ``stats``: the
+    encode stage's stats.json, for the per-shard counts that keep DDP ranks equal, and for
+    buckets the shapes)."""
+    opts = LoaderOptions(flip=flip, normalize="none", stats=stats, shuffle=shuffle, resampled=resampled, seed=seed,
+                         counts=counts)
     urls = expand_shards(shards)
-    shapes = shard_shapes(urls, stats)
-    items = (ToTokens(flip), CollateTokens())
-    if len({x for x in shapes if x is not None}) > 1:
-        dataset = bucket_dataset(urls, batch_size=batch_size, drop_last=drop_last, bucket_batch=bucket_batch,
-                                 shapes=shapes, flip=flip, stats=stats, shuffle=shuffle, resampled=resampled,
-                                 seed=seed, counts=counts, items=items, normalize="none")
-    else:
-        dataset = _pipeline(urls, [wds.map(items[0]), _Batched(items[1], batch_size, drop_last)], shuffle,
-                            resampled, seed, stats, counts)
-    return LatentLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                        collate_fn=_as_is)
+    return batch_loader(urls, shard_shapes(urls, stats), (ToTokens(flip), CollateTokens()), batch_size, num_workers,
+                        drop_last, bucket_batch, opts)
 
 
 @torch.no_grad()

@@ -19,7 +19,9 @@ class UnitFailed(RuntimeError):
 class Unit:
     name: str  # unique within the stage; the record's file name: "u00003", "train-s00012"
     ident: dict  # JSON: what a record must hold to count as this unit, done
-    task: Any = None  # what the work function needs (picklable when run on a pool or a cluster)
+    # What the work function needs, picklable to a pool process or a Ray task: a frozen dataclass
+    # per stage (download: a SourceSlice of its source kind; prepare: RawBlock; encode: EncodeInput).
+    task: Any = None
     size: int = 0  # items, for the progress bar (0: unknown)
     about: str = ""  # what it reads, for error messages ("shards/raw-u00003-00000.tar")
     extra: dict = field(default_factory=dict)

@@ -9,7 +9,6 @@ from PIL import Image
 
 from .files import atomic_path
 
-
 # Tiles are enlarged (nearest neighbour, whole pixels) to at least this many pixels a side: a
 # 64 px reconstruction at its native size is too small to judge by eye.
 MIN_TILE = 192

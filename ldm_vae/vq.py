@@ -8,7 +8,8 @@ assigned to each code (VQ-VAE-2, and most tokenizers since) or by the codebook l
 ||sg(h) - e||^2 in the optimizer. A code whose moving-average use falls below
 ``loss.dead_code_threshold`` times its uniform share (N / K of a step's N vectors) is re-seeded
 from the step's encoder outputs: without it, most codes of a fresh codebook are never the nearest
-to anything and stay unused (codebook collapse). With ``model.codebook_l2`` vectors and codes are l2-normalised and matched by cosine
+to anything and stay unused (codebook collapse). With ``model.codebook_l2`` vectors and codes are
+l2-normalised and matched by cosine
 similarity (ViT-VQGAN, LlamaGen).
 
 The codebook is diffusers' ``VQModel.quantize.embedding.weight`` [K, D] itself, so the export is a
@@ -182,8 +183,14 @@ def histogram_stats(counts, k: int) -> dict:
     p = c / c.sum().clamp_min(1)
     nz = p[p > 0]
     entropy_bits = float(-(nz * nz.log2()).sum())
-    return {"codebook_size": k, "codes_used": int((c > 0).sum()), "usage": float((c > 0).double().mean()),
-            "perplexity": float(2 ** entropy_bits), "bits_per_token": math.log2(k), "entropy_bits_per_token": entropy_bits}
+    return {
+        "codebook_size": k,
+        "codes_used": int((c > 0).sum()),
+        "usage": float((c > 0).double().mean()),
+        "perplexity": float(2**entropy_bits),
+        "bits_per_token": math.log2(k),
+        "entropy_bits_per_token": entropy_bits,
+    }
 
 
 def token_dtype(k: int):

@@ -19,7 +19,12 @@ def main() -> None:
     ap.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository (default: here)")
     ap.add_argument("--commits", type=int, default=1,
                     help="also the experiments of this many commits back from HEAD (dvc exp show -n)")
-    ap.add_argument("--out", type=Path, required=True, help="folder for channels.csv, channels.md, channels.png, rate_distortion.png")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for channels.csv, channels.md, channels.png, rate_distortion.png",
+    )
     ap.add_argument("--with", dest="earlier", type=Path, action="append", default=[],
                     help="an earlier report's channels.csv: its rows beside these (a sweep whose experiments are gone)")
     args = ap.parse_args()

@@ -58,8 +58,11 @@ def main() -> None:
         seen = len(stats["splits"]["train"]["labels"])
         print(f"  labels: {stats['num_classes']} classes (classes.json), {seen} of them in train")
     if stats["regularizer"] == "vq":
-        print(f"  tokens: {stats['codes_used']} of {stats['codebook_size']} codes used on train, perplexity "
-              f"{stats['perplexity']:.1f}, {stats['entropy_bits_per_token']:.2f} of {stats['bits_per_token']:.0f} bits a token")
+        print(
+            f"  tokens: {stats['codes_used']} of {stats['codebook_size']} codes used on train, perplexity "
+            f"{stats['perplexity']:.1f}, {stats['entropy_bits_per_token']:.2f} of {stats['bits_per_token']:.0f} "
+            "bits a token"
+        )
     if stats["batch_fill"] is not None:
         print(f"  encode batches {100 * stats['batch_fill']:.0f}% full on average (each input shard ends in a "
               "partial one)")

@@ -25,7 +25,11 @@ def main() -> None:
     except (ParamError, OSError) as e:
         sys.exit(f"inputs: {e}")
     for record in filter(None, [contents["init_from.json"]["init_from"], *contents["references.json"].values()]):
-        what = f"{len(record['files'])} files" if "files" in record else f"commit {record['revision'] or 'unknown (offline, not cached)'}"
+        what = (
+            f"{len(record['files'])} files"
+            if "files" in record
+            else f"commit {record['revision'] or 'unknown (offline, not cached)'}"
+        )
         print(f"inputs: {record['location']}: {what}")
 
 

@@ -30,10 +30,13 @@ def main() -> None:
         print(f"probe: {m['denoise_probe']}")
         return
     per_level = ", ".join(f"{lam:+g}: {loss:.3f}" for lam, loss in denoise_levels(m))
-    print(f"probe: denoising loss {m['denoise_loss']:.4f} (1.0: no structure found; per log-SNR {per_level}); "
-          f"{m['probe_steps']} steps x {m['probe_batch_size']}{' (partial batches)' if m['probe_partial_batches'] else ''}, "
-          f"{m['probe_parameters'] / 1e6:.2f}M parameters, "
-          f"{m['probe_val_latents']} validation latents, {m['seconds']:.0f} s")
+    print(
+        f"probe: denoising loss {m['denoise_loss']:.4f} (1.0: no structure found; per log-SNR {per_level}); "
+        f"{m['probe_steps']} steps x {m['probe_batch_size']}"
+        f"{' (partial batches)' if m['probe_partial_batches'] else ''}, "
+        f"{m['probe_parameters'] / 1e6:.2f}M parameters, "
+        f"{m['probe_val_latents']} validation latents, {m['seconds']:.0f} s"
+    )
 
 
 if __name__ == "__main__":

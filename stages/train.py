@@ -73,9 +73,11 @@ def main() -> None:
               f"val PSNR {result['val_psnr']:.2f} dB, data/vae/config.json: scaling_factor "
               f"{result['vae_scaling_factor']:.4f}, shift_factor {result['vae_shift_factor']:.4f}")
         env = result["environment"]
-        print(f"train: the weights depend on: {env['device']}, {env['cpu']} ({env['cpu_capability']} kernels"
-              f"{', ' + ' '.join(f'{k}={v}' for k, v in env['kernel_variables'].items()) if env['kernel_variables'] else ''}), "
-              f"{env['threads']} threads, torch {env['torch']} (data/train/run_info.json)")
+        print(
+            f"train: the weights depend on: {env['device']}, {env['cpu']} ({env['cpu_capability']} kernels"
+            f"{''.join(f', {k}={v}' for k, v in env['kernel_variables'].items())}), "
+            f"{env['threads']} threads, torch {env['torch']} (data/train/run_info.json)"
+        )
 
 
 if __name__ == "__main__":

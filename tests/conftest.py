@@ -108,7 +108,9 @@ def imagenet_tree(root: Path, classes=CLASSES, per_class: int = 3, seed: int = 0
     for c, wnid in enumerate(classes):
         (root / wnid).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            (root / wnid / f"{wnid}_{i}.JPEG").write_bytes(image_bytes(photo(48 + 4 * i, 40, seed=seed + 10 * c + i), "JPEG"))
+            (root / wnid / f"{wnid}_{i}.JPEG").write_bytes(
+                image_bytes(photo(48 + 4 * i, 40, seed=seed + 10 * c + i), "JPEG")
+            )
     return root
 
 

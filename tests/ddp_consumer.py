@@ -1,6 +1,7 @@
 """Two gloo processes read latent shards with latent_loader and all-reduce once per batch, as a
 DDP trainer's backward does: ``python tests/ddp_consumer.py SHARD_DIR``. Each rank writes
-{"rank", "batches", "seen"} to SHARD_DIR/../rank<r>.json. With unequal batch counts the all-reduce of the longer rank would
+{"rank", "batches", "seen"} to SHARD_DIR/../rank<r>.json. With unequal batch counts the all-reduce
+of the longer rank would
 wait for ever (the timeout below turns that into a failure)."""
 
 import datetime

@@ -87,7 +87,9 @@ class SeaweedS3:
         last = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited {self.proc.returncode}: {(self.root / 'weed.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"weed exited {self.proc.returncode}: {(self.root / 'weed.log').read_text()[-2000:]}"
+                )
             try:
                 c = self.client()
                 self.make_bucket("ready-probe")

@@ -46,5 +46,7 @@ def test_vq_runs_sit_on_the_same_rate_distortion_plane_beside_an_earlier_sweep(t
                        "rate_bpp": 0.618, "denoise_loss": 0.84}
     write_report(rows, tmp_path / "out")
     table = (tmp_path / "out" / "channels.md").read_text()
-    assert "| codebook_size |" in table and "vq-1024 | 4 |  | 1024 | 192.0 | 19.0 | 0.45 | 0.1562 | 0.125 | 0.6 |" in table
+    assert (
+        "| codebook_size |" in table and "vq-1024 | 4 |  | 1024 | 192.0 | 19.0 | 0.45 | 0.1562 | 0.125 | 0.6 |" in table
+    )
     assert (tmp_path / "out" / "rate_distortion.png").stat().st_size > 1000

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from ldm_vae.config import ParamError, load_params, params_from_dict
 
 
@@ -93,9 +93,9 @@ def test_stage_fails_fast_on_bad_params(tmp_path):
 
 @pytest.mark.parametrize("channels", [4, 8, 16])
 def test_presets_are_sd_kl_f8_at_256(channels):
-    from ldm_vae.model import build_vae
-
     import dataclasses
+
+    from ldm_vae.model import build_vae
 
     raw = yaml.safe_load((ROOT / "presets" / f"sd-kl-f8-256-c{channels}.yaml").read_text())
     shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -126,20 +126,30 @@ def _ldm_vae_imports(path: Path) -> set[str]:
             if node.level:
                 base = package[: len(package) - node.level + 1] + base
             if base[:1] == ["ldm_vae"]:
-                dotted.add(".".join(base))
-                dotted.update(".".join(base + [a.name]) for a in node.names)  # `from . import x`
+                subs = [".".join(base + [a.name]) for a in node.names]  # `from . import x`: a module
+                dotted.update(subs)
+                if not all(_module_file(d) for d in subs):  # names of the module (or package) itself
+                    dotted.add(".".join(base))
         elif isinstance(node, ast.Import):
             dotted.update(a.name for a in node.names if a.name.startswith("ldm_vae."))
     found = set()
     for d in dotted:
-        for candidate in (ROOT / (d.replace(".", "/") + ".py"), ROOT / d.replace(".", "/") / "__init__.py"):
-            if candidate.is_file() and candidate != path:
-                found.add(candidate.relative_to(ROOT).as_posix())
+        candidate = _module_file(d)
+        if candidate is not None and candidate != path:
+            found.add(candidate.relative_to(ROOT).as_posix())
     return found
 
 
-def test_every_stage_depends_on_the_code_it_runs():
-    """A change to any module a stage imports (directly or not) re-runs that stage under dvc repro.
+def _module_file(dotted: str) -> Path | None:
+    for candidate in (ROOT / (dotted.replace(".", "/") + ".py"), ROOT / dotted.replace(".", "/") / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def test_every_stage_depends_on_exactly_the_code_it_runs():
+    """A change to any module a stage imports (directly or not) re-runs that stage under dvc repro,
+    and a change to any other module does not (an edit to the Ray engine never re-runs evaluate).
     config.py is left out on purpose: it only validates, and every stage would re-run on a new key;
     so is what config.py alone imports to validate (the bucket geometry, a dep of prepare)."""
     import yaml
@@ -153,8 +163,10 @@ def test_every_stage_depends_on_the_code_it_runs():
                 seen.add(mod)
                 if mod != "ldm_vae/config.py":
                     todo.append(ROOT / mod)
-        missing = seen - set(stage["deps"]) - {"ldm_vae/config.py"} - {m for m in seen if m.endswith("__init__.py")}
+        listed = {d for d in stage["deps"] if d.startswith("ldm_vae/")}
+        missing, extra = seen - {"ldm_vae/config.py"} - listed, listed - seen
         assert script in stage["deps"] and not missing, f"{name}: dvc.yaml deps lack {sorted(missing)}"
+        assert not extra, f"{name}: dvc.yaml deps list {sorted(extra)}, which the stage never imports"
 
 
 def test_checkpoint_tag_hashes_exactly_the_train_stage_code():
@@ -162,29 +174,28 @@ def test_checkpoint_tag_hashes_exactly_the_train_stage_code():
     (dvc.yaml's deps): editing the downloader must not throw a run's checkpoints away."""
     import yaml
 
-    from ldm_vae.train.training import TRAIN_CODE
+    from ldm_vae.train.training import train_code
 
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
-    assert {f"ldm_vae/{m}.py" for m in TRAIN_CODE} == {d for d in deps if d.startswith("ldm_vae/")}
+    assert {f"ldm_vae/{m}.py" for m in train_code()} == {d for d in deps if d.startswith("ldm_vae/")}
 
 
-@pytest.mark.parametrize("stage, module", [("download", "ldm_vae.ingest.download"),
-                                           ("prepare", "ldm_vae.ingest.prepare"),
-                                           ("encode", "ldm_vae.encode.encoding")])
+@pytest.mark.parametrize("stage, module", [("download", "ingest/download"), ("prepare", "ingest/prepare"),
+                                           ("encode", "encode/encoding")])
 def test_a_units_done_record_hashes_the_code_that_writes_its_outputs(stage, module):
     """A finished unit is kept by a re-run only while the code that wrote it is unchanged: the
     unit's code hash covers every module the stage's work imports, except those that shape no
     output byte: the atomic write, the params, the launcher, the engines that run the units (the
     same bytes on each, tested), and the VAE loading and where it comes from (encode's records
     carry the VAE's own fingerprint)."""
-    import importlib
-
     import yaml
 
-    code = importlib.import_module(module).CODE
+    from ldm_vae.runner import stage_code
+
+    code = stage_code(module)
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
     shapes_nothing = ("files", "config", "launch", "export", "inputs", "units", "engine/__init__", "engine/local",
-                      "engine/ray_cluster")
+                      "engine/ray_cluster", "code_deps")
     expected = {d for d in deps if d.startswith("ldm_vae/")} - {f"ldm_vae/{m}.py" for m in shapes_nothing}
     assert {f"ldm_vae/{m}.py" for m in code} == expected
 
@@ -197,7 +208,9 @@ def _floor(module: str) -> tuple[int, str]:
     parts = Path(module).relative_to("ldm_vae").parts
     if parts[0] in WINGS:
         return 1, parts[0]
-    return (2, "") if parts[0] in ("loader.py", "token_batches.py", "probe.py", "compare.py", "__init__.py") else (0, "")
+    return (
+        (2, "") if parts[0] in ("loader.py", "token_batches.py", "probe.py", "compare.py", "__init__.py") else (0, "")
+    )
 
 
 def test_the_layout_only_imports_downwards_and_has_no_circles():

@@ -2,9 +2,9 @@ import itertools
 
 import numpy as np
 import torch
+from conftest import image_bytes, photo
 from PIL import Image
 
-from conftest import image_bytes, photo
 from ldm_vae.data import fade_to_colour, load_images, to_tensor, train_stream
 from ldm_vae.shards import ShardWriter, shard_paths
 

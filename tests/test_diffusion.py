@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import ROOT, imagenet_tree, make_params
 from PIL import Image
 
-from conftest import ROOT, imagenet_tree, make_params
 from ldm_vae.encode.encoding import run_encode
 from ldm_vae.export import load_vae
 from ldm_vae.ingest.download import run_download
@@ -52,10 +52,24 @@ def test_the_example_trainer_lowers_its_loss_and_decodes_a_sample_grid(pipeline_
 def test_the_example_trainer_runs_under_two_process_ddp(pipeline_dir, tmp_path):
     latents, out = _latents(pipeline_dir, tmp_path), tmp_path / "run"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           EXAMPLE, *_args(latents, pipeline_dir / "vae", out, **{"--steps": 6, "--batch-size": 4,
-                                                                  "--num-workers": 1})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        EXAMPLE,
+        *_args(latents, pipeline_dir / "vae", out, **{"--steps": 6, "--batch-size": 4, "--num-workers": 1}),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert len(json.loads((out / "loss.json").read_text())["loss"]) == 6

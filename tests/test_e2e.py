@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
 from conftest import ROOT, TINY, copy_repo
 
 pytestmark = pytest.mark.slow
@@ -62,7 +61,9 @@ def test_repro_writes_every_contract(repo):
 
     import webdataset as wds
 
-    sample = next(iter(wds.WebDataset(sorted(map(str, (dst / "data/latents/val").glob("*.tar")))[0], shardshuffle=False)))
+    sample = next(
+        iter(wds.WebDataset(sorted(map(str, (dst / "data/latents/val").glob("*.tar")))[0], shardshuffle=False))
+    )
     assert {"__key__", "mean.npy", "std.npy", "json"} <= set(sample)
 
     metrics = json.loads((dst / "data/eval/details.json").read_text())
@@ -172,7 +173,9 @@ def test_channel_change_reruns_only_model_stages(repo):
 
     from ldm_vae.samples import npy_load
 
-    sample = next(iter(wds.WebDataset(sorted(map(str, (dst / "data/latents/train").glob("*.tar")))[0], shardshuffle=False)))
+    sample = next(
+        iter(wds.WebDataset(sorted(map(str, (dst / "data/latents/train").glob("*.tar")))[0], shardshuffle=False))
+    )
     assert npy_load(sample["mean.npy"]).shape == (8, 4, 4)
     assert json.loads((dst / "data/eval/details.json").read_text())["latent_channels"] == 8
     assert np.isfinite(json.loads((dst / "data/eval/metrics.json").read_text())["psnr"])
@@ -195,7 +198,9 @@ def test_channel_comparison_over_dvc_experiments(repo):
     by_c = {int(r["latent_channels"]): r for r in rows}
     assert float(by_c[8]["compression_ratio"]) == 24.0 and float(by_c[16]["compression_ratio"]) == 12.0
     assert all(np.isfinite(float(r["psnr"])) and 0 < float(r["ssim"]) <= 1 for r in rows)
-    assert printed.startswith("| run | latent_channels | kl_weight | compression_ratio | psnr | ssim | mse | rate_bpp |")
+    assert printed.startswith(
+        "| run | latent_channels | kl_weight | compression_ratio | psnr | ssim | mse | rate_bpp |"
+    )
     assert all(float(r["kl_weight"]) == 1e-6 and float(r["rate_bpp"]) > 0 for r in rows)  # TINY's beta, not 0.0
     assert (dst / "data/eval/channels.png").stat().st_size > 1000
     assert (dst / "data/eval/rate_distortion.png").stat().st_size > 1000

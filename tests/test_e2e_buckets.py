@@ -13,10 +13,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import ROOT, TINY, copy_repo
 from httpserver import ImageServer, Route
+from PIL import Image
+
 from ldm_vae.ingest.sources import builtin_files
 from ldm_vae.loader import latent_loader
 from ldm_vae.samples import LATENT, PREPARED
@@ -39,7 +39,9 @@ def mixed_aspect_folder(root):
         aw, ah = ASPECTS[i % len(ASPECTS)]
         scale = min(img.width / aw, img.height / ah)
         w, h = int(aw * scale), int(ah * scale)
-        img = img.crop(((img.width - w) // 2, (img.height - h) // 2, (img.width - w) // 2 + w, (img.height - h) // 2 + h))
+        img = img.crop(
+            ((img.width - w) // 2, (img.height - h) // 2, (img.width - w) // 2 + w, (img.height - h) // 2 + h)
+        )
         img.thumbnail((160, 160), Image.LANCZOS)
         img.save(root / f"{key}.{'jpg' if i % 2 else 'png'}", quality=95)
     return root
@@ -84,7 +86,9 @@ def test_no_sample_lost_and_every_latent_is_its_bucket_over_8(bucket_repo):
     raw = [json.loads(line) for line in (repo / "data/raw/manifest.jsonl").read_text().splitlines()]
     raw_keys = [r["key"] for r in raw]
     assert len(raw_keys) == len(builtin_files())
-    reasons = Counter(json.loads(line)["reason"] for line in (repo / "data/raw/rejected.jsonl").read_text().splitlines())
+    reasons = Counter(
+        json.loads(line)["reason"] for line in (repo / "data/raw/rejected.jsonl").read_text().splitlines()
+    )
     assert reasons == {"http_404": 1, "not_an_image": 1}, reasons
     prepared, latents, buckets = [], [], Counter()
     for split in ("train", "val"):

@@ -3,9 +3,9 @@ import random
 
 import numpy as np
 import pytest
+from conftest import image_bytes, photo
 from PIL import Image
 
-from conftest import image_bytes, photo
 from ldm_vae.images import ALPHA_BACKGROUND, ImageRejected, check_image, crop_resize, load_rgb, png_bytes, square_crops
 
 CAP = 10_000_000
@@ -119,9 +119,9 @@ def test_crops_are_deterministic_inside_and_multiscale():
     b = square_crops((300, 200), 20, 0.2, random.Random(1))
     assert a == b and len(a) == 20
     assert a[0] == (50, 0, 250, 200)  # the centre crop comes first
-    sides = [r - l for l, t, r, b_ in a]
-    assert all(r - l == b_ - t for l, t, r, b_ in a)
-    assert all(0 <= l and r <= 300 and 0 <= t and b_ <= 200 for l, t, r, b_ in a)
+    sides = [r - left for left, t, r, b_ in a]
+    assert all(r - left == b_ - t for left, t, r, b_ in a)
+    assert all(0 <= left and r <= 300 and 0 <= t and b_ <= 200 for left, t, r, b_ in a)
     assert min(sides) < 100 < max(sides)  # several scales, not one
     assert crop_resize(photo(300, 200), a[3], 32).size == (32, 32)
 

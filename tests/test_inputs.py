@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, make_params, write_params
+
 from ldm_vae.config import ParamError
 from ldm_vae.inputs import Location, fingerprint, pinned, pretrained_location
 

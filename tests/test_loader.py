@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_params
-from ldm_vae.export import load_vae
+
 from ldm_vae.encode.encoding import run_encode
+from ldm_vae.export import load_vae
 from ldm_vae.loader import latent_dataset, latent_loader
 
 
@@ -182,6 +182,7 @@ def test_uneven_shards_in_real_ddp_finish(latents, tmp_path):
     the ranks must get the same number of batches, or one would wait for ever."""
     import subprocess
     import sys
+
     from ldm_vae.shards import ShardWriter, iter_samples, shard_paths
 
     samples = list(iter_samples(shard_paths(out_dir := latents[0] / "train")))[:41]
@@ -190,8 +191,12 @@ def test_uneven_shards_in_real_ddp_finish(latents, tmp_path):
             for s in part:
                 w.write({k: v for k, v in s.items() if k == "__key__" or "." in k})
     assert out_dir.exists()
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_consumer.py")), str(tmp_path / "shards")],
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("ddp_consumer.py")), str(tmp_path / "shards")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert len(reports) == 2 and reports[0]["batches"] == reports[1]["batches"] > 0
@@ -225,9 +230,10 @@ def test_random_flip_choice_and_decode_helper(pipeline_dir, tmp_path):
                                     sample_posterior=False, flip=False, stats=tmp_path / "stats.json")))
     images = decode_latents(vae, batch["latent"], "channel", tmp_path / "stats.json")
     assert images.shape == (4, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    import numpy as np
+
     from ldm_vae.samples import npy_load
     from ldm_vae.shards import iter_samples, shard_paths
-    import numpy as np
 
     raw = {s["__key__"]: npy_load(s["mean.npy"]) for s in iter_samples(shard_paths(tmp_path / "val"))}
     z = torch.from_numpy(raw[batch["key"][0]].astype(np.float32))[None]

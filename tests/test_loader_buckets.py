@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldm_vae.loader import bucket_batch_sizes, bucket_dataset, latent_loader
+from ldm_vae.loader import bucket_batch_sizes, latent_loader
 from ldm_vae.samples import npy_bytes
 from ldm_vae.shards import ShardWriter
 
@@ -91,7 +91,9 @@ def test_each_buckets_share_of_batches_follows_its_share_and_buckets_mix(buckets
 
 def test_epoch_order_changes_with_set_epoch_and_repeats(buckets, monkeypatch):
     folder, _ = buckets
-    orders = [[k for b in _epoch(folder, 0, e, monkeypatch, world=1, batch_size=4) for k in b["key"]] for e in (0, 1, 0)]
+    orders = [
+        [k for b in _epoch(folder, 0, e, monkeypatch, world=1, batch_size=4) for k in b["key"]] for e in (0, 1, 0)
+    ]
     assert orders[0] == orders[2] != orders[1]
     assert sorted(orders[0]) == sorted(orders[1])
 
@@ -114,8 +116,9 @@ def test_resampled_buckets_are_endless_and_one_shape_a_batch(buckets):
     import itertools
 
     folder, keys = buckets
-    ds = bucket_dataset(str(folder / "*.tar"), batch_size=3, normalize="none", resampled=True, shuffle=5)
-    for b in itertools.islice(iter(ds), 40):
+    loader = latent_loader(str(folder / "*.tar"), batch_size=3, num_workers=0, normalize="none", resampled=True,
+                           shuffle=5)
+    for b in itertools.islice(iter(loader), 40):
         assert len({keys[k] for k in b["key"]}) == 1 and len(b["key"]) == 3
 
 
@@ -123,8 +126,12 @@ def test_bucketed_shards_in_real_two_process_ddp_finish(tmp_path):
     """Two gloo processes all-reduce once a batch over bucketed shards: a rank with more batches
     would wait for ever."""
     write_buckets(tmp_path / "shards", per_shard=7)
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_consumer.py")), str(tmp_path / "shards")],
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("ddp_consumer.py")), str(tmp_path / "shards")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert reports[0]["batches"] == reports[1]["batches"] > 0
@@ -155,8 +162,9 @@ def test_bucketed_shards_from_s3_give_the_local_batches(buckets, s3_env, monkeyp
                                batch_size=4, stats="s3://latents/buckets/stats.json")
         loader.set_epoch(1)
         there = list(loader)
-        assert [(tuple(b["latent"].shape), b["key"]) for b in there] == \
-               [(tuple(b["latent"].shape), b["key"]) for b in here] and len({tuple(b["latent"].shape[1:]) for b in there}) == 3
+        assert [(tuple(b["latent"].shape), b["key"]) for b in there] == [
+            (tuple(b["latent"].shape), b["key"]) for b in here
+        ] and len({tuple(b["latent"].shape[1:]) for b in there}) == 3
 
 
 def _shape_of(path) -> list[int]:

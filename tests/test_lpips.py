@@ -52,7 +52,6 @@ def test_train_stage_with_lpips_but_no_weights_exits_in_seconds(pipeline_dir, tm
     import time
 
     import yaml
-
     from conftest import ROOT, TINY
 
     raw = {k: dict(v) for k, v in TINY.items()}

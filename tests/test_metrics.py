@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import photo
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from conftest import photo
 from ldm_vae.metrics import psnr, resize_baseline, ssim
 
 

@@ -1,6 +1,6 @@
 import torch
-
 from conftest import make_params
+
 from ldm_vae.model import LatentMoments, build_vae
 
 
@@ -85,7 +85,9 @@ def test_init_from_names_architecture_mismatches_and_missing_folders(tmp_path):
 
     _, folder = _saved_vae(tmp_path)
     cfg = make_params(model={"init_from": str(folder), "block_out_channels": [8, 16, 16, 16]}).model
-    with pytest.raises(ParamError, match=r"model.block_out_channels: \[8, 16, 16, 16\] but the checkpoint has \[8, 8, 16, 16\]"):
+    with pytest.raises(
+        ParamError, match=r"model.block_out_channels: \[8, 16, 16, 16\] but the checkpoint has \[8, 8, 16, 16\]"
+    ):
         check_init_from(cfg)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ParamError, match="without config.json"):

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_params
+
 from ldm_vae.probe import run_probe
 from ldm_vae.samples import npy_bytes
 from ldm_vae.shards import ShardWriter

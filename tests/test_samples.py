@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, image_bytes, make_params, photo
+
 from ldm_vae.encode.latents import latent_sample
 from ldm_vae.ingest.download import run_download
 from ldm_vae.ingest.prepare import run_prepare

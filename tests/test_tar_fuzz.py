@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ldm_vae.shards import ShardWriter, check_key, iter_samples, shard_keys, tar_members
 from ldm_vae.ingest.items import folder_key, safe_key, unique_key
+from ldm_vae.shards import ShardWriter, check_key, iter_samples, shard_keys, tar_members
 
 TIME_LIMIT_S = 5
 
@@ -155,9 +155,19 @@ def _with_field(data: bytes, header_at: int, start: int, value: bytes) -> bytes:
     return bytes(out)
 
 
-CRAFTED_SIZES = [b"0o17\0\0\0\0\0\0\0\0", b"1_0\0\0\0\0\0\0\0\0\0", b"-1\0\0\0\0\0\0\0\0\0\0", b"+7\0\0\0\0\0\0\0\0\0\0",
-                 b"0x1f\0\0\0\0\0\0\0\0", b"\0" * 12, b"  1 2\0\0\0\0\0\0\0", b"99999999999\0", b"77777777777\0",
-                 b"\xff" * 12, b"\x80" + b"\xff" * 11]
+CRAFTED_SIZES = [
+    b"0o17\0\0\0\0\0\0\0\0",
+    b"1_0\0\0\0\0\0\0\0\0\0",
+    b"-1\0\0\0\0\0\0\0\0\0\0",
+    b"+7\0\0\0\0\0\0\0\0\0\0",
+    b"0x1f\0\0\0\0\0\0\0\0",
+    b"\0" * 12,
+    b"  1 2\0\0\0\0\0\0\0",
+    b"99999999999\0",
+    b"77777777777\0",
+    b"\xff" * 12,
+    b"\x80" + b"\xff" * 11,
+]
 
 
 def test_crafted_size_fields_fail(shards, tmp_path):
@@ -177,7 +187,12 @@ def _pax_variant(record: bytes) -> bytes:
     out = io.BytesIO()
     head = bytearray(512)
     head[0:14] = b"././@PaxHeader"
-    head[100:108], head[108:116], head[116:124], head[136:148] = b"0000644\0", b"0000000\0", b"0000000\0", b"0" * 11 + b"\0"
+    head[100:108], head[108:116], head[116:124], head[136:148] = (
+        b"0000644\0",
+        b"0000000\0",
+        b"0000000\0",
+        b"0" * 11 + b"\0",
+    )
     head[124:136] = b"%011o\0" % len(record)
     head[156:157], head[257:265] = b"x", b"ustar\x0000"
     head[148:156] = b" " * 8
@@ -264,7 +279,9 @@ def test_the_loader_rejects_a_truncated_shard_by_name(shards, tmp_path):
 
 # --- the writer refuses what readers would misread --------------------------------------------
 
-@pytest.mark.parametrize("key", ["a.b", "img.final", "a\0b", "a\nb", "/a", "a/", "a//b", "../up", "a\\b", "", "x" * 1001])
+@pytest.mark.parametrize(
+    "key", ["a.b", "img.final", "a\0b", "a\nb", "/a", "a/", "a//b", "../up", "a\\b", "", "x" * 1001]
+)
 def test_writer_refuses_keys_readers_would_misread(key, tmp_path):
     with pytest.raises(ValueError, match="sample key"):
         with ShardWriter(tmp_path, "w", 10) as w:

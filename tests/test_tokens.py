@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, make_params
+
 from ldm_vae.encode.encoding import run_encode
 from ldm_vae.export import load_vae
 from ldm_vae.shards import iter_samples, shard_paths
@@ -136,6 +136,7 @@ def test_token_buckets_give_one_shape_a_batch_and_equal_batches_on_two_ranks(tmp
 def test_the_token_loader_gives_folder_labels(tokens, tmp_path):
     """data.labels through download, prepare and a VQ encode: token batches carry each image's class."""
     from conftest import imagenet_tree
+
     from ldm_vae.ingest.download import read_manifest, run_download
     from ldm_vae.ingest.prepare import run_prepare
     from ldm_vae.samples import LATENT
@@ -146,7 +147,10 @@ def test_the_token_loader_gives_folder_labels(tokens, tmp_path):
     run_prepare(params.data, tmp_path / "raw", tmp_path / "prepared")
     run_encode(load_vae(base / "vae"), tmp_path / "prepared", tmp_path / "latents", params.encode)
     label_of = {r["key"]: r["label"] for r in read_manifest(tmp_path / "raw")}
-    raw_key = {s["__key__"]: LATENT.get(s, "meta")["raw_key"] for s in iter_samples(shard_paths(tmp_path / "latents" / "train"))}
+    raw_key = {
+        s["__key__"]: LATENT.get(s, "meta")["raw_key"]
+        for s in iter_samples(shard_paths(tmp_path / "latents" / "train"))
+    }
     loader = token_loader(str(tmp_path / "latents" / "train" / "*.tar"), batch_size=2, num_workers=0,
                           stats=tmp_path / "latents" / "stats.json")
     got = [(key, label) for batch in loader for key, label in zip(batch["key"], batch["label"].tolist())]

@@ -2,7 +2,8 @@
 
 Several processes are one launcher group (the stage starts ``accelerate launch`` itself for the
 GPUs of one machine); several machines are a Ray cluster (``engine.kind: ray``: a task per input
-shard, a GPU each where there are GPUs, on a shared output folder). Work is planned per input shard by the stage runner (:mod:`ldm_vae.runner`): rank
+shard, a GPU each where there are GPUs, on a shared output folder). Work is planned per input
+shard by the stage runner (:mod:`ldm_vae.runner`): rank
 r of W takes units r, r+W, ... of what is left and writes ``<split>-r<rank>-s<input>-<n>.tar`` (its
 own names: no two processes ever write one file). Each finished input shard leaves a done-record
 (``.done/<split>-s<input>.json``: output shards, count, exact moments, and the ident that must
@@ -20,21 +21,32 @@ import json
 import os
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
 from ..config import EncodeConfig
-from .latents import SPLITS, encode_shard, vae_fingerprint
-from ..model import LatentMoments, is_vq
-from ..vq import histogram_stats
 from ..files import atomic_write
-from ..runner import Unit, check_launcher, code_hash, cpu_share, group, iter_records, run_units, tick
+from ..model import LatentMoments, is_vq
+from ..runner import (
+    Placement,
+    StageWork,
+    Unit,
+    check_launcher,
+    code_hash,
+    cpu_share,
+    group,
+    iter_records,
+    run_units,
+    stage_code,
+    tick,
+)
 from ..samples import read_classes, write_classes
 from ..shards import shard_keys, shard_paths
-
-CODE = ("encode/encoding", "encode/latents", "data", "samples", "images", "shards", "model", "vq", "precision", "runner")
+from ..vq import histogram_stats
+from .latents import SPLITS, encode_shard, vae_fingerprint
 
 
 class CoverageError(RuntimeError):
@@ -64,7 +76,7 @@ def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig,
     rank, _ = group()
 
     def plan() -> list[Unit]:
-        code = code_hash(*CODE)
+        code = code_hash(*stage_code("encode/encoding"))
         for split in SPLITS:  # the per-split records of earlier versions of this stage
             if (out / split / ".done").is_dir():
                 shutil.rmtree(out / split / ".done")
@@ -74,18 +86,27 @@ def run_encode(vae: AutoencoderKL, prepared: Path, out: Path, cfg: EncodeConfig,
                 st = os.stat(path)
                 ident = {"input": Path(path).name, "input_id": [st.st_size, st.st_mtime_ns], "vae": fingerprint,
                          "flip": cfg.flip, "code": code}
-                units.append(Unit(f"{split}-s{i:05d}", ident, (split, i, path), about=path))
+                units.append(Unit(f"{split}-s{i:05d}", ident, EncodeInput(split, i, path), about=path))
         return units
 
     # Locally in this process: the VAE lives here (threads or the GPU give the parallelism).
     if on_ray and vae_dir is None:
         raise ValueError("encode on Ray: the tasks load the VAE from its folder; pass vae_dir")
     work = EncodeWork(vae_dir, out, cfg, fingerprint, rank, None if on_ray else vae)
-    units = run_units(out, plan, work, clean=list(SPLITS), desc="encode", agree=fingerprint, engine=engine,
-                      shared=[prepared] + ([vae_dir] if on_ray else []), gpu=True, launcher_group=True)
+    stage = StageWork("encode", out, plan, work, clean=list(SPLITS), agree=fingerprint)
+    units = run_units(stage, Placement(engine, shared=[prepared] + ([vae_dir] if on_ray else []), gpu=True,
+                                       launcher_group=True))
     if units is None:
         return None
     return _finish(vae, prepared, out, units, fingerprint)
+
+
+@dataclass(frozen=True)
+class EncodeInput:
+    """An encode unit: prepared shard ``path``, the ``index``-th of its split."""
+    split: str
+    index: int
+    path: str
 
 
 def check_dtype(cfg: EncodeConfig, device_type: str, where: str = "") -> None:
@@ -101,7 +122,14 @@ class EncodeWork:
     checks that it is the driver's (same fingerprint)."""
 
     def __init__(self, vae_dir, out: Path, cfg: EncodeConfig, fingerprint: str, rank: int, vae=None):
-        self.vae_dir, self.out, self.cfg, self.fingerprint, self.rank, self.vae = vae_dir, out, cfg, fingerprint, rank, vae
+        self.vae_dir, self.out, self.cfg, self.fingerprint, self.rank, self.vae = (
+            vae_dir,
+            out,
+            cfg,
+            fingerprint,
+            rank,
+            vae,
+        )
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "vae": None}
@@ -115,7 +143,8 @@ class EncodeWork:
         # channels_last: the convolutions' fast path on CPU (oneDNN) and on GPU tensor cores; measured
         # 1.6x faster per image on the 2-core CPU. It changes the memory layout only, not the numbers.
         vae.to(memory_format=torch.channels_last)
-        split, i, path = unit.task
+        task: EncodeInput = unit.task
+        split, i, path = task.split, task.index, task.path
         record = encode_shard(vae, path, self.out / split, split, i, self.cfg, self.rank, self.fingerprint, tick)
         record["outputs"] = [f"{split}/{n}" for n in record["outputs"]]
         record["split"] = split

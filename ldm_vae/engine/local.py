@@ -24,6 +24,9 @@ class LocalEngine:
         self.pool = self.counter = None
         self.capacity = 2 * workers  # an idle process always finds the next unit queued
 
+    def describe(self) -> str | None:
+        return None  # this machine: the progress bar says enough
+
     def inline(self, n_units: int) -> bool:
         """Whether the driver should run these units itself (no pool, or nothing to share)."""
         return self.pool is None or n_units <= 1

@@ -118,8 +118,12 @@ class RayEngine:
         marker.write_text("written by the driver: every node must see this file\n")
         try:
             nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-            probes = [_sees.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                      .remote([str(p.resolve()) for p in self.shared], marker.name) for n in nodes]
+            probes = [
+                _sees.options(
+                    num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote([str(p.resolve()) for p in self.shared], marker.name)
+                for n in nodes
+            ]
             seen = ray.get(probes, timeout=120)
         finally:
             marker.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """The evaluate stage's work: decode the *stored* validation latents and score them.
 
 What users get is the float16 latent shards, so those are decoded (posterior mean), not a fresh
-fp32 encode (that one is scored too, to show what float16 storage costs). The reference is the prepared validation image with the same key; the baseline is
+fp32 encode (that one is scored too, to show what float16 storage costs). The reference is the
+prepared validation image with the same key; the baseline is
 the same image area-downsampled 8x and bicubic-upsampled (:func:`metrics.resize_baseline`).
 """
 
@@ -21,17 +22,17 @@ from tqdm import tqdm
 from ..config import EvaluateConfig, reference_name
 from ..files import atomic_write
 from ..images import decode_uint8
-from ..samples import LATENT, batched, image_bytes
-from .health import ChannelStats, CodebookStats, health_metrics, write_health
 from ..inputs import loading_kwargs, pretrained_location
 from ..metrics import psnr, resize_baseline, ssim, to_unit
 from ..model import is_vq
 from ..precision import set_tf32
-from ..vq import token_codes
-from .perceptual import Lpips, RFid
-from .spectrum import Spectra
+from ..samples import LATENT, batched, image_bytes
 from ..shards import iter_samples, shard_paths
 from ..viz import save_grid, save_scatter
+from ..vq import token_codes
+from .health import ChannelStats, CodebookStats, health_metrics, write_health
+from .perceptual import Lpips, RFid
+from .spectrum import Spectra
 
 ERROR_GAIN = 4  # |error| is shown 4x brighter in the grid so small errors are visible
 
@@ -98,7 +99,9 @@ class _Scorer:
         """(reconstructions [B, 3, H, W] in [0, 1], name -> per-image scores [B]); the reference
         VAEs' reconstructions are left in ``self.last_references``."""
         if self.vq:  # the stored tokens -> their codes [B, D, h, w] -> the decoder
-            tokens = torch.stack([torch.from_numpy(LATENT.get(s, "tokens").astype(np.int64)) for s in batch])  # [B, h, w]
+            tokens = torch.stack(
+                [torch.from_numpy(LATENT.get(s, "tokens").astype(np.int64)) for s in batch]
+            )  # [B, h, w]
             self.health.update(tokens)
             z = token_codes(self.vae, tokens.to(self.device))
             rec = to_unit(self.vae.decode(z, force_not_quantize=True).sample).cpu()  # [B, 3, H, W] in [0, 1]
@@ -217,8 +220,11 @@ def _write(out: Path, kept: _Kept, scorer: _Scorer, stats: dict) -> dict:
         metrics[f"latent_channels_{name}"] = c_o
         metrics[f"compression_ratio_{name}"] = (3 * h * w) / (c_o * (h // 8) * (w // 8))
     if len(buckets) > 1:  # each bucket's own scores: a shape the autoencoder handles worse shows here
-        metrics["buckets"] = {b: {"count": len(mine), **{m: float(np.mean([r[m] for r in mine])) for m in ("psnr", "ssim")}}
-                              for b in buckets for mine in [[r for r in kept.rows if r["bucket"] == b]]}
+        metrics["buckets"] = {
+            b: {"count": len(mine), **{m: float(np.mean([r[m] for r in mine])) for m in ("psnr", "ssim")}}
+            for b in buckets
+            for mine in [[r for r in kept.rows if r["bucket"] == b]]
+        }
     if scorer.vq:
         metrics.update(scorer.health.metrics(stats.get("entropy_bits_per_token")))
         metrics["denoise_probe"] = "not applicable to tokens (the probe denoises continuous latents)"

@@ -33,7 +33,9 @@ def check_available(cfg) -> None:
         except WeightsUnavailable as e:
             raise MetricUnavailable(str(e)) from None
     if cfg.rfid and importlib.util.find_spec("torch_fidelity") is None:
-        raise MetricUnavailable(f"evaluate.rfid: true needs the 'torch_fidelity' package, which is not installed; {HOW_TO_GET}")
+        raise MetricUnavailable(
+            f"evaluate.rfid: true needs the 'torch_fidelity' package, which is not installed; {HOW_TO_GET}"
+        )
 
 
 class Lpips:
@@ -82,7 +84,9 @@ class RFid:
             m = torch_fidelity.calculate_metrics(input1=str(self.dirs["rec"]), input2=str(self.dirs["ref"]),
                                                  fid=True, cuda=torch.cuda.is_available(), verbose=False)
         except Exception as e:
-            raise MetricUnavailable(f"evaluate.rfid: torch-fidelity failed ({type(e).__name__}: {e}); {HOW_TO_GET}") from e
+            raise MetricUnavailable(
+                f"evaluate.rfid: torch-fidelity failed ({type(e).__name__}: {e}); {HOW_TO_GET}"
+            ) from e
         finally:
             self._tmp.cleanup()
         return float(m["frechet_inception_distance"])

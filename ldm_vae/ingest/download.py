@@ -20,25 +20,22 @@ order (a duplicate of an earlier unit's image stays in its shard, unlisted: the 
 from __future__ import annotations
 
 import collections
-import hashlib
 import contextlib
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
-
 from ..config import DataConfig
 from ..files import atomic_path
 from ..images import ImageRejected, check_image, image_ext
-from ..samples import RAW
-from ..runner import Unit, code_hash, iter_records, resolve_workers, run_units, tick
+from ..runner import Placement, StageWork, Unit, code_hash, iter_records, resolve_workers, run_units, stage_code, tick
+from ..samples import RAW, read_classes, write_classes
 from ..shards import ShardWriter, tar_members
-from ..samples import read_classes, write_classes
 from .labels import LabelRule
 from .sources import Labels, iter_unit, plan_source
 
 SHARDS = "shards"
-CODE = ("ingest/download", "ingest/items", "ingest/sources", "ingest/labels", "ingest/urls", "ingest/hf_source", "ingest/s3_source", "s3", "images", "samples", "shards", "runner")
 
 
 def run_download(cfg: DataConfig, out: Path, engine=None) -> dict | None:
@@ -52,7 +49,7 @@ def run_download(cfg: DataConfig, out: Path, engine=None) -> dict | None:
     if (out / "images").is_dir():
         shutil.rmtree(out / "images")  # the one-file-per-image layout of earlier versions of this stage
     judged = {"min_size": cfg.min_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
-              "code": code_hash(*CODE)}
+              "code": code_hash(*stage_code("ingest/download"))}
     if cfg.source_kind == "urls":  # what a fetch refuses: another list re-runs the units (folders never fetch)
         judged["disallowed_header_directives"] = list(cfg.disallowed_header_directives)
     if cfg.labels != "none":  # each item's label is in its unit's fingerprint; this covers those rejected
@@ -73,9 +70,9 @@ def run_download(cfg: DataConfig, out: Path, engine=None) -> dict | None:
         return units
 
     shared = [Path(cfg.source_target)] if cfg.source_kind == "folder" else []  # what the workers read
-    units = run_units(out, plan, _Work(cfg, out), clean=[SHARDS], workers=resolve_workers(cfg.num_workers),
-                      desc=f"download {cfg.source_kind}", redo=_failed_fetches if cfg.source_kind == "urls" else None,
-                      engine=engine, shared=shared)
+    stage = StageWork(f"download {cfg.source_kind}", out, plan, _Work(cfg, out), clean=[SHARDS],
+                      redo=_failed_fetches if cfg.source_kind == "urls" else None)
+    units = run_units(stage, Placement(engine, resolve_workers(cfg.num_workers), shared))
     if units is None:
         return None
     return merge(out, units)

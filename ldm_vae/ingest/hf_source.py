@@ -17,6 +17,7 @@ source's and decoding goes through the project's guarded :func:`ldm_vae.images.l
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -46,7 +47,7 @@ def plan_hf(cfg) -> list[Unit]:
         base["fingerprint"] = getattr(ds, "_fingerprint", "")
         size = unit_size(cfg.unit_images, rows)
         return [Unit(f"u{n:05d}", {**base, "rows": [lo, min(lo + size, rows)]},
-                     ("hf", lo, min(lo + size, rows)), min(size, rows - lo),
+                     HfRows(lo, min(lo + size, rows)), min(size, rows - lo),
                      f"{about} rows {lo}-{min(lo + size, rows) - 1}")
                 for n, lo in enumerate(range(0, rows, size))]
     shards = max(1, ds.n_shards)
@@ -56,11 +57,32 @@ def plan_hf(cfg) -> list[Unit]:
         if cfg.max_images and not quota:
             continue
         units.append(Unit(f"u{i:05d}", {**base, "shard": [i, shards], "quota": quota},
-                          ("hf-stream", i, shards, quota), quota, f"{about} shard {i} of {shards}"))
+                          HfShard(i, shards, quota), quota, f"{about} shard {i} of {shards}"))
     return units
 
 
-def iter_hf_unit(cfg, task) -> Iterator[SourceItem]:
+@dataclass(frozen=True)
+class HfRows:
+    """A memory-mapped dataset's unit: rows lo..hi-1."""
+    lo: int
+    hi: int
+
+    def items(self, cfg, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
+        return iter_hf_unit(cfg, self)
+
+
+@dataclass(frozen=True)
+class HfShard:
+    """A streamed dataset's unit: its shard ``shard`` of ``shards`` (at most ``quota`` rows; 0: all)."""
+    shard: int
+    shards: int
+    quota: int
+
+    def items(self, cfg, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
+        return iter_hf_unit(cfg, self)
+
+
+def iter_hf_unit(cfg, task: HfRows | HfShard) -> Iterator[SourceItem]:
     """The SourceItems of one planned unit, in dataset order."""
     import datasets
 
@@ -73,12 +95,12 @@ def iter_hf_unit(cfg, task) -> Iterator[SourceItem]:
         label_names = features[cfg.label_column].names
     local = not store.is_s3(cfg.source_target) and Path(cfg.source_target).exists()
     root = Path(cfg.source_target) if local else None
-    if task[0] == "hf":
-        _, lo, hi = task
+    if isinstance(task, HfRows):
+        lo, hi = task.lo, task.hi
         rows = ds.select(range(lo, hi))
         keyed = ((f"{safe_key(cfg.split)}-{lo + j:08d}", lo + j, row) for j, row in enumerate(rows))
     else:
-        _, shard, shards, quota = task
+        shard, shards, quota = task.shard, task.shards, task.quota
         part = ds.shard(num_shards=shards, index=shard) if shards > 1 else ds
         # 'train[:10%]' is a valid split; keys take its safe form ('train_10')
         prefix = f"{safe_key(cfg.split)}-{shard:05d}-" if shards > 1 else f"{safe_key(cfg.split)}-"

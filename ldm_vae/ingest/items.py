@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -26,6 +26,15 @@ class SourceItem:
     caption: str | None = None
     label: int | str | None = None
     final_url: str | None = None  # urls: where the redirects ended, when not at ``source``
+
+
+class SourceSlice(Protocol):
+    """What a download unit reads (its ``Unit.task``): a frozen dataclass per source kind, planned
+    by rank 0 and picklable to a pool process or a Ray task; it reads its own items."""
+
+    def items(self, cfg, skip: set[str]) -> Iterator[SourceItem]:
+        """The slice's items in source order; URL rows whose key is in ``skip`` come without data."""
+        ...
 
 
 @dataclass(frozen=True)

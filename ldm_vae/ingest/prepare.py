@@ -9,7 +9,8 @@ One unit per raw shard (:mod:`ldm_vae.runner`): a worker reads the shard's block
 and the shard, crops every image and writes ``<split>/<split>-<unit>-<n>.tar``, its crops shuffled
 in a bounded buffer seeded by the unit. Buckets go to shards of their own,
 ``<split>-<unit>-<W>x<H>-<n>.tar``: every shard then holds one image shape, so encode's batches
-and the loader's epoch plan work per shard without looking inside. Everything a unit writes is a function of its own inputs,
+and the loader's epoch plan work per shard without looking inside. Everything a unit writes is a
+function of its own inputs,
 so the prepared samples are the same, byte for byte, whatever the number of processes or machines.
 """
 
@@ -18,19 +19,19 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import DataConfig
 from ..buckets import bucket_crop, bucket_name, bucket_set, square_sizes
-from ..images import adm_center_crop, crop_resize, encode_image, load_rgb, random_squares, square_crops
+from ..config import DataConfig
 from ..files import atomic_write
+from ..images import adm_center_crop, crop_resize, encode_image, load_rgb, random_squares, square_crops
+from ..runner import Placement, StageWork, Unit, code_hash, iter_records, resolve_workers, run_units, stage_code, tick
 from ..samples import PREPARED, read_classes, write_classes
-from ..runner import Unit, code_hash, iter_records, resolve_workers, run_units, tick
 from ..shards import ShardWriter, tar_members
 
 SPLITS = ("train", "val")
 SHUFFLE_BUFFER = 4096  # samples held before writing, so crops of one photograph spread over shards
-CODE = ("ingest/prepare", "buckets", "images", "samples", "shards", "runner")
 PARAMS = ("max_pixels", "resolution", "val_fraction", "crops_per_image", "val_crops_per_image", "min_crop_scale",
           "crop", "bucket_step", "bucket_max_ratio", "bucket_min_side", "buckets", "bucket_crop", "bucket_upscale",
           "image_format", "samples_per_shard", "seed")
@@ -82,13 +83,13 @@ def run_prepare(cfg: DataConfig, raw: Path, out: Path, engine=None) -> dict | No
     """Crop every manifest image into ``out``; return the counts. ``engine``: where the units run
     (an :class:`~ldm_vae.config.EngineConfig`; None: this machine)."""
     raw, out = Path(raw), Path(out)
-    settings = {"params": {k: getattr(cfg, k) for k in PARAMS}, "code": code_hash(*CODE)}
+    settings = {"params": {k: getattr(cfg, k) for k in PARAMS}, "code": code_hash(*stage_code("ingest/prepare"))}
 
     def plan() -> list[Unit]:
         return plan_units(cfg, raw, settings)
 
-    units = run_units(out, plan, _Work(cfg, raw, out), clean=list(SPLITS), workers=resolve_workers(cfg.num_workers),
-                      desc="prepare", engine=engine, shared=[raw])
+    stage = StageWork("prepare", out, plan, _Work(cfg, raw, out), clean=list(SPLITS))
+    units = run_units(stage, Placement(engine, resolve_workers(cfg.num_workers), [raw]))
     if units is None:
         return None
     counts = {s: {"images": 0, "samples": 0, "shards": 0} for s in SPLITS}
@@ -142,8 +143,19 @@ def plan_units(cfg: DataConfig, raw: Path, settings: dict) -> list[Unit]:
         st = (raw / b["shard"]).stat()
         ident = {"shard": b["shard"], "shard_id": [st.st_size, st.st_mtime_ns], "rows": b["hash"].hexdigest()[:16],
                  "forced": forced, **settings}
-        units.append(Unit(f"u{n:05d}", ident, (b["shard"], b["offset"], b["nbytes"], forced), b["count"], b["shard"]))
+        units.append(Unit(f"u{n:05d}", ident, RawBlock(b["shard"], b["offset"], b["nbytes"], forced), b["count"],
+                          b["shard"]))
     return units
+
+
+@dataclass(frozen=True)
+class RawBlock:
+    """A prepare unit: one raw shard and its block of manifest lines (a byte range), with the keys
+    the split lottery forced to a side (tiny collections)."""
+    shard: str
+    offset: int
+    nbytes: int
+    forced: dict
 
 
 class _Work:
@@ -154,7 +166,8 @@ class _Work:
 
     def __call__(self, unit: Unit) -> dict:
         cfg = self.cfg
-        shard, offset, nbytes, forced = unit.task
+        block: RawBlock = unit.task
+        shard, offset, nbytes, forced = block.shard, block.offset, block.nbytes, block.forced
         with open(self.raw / "manifest.jsonl", "rb") as f:
             f.seek(offset)
             rows = {r["member"]: r for r in map(json.loads, f.read(nbytes).splitlines())}

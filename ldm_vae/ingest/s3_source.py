@@ -26,12 +26,13 @@ import os
 import sqlite3
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 from .. import s3 as store
 from ..runner import Unit
-from .labels import LabelRule
 from .items import IMAGE_EXTENSIONS, UNIT_LADDER, SourceItem, folder_key, ordered_map, unique_key, unit_size
+from .labels import LabelRule
 
 
 def listing_root(url: str) -> str:
@@ -86,10 +87,28 @@ def plan_s3(cfg, labels=None) -> list[Unit]:
     return units
 
 
-def iter_s3_unit(cfg, task) -> Iterator[SourceItem]:
+@dataclass(frozen=True)
+class S3Slice:
+    """An s3:// unit: ``count`` image objects after the key ``after`` under ``root``, with the
+    fingerprint of its listing (``planned``, over leaves of ``leaf`` rows), the keys that needed a
+    collision suffix (``renamed``: index -> key), and with data.labels its classes' indices."""
+    root: str
+    after: str
+    count: int
+    renamed: dict
+    planned: str
+    leaf: int
+    classes: dict | None = None
+
+    def items(self, cfg, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
+        return iter_s3_unit(cfg, self)
+
+
+def iter_s3_unit(cfg, task: S3Slice) -> Iterator[SourceItem]:
     """The SourceItems of one planned unit, in key order, read on ``cfg.download_workers``
     threads; fails the unit if its slice of the listing is no longer what was planned."""
-    _, root, after, count, renamed, planned, leaf, classes = task
+    root, after, count, renamed, planned, leaf, classes = (task.root, task.after, task.count, task.renamed,
+                                                            task.planned, task.leaf, task.classes)
     s3 = _client(cfg)
     bucket, _ = store.split_url(root)
     objs = list(itertools.islice(_images(store.iter_objects(s3, root, start_after=after), root), count))
@@ -199,7 +218,7 @@ class _Summary:
         classes = None if index is None else {c: index[c] for c in sorted(self.classes)}
         if classes is not None:
             ident["classes"] = classes  # a relabelled class redoes the units that hold it
-        return Unit(f"u{n:05d}", ident, ("s3", root, self.after, self.count, self.renamed, digest, self.leaf, classes),
+        return Unit(f"u{n:05d}", ident, S3Slice(root, self.after, self.count, self.renamed, digest, self.leaf, classes),
                     self.count, f"{root}{self.first} and {self.count - 1} objects after it")
 
 

@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from dataclasses import replace
 from typing import Iterator
 
 from ..runner import Unit
-from .items import IMAGE_EXTENSIONS, FileRef, SourceItem, chunks, fingerprint, folder_key, unique_key, unit_size
+from .items import (
+    IMAGE_EXTENSIONS,
+    FileRef,
+    SourceItem,
+    SourceSlice,
+    chunks,
+    fingerprint,
+    folder_key,
+    unique_key,
+    unit_size,
+)
 from .labels import ClassList, LabelRule, extend_classes
 
 # Photographs that ship inside installed packages: (package, path inside it, key). Synthetic
@@ -73,8 +83,19 @@ def plan_source(cfg, labels: Labels | None = None) -> list[Unit]:
     units = []
     for n, chunk in enumerate(chunks(files, unit_size(cfg.unit_images, len(files)))):
         ident = {"kind": kind, "files": fingerprint([f.ident(_stat(f.path)) for f in chunk])}
-        units.append(Unit(f"u{n:05d}", ident, ("files", root, chunk), len(chunk), f"{kind} items {chunk[0].key} ..."))
+        about = f"{kind} items {chunk[0].key} ..."
+        units.append(Unit(f"u{n:05d}", ident, FileSlice(root, tuple(chunk)), len(chunk), about))
     return units
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """A builtin or folder: unit: its files, read from ``root`` (a folder: links may not leave it)."""
+    root: str | None
+    files: tuple[FileRef, ...]
+
+    def items(self, cfg, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
+        return (_read_file(f, self.root) for f in self.files)
 
 
 class Labels:
@@ -97,23 +118,10 @@ class Labels:
         return self.classes.index()
 
 
-def iter_unit(cfg, task, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
+def iter_unit(cfg, task: SourceSlice, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
     """The items of one planned unit, in order. URL rows whose key is in ``skip`` are not
     fetched: they come without data (the caller has their bytes)."""
-    if task[0] == "files":
-        _, root, files = task
-        return (_read_file(f, root) for f in files)
-    if task[0] == "urls":
-        from .urls import iter_url_rows
-
-        return iter_url_rows(cfg, task[1], skip)
-    if task[0] == "s3":
-        from .s3_source import iter_s3_unit
-
-        return iter_s3_unit(cfg, task)
-    from .hf_source import iter_hf_unit
-
-    return iter_hf_unit(cfg, task)
+    return task.items(cfg, skip)
 
 
 def builtin_files() -> list[FileRef]:

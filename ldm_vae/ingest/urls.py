@@ -108,8 +108,17 @@ def plan_urls(cfg) -> list[Unit]:
         seen.add(row.key)
     size = unit_size(cfg.unit_images, len(marked))
     return [Unit(f"u{n:05d}", {"kind": "urls", "rows": fingerprint([(dataclasses.astuple(r), e) for r, e in chunk])},
-                 ("urls", chunk), len(chunk), f"URL list rows {n * size}-{n * size + len(chunk) - 1}")
+                 UrlSlice(tuple(chunk)), len(chunk), f"URL list rows {n * size}-{n * size + len(chunk) - 1}")
             for n, chunk in enumerate(chunks(marked, size))]
+
+
+@dataclass(frozen=True)
+class UrlSlice:
+    """A urls: unit: its rows of the list, each with the error planning found (a duplicate key)."""
+    rows: tuple[tuple[UrlRow, str | None], ...]
+
+    def items(self, cfg, skip: set[str] = frozenset()) -> Iterator[SourceItem]:
+        return iter_url_rows(cfg, list(self.rows), skip)
 
 
 def iter_url_rows(cfg, rows: list[tuple[UrlRow, str | None]], skip: set[str] = frozenset()) -> Iterator[SourceItem]:

@@ -22,8 +22,8 @@ from ..config import Params
 from ..data import load_images
 from ..files import atomic_path
 from ..inputs import pretrained_location
-from .trainlog import TrainLog
 from .training import VAL_IMAGES, validate_vae
+from .trainlog import TrainLog
 
 FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 

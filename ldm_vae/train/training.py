@@ -32,17 +32,18 @@ from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from .checkpoints import Progress, resume_latest, save_checkpoint
+from ..code_deps import imported_closure
 from ..config import Params, stage_hash, stage_hash_of
 from ..data import load_images, train_stream
 from ..export import export_vae, export_vq
 from ..inputs import fingerprint, pretrained_location
 from ..launch import available_cores, cpu_threads_per_process, environment
-from .losses import VAELoss, build_discriminator, reconstruction_loss
 from ..metrics import psnr, to_unit
 from ..model import TrainedAutoencoder, build_vae, is_vq, reconstruct
 from ..precision import is_overflow, set_tf32
 from ..vq import build_quantizer
+from .checkpoints import Progress, resume_latest, save_checkpoint
+from .losses import VAELoss, build_discriminator, reconstruction_loss
 from .trainlog import TrainLog
 
 VAL_IMAGES = 128  # fixed validation images scored during training (the full set is evaluate's job)
@@ -62,11 +63,15 @@ def lr_lambda(cfg):
     return f
 
 
-# The train stage's own code: the ldm_vae modules its script imports (dvc.yaml lists the same,
-# a test checks). Editing anything else (the URL downloader, the evaluator) keeps checkpoints.
-TRAIN_CODE = ("train/training", "train/as_is", "train/checkpoints", "train/trainlog", "train/losses", "train/discriminator",
-              "launch", "model", "vq", "precision", "inputs", "lpips", "data", "samples", "export", "images", "shards", "files", "metrics",
-              "viz")
+# The train stage's own code: what its script runs (the loop, as_is, LPIPS) and every ldm_vae module
+# those import (code_deps's walk: dvc.yaml's deps of train are the same set, a test checks). Editing
+# anything else (the URL downloader, the evaluator, the Ray engine) keeps checkpoints.
+TRAIN_ENTRIES = ("train/training", "train/as_is", "lpips")
+
+
+def train_code() -> tuple[str, ...]:
+    names = set().union(*(imported_closure(e) for e in TRAIN_ENTRIES))
+    return tuple(sorted(n for n in names if n != "config" and not n.endswith("__init__")))
 
 
 def run_hash(params: Params, train_shards: list[str]) -> str:
@@ -77,7 +82,7 @@ def run_hash(params: Params, train_shards: list[str]) -> str:
     init_from files, so does a run whose starting weights were overwritten in place."""
     data_id = [(Path(p).name, Path(p).stat().st_size) for p in train_shards]
     here = Path(__file__).parents[1]  # ldm_vae/
-    code = [(name, hashlib.sha256((here / f"{name}.py").read_bytes()).hexdigest()) for name in TRAIN_CODE]
+    code = [(name, hashlib.sha256((here / f"{name}.py").read_bytes()).hexdigest()) for name in train_code()]
     init = params.model.init_from
     start = fingerprint(init, "model.init_from") if init and pretrained_location(init).local else {}
     return "-".join([stage_hash(params.model, params.loss, params.train), stage_hash_of(data_id),
@@ -169,10 +174,13 @@ class _Trainer:
         sched_ae = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(self.tcfg))
         sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(self.tcfg)) if disc is not None else None
         if disc is not None:
-            model, disc, opt_ae, opt_d, sched_ae, sched_d = accelerator.prepare(model, disc, opt_ae, opt_d, sched_ae, sched_d)
+            model, disc, opt_ae, opt_d, sched_ae, sched_d = accelerator.prepare(
+                model, disc, opt_ae, opt_d, sched_ae, sched_d
+            )
         else:
             model, opt_ae, sched_ae = accelerator.prepare(model, opt_ae, sched_ae)
-        self.model, self.disc, self.opt_ae, self.opt_d, self.sched_ae, self.sched_d = model, disc, opt_ae, opt_d, sched_ae, sched_d
+        self.model, self.disc, self.opt_ae, self.opt_d = model, disc, opt_ae, opt_d
+        self.sched_ae, self.sched_d = sched_ae, sched_d
         self.inner = accelerator.unwrap_model(model)
         self.ae_params = [p for p in model.parameters() if p.requires_grad]
         self.ema = None
@@ -189,7 +197,9 @@ class _Trainer:
         self.norms = (torch.zeros(()), torch.zeros(()))  # the last step's gradient norms (ae, disc)
 
     def start(self, perceptual: torch.nn.Module | None, log: TrainLog) -> None:
-        self.loss_fn = VAELoss(self.params.loss, perceptual.to(self.accelerator.device) if perceptual is not None else None)
+        self.loss_fn = VAELoss(
+            self.params.loss, perceptual.to(self.accelerator.device) if perceptual is not None else None
+        )
         self.log = log
 
     def start_clock(self) -> None:
@@ -293,7 +303,9 @@ class _Trainer:
                                        f"step skipped, scale lowered to {scaler.get_scale():g}")
                 return
         self.bad_in_row += 1
-        self.accelerator.print(f"step {step + 1}: non-finite gradient ({what}); step skipped ({self.bad_in_row} in a row)")
+        self.accelerator.print(
+            f"step {step + 1}: non-finite gradient ({what}); step skipped ({self.bad_in_row} in a row)"
+        )
         if self.bad_in_row >= self.tcfg.max_bad_steps:
             raise TrainingDiverged(
                 f"train: {self.bad_in_row} non-finite steps in a row at step {step + 1} (train.max_bad_steps: "
@@ -364,7 +376,9 @@ def build_optimizers(model: TrainedAutoencoder, disc, params: Params):
 
     def adamw(module, lr):
         trainable = [p for p in module.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), weight_decay=tcfg.weight_decay)
+        return torch.optim.AdamW(
+            trainable, lr=lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), weight_decay=tcfg.weight_decay
+        )
 
     return adamw(model, tcfg.lr), (adamw(disc, params.loss.disc_lr or tcfg.lr) if disc is not None else None)
 

@@ -25,7 +25,6 @@ from ..files import atomic_write
 from ..metrics import psnr, to_unit
 from ..viz import save_curves, save_grid
 
-
 # Times and speeds differ run to run, so they stay out of the files git and DVC compare (metrics.json,
 # the curves): a re-run of the same data, params and code leaves the working tree clean.
 # run_info.json is no stage output and is ignored by git.

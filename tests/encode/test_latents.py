@@ -5,15 +5,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, make_params, write_params
+
 from ldm_vae.config import EncodeConfig
 from ldm_vae.data import to_tensor
-from ldm_vae.samples import image_bytes
+from ldm_vae.encode.encoding import run_encode
 from ldm_vae.export import load_vae
 from ldm_vae.images import decode_uint8
-from ldm_vae.encode.encoding import run_encode
-from ldm_vae.samples import npy_load
+from ldm_vae.samples import image_bytes, npy_load
 from ldm_vae.shards import iter_samples, shard_paths
 
 
@@ -128,9 +127,10 @@ def test_half_precision_on_ray_is_decided_in_each_task_on_nodes_that_declare_gpu
     import tempfile
     from pathlib import Path
 
+    from raycluster import RayCluster, patch_this_process
+
     from ldm_vae.config import EngineConfig
     from ldm_vae.units import UnitFailed
-    from raycluster import RayCluster, patch_this_process
 
     vae, one, stats1 = encoded
     root = Path(tempfile.mkdtemp(prefix="raygpu", dir="/tmp"))  # Ray's socket paths must stay short
@@ -139,8 +139,11 @@ def test_half_precision_on_ray_is_decided_in_each_task_on_nodes_that_declare_gpu
         patch_this_process()
         engine = EngineConfig(kind="ray", ray_address=cluster.address)
         half = dataclasses.replace(make_params().encode, dtype="bf16")
-        with pytest.raises(UnitFailed, match=r"on node 127\.0\.0\.1 .*'bf16': needs a GPU .*Ray node 127\.0\.0\.1 .*has no "
-                                             r"GPU that torch can use\); use fp32"):
+        with pytest.raises(
+            UnitFailed,
+            match=r"on node 127\.0\.0\.1 .*'bf16': needs a GPU .*Ray node 127\.0\.0\.1 .*has no "
+            r"GPU that torch can use\); use fp32",
+        ):
             run_encode(vae, pipeline_dir / "prepared", tmp_path / "half", half, engine, pipeline_dir / "vae")
         stats2 = run_encode(vae, pipeline_dir / "prepared", tmp_path / "latents", make_params().encode, engine,
                             pipeline_dir / "vae")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import KINDS, ROOT, TINY, copy_repo, make_params, published_vae
 from diffusers import AutoencoderKL
 
-from conftest import KINDS, ROOT, TINY, copy_repo, make_params, published_vae
 from ldm_vae.encode.encoding import run_encode
 from ldm_vae.encode.latents import compute_dtype
 from ldm_vae.images import decode_uint8

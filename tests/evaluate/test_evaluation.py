@@ -5,14 +5,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_params
 from PIL import Image
 
-from conftest import make_params
+from ldm_vae.encode.encoding import run_encode
 from ldm_vae.evaluate.evaluation import _Kept, run_evaluate
 from ldm_vae.export import load_vae
 from ldm_vae.samples import PREPARED
 from ldm_vae.shards import iter_samples, shard_paths
-from ldm_vae.encode.encoding import run_encode
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,9 @@ def test_metrics_json_and_per_image_csv_agree(evaluated):
     rows = list(csv.DictReader(open(base / "eval" / "per_image.csv")))
     assert len(rows) == metrics["num_images"] == stats["splits"]["val"]["count"]
     assert abs(sum(float(r["psnr"]) for r in rows) / len(rows) - metrics["psnr"]) < 1e-3
-    assert {"psnr", "ssim", "psnr_bicubic", "ssim_bicubic", "num_images", "latent_std", "exact_scaling_factor"} <= set(metrics)
+    assert {"psnr", "ssim", "psnr_bicubic", "ssim_bicubic", "num_images", "latent_std", "exact_scaling_factor"} <= set(
+        metrics
+    )
     assert 0 < metrics["ssim"] <= 1 and metrics["compression_ratio"] == 48.0
     # The rate beside the distortion: bits per image pixel, the sum of the channels' rates.
     assert metrics["rate_bpp"] == pytest.approx(sum(metrics[f"latent_c{c:02d}_rate_bpp"] for c in range(4)))
@@ -138,7 +140,6 @@ def test_asking_for_unavailable_lpips_fails_at_once_saying_how(tmp_path):
     import time
 
     import yaml
-
     from conftest import ROOT, TINY
 
     params = {k: dict(v) for k, v in TINY.items()}
@@ -163,6 +164,7 @@ def test_reference_vaes_are_scored_side_by_side_on_the_same_images(evaluated, pi
     """A 16-channel SD3-shaped reference beside the trained 4-channel VAE: its PSNR and SSIM per
     image and on average, its own compression ratio, and a column of its own in the grids."""
     from conftest import published_vae
+
     from ldm_vae.evaluate.evaluation import load_references
 
     base, ours, stats = evaluated

@@ -7,10 +7,18 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import make_params, photo
-from ldm_vae.buckets import (bucket_crop, bucket_set, cover_size, cut, make_buckets, nearest_bucket,
-                             shrink_to_fit, square_sizes)
+
+from ldm_vae.buckets import (
+    bucket_crop,
+    bucket_set,
+    cover_size,
+    cut,
+    make_buckets,
+    nearest_bucket,
+    shrink_to_fit,
+    square_sizes,
+)
 from ldm_vae.config import ParamError
 from ldm_vae.images import decode_uint8, encode_image
 from ldm_vae.ingest.prepare import crop_samples

@@ -1,6 +1,7 @@
 import os
 
 from conftest import image_bytes, photo, rejections
+
 from ldm_vae.config import DataConfig
 from ldm_vae.ingest.download import raw_images, read_manifest, run_download
 from ldm_vae.ingest.sources import BUILTIN_PHOTOS, builtin_files, folder_key, iter_builtin

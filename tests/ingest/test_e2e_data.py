@@ -9,7 +9,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import ROOT, TINY, copy_repo, image_bytes, photo
 from httpserver import ImageServer, Route
 from test_e2e import run, stages_run

@@ -7,8 +7,8 @@ import json
 import os
 
 import pytest
-
 from conftest import CLASSES, image_bytes, imagenet_tree, make_params, photo
+
 from ldm_vae.config import ParamError
 from ldm_vae.encode.encoding import run_encode
 from ldm_vae.export import load_vae
@@ -17,6 +17,7 @@ from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.loader import latent_loader
 from ldm_vae.samples import LATENT, PREPARED
 from ldm_vae.shards import iter_samples, shard_paths
+
 
 def image_folder_labels(root) -> dict[str, int]:
     """torchvision.datasets.ImageFolder's rule (find_classes), written out: classes are the sorted

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import image_bytes, make_photo_folder, photo
 from PIL import Image
 
-from conftest import image_bytes, make_photo_folder, photo
 from ldm_vae.config import DataConfig
-from ldm_vae.ingest.download import raw_images, read_manifest, run_download
 from ldm_vae.images import adm_center_crop, load_rgb
+from ldm_vae.ingest.download import raw_images, read_manifest, run_download
 from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.shards import iter_samples, shard_paths
 
@@ -117,13 +117,16 @@ def test_a_folder_a_node_cannot_see_fails_at_the_start(one_process, ray_engine, 
 def test_an_address_where_no_cluster_listens_fails_in_a_second(one_process, tmp_path):
     import time
 
-    from ldm_vae.config import EngineConfig
     from s3server import free_port
+
+    from ldm_vae.config import EngineConfig
 
     cfg, base, _, _ = one_process
     start = time.time()
     with pytest.raises(ValueError, match=r"engine.ray_address: '127.0.0.1:\d+': nothing answers there"):
-        run_prepare(cfg, base / "raw", tmp_path / "prepared", EngineConfig(kind="ray", ray_address=f"127.0.0.1:{free_port()}"))
+        run_prepare(
+            cfg, base / "raw", tmp_path / "prepared", EngineConfig(kind="ray", ray_address=f"127.0.0.1:{free_port()}")
+        )
     assert time.time() - start < 5  # ray.init alone would wait minutes
 
 
@@ -284,7 +287,9 @@ def test_a_corrupt_raw_shard_names_its_unit_and_loses_no_other_unit(one_process,
     shard.write_bytes(whole[: len(whole) // 2])  # cut mid-member
     two = DataConfig(**{**cfg.__dict__, "num_workers": "2"})
     on = r" on node 127\.0\.0\.1 \(\w+\)" if where == "ray" else ""
-    with pytest.raises(UnitFailed, match=rf"unit u00002 \(shards/raw-u00002-00000.tar\){on}: ValueError: truncated tar") as e:
+    with pytest.raises(
+        UnitFailed, match=rf"unit u00002 \(shards/raw-u00002-00000.tar\){on}: ValueError: truncated tar"
+    ) as e:
         run_prepare(two, tmp_path / "raw", tmp_path / "prepared", engine)
     assert "more units failed" not in str(e.value)
     done = sorted(p.name for p in (tmp_path / "prepared" / ".done").iterdir())

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, image_bytes, photo, rejections
 from httpserver import ImageServer, Route
+
 from ldm_vae.config import DataConfig
 from ldm_vae.ingest.download import raw_images, read_manifest, run_download
 from ldm_vae.ingest.urls import Fetcher, FetchError, read_url_list, url_key
@@ -140,7 +140,9 @@ def test_killed_download_keeps_finished_units_and_a_rerun_completes(tmp_path, se
     write_csv(listing, [{"key": f"k{i:02d}", "url": f"{server.url}/{i}.png"} for i in bodies])
     out = tmp_path / "raw"
     root = str(ROOT)
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN.format(root=root, source=f"urls:{listing}", out=str(out))])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN.format(root=root, source=f"urls:{listing}", out=str(out))]
+    )
     deadline = time.time() + 60
     while time.time() < deadline and len(list((out / ".done").glob("u*.json"))) < 1:
         time.sleep(0.05)
@@ -244,8 +246,11 @@ def test_x_robots_tag_opt_outs_are_honoured_by_default_and_can_be_turned_off(tmp
     assert summary == {"kept": 3, "rejected": 3, "reasons": {"opted_out": 3}}
     rows = [json.loads(line) for line in (tmp_path / "raw" / "rejected.jsonl").read_text().splitlines()]
     refused = {key[r["key"]]: (r["reason"], r["detail"]) for r in rows}
-    assert refused == {"noai": ("opted_out", "X-Robots-Tag: noai"), "ours": ("opted_out", "X-Robots-Tag: ldm-vae: noimageai"),
-                       "index": ("opted_out", f"X-Robots-Tag: {tags['index']}")}
+    assert refused == {
+        "noai": ("opted_out", "X-Robots-Tag: noai"),
+        "ours": ("opted_out", "X-Robots-Tag: ldm-vae: noimageai"),
+        "index": ("opted_out", f"X-Robots-Tag: {tags['index']}"),
+    }
     assert server.hits["/noai.png"] == 1  # refused at once: never retried
     # the list changed: a re-run into the same folder does its URL units again, fetching what it refused
     everything = run_download(DataConfig(source=f"urls:{listing}", disallowed_header_directives=(), **FAST),

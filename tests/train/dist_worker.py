@@ -23,8 +23,8 @@ def main() -> None:
         sys.exit(relaunch(2, "no", [__file__, *sys.argv[1:]]))
 
     import torch
-
     from conftest import make_params
+
     from ldm_vae.shards import shard_paths
     from ldm_vae.train.training import train
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, curve, make_params
+
 from ldm_vae.train.training import lr_lambda
 
 

@@ -6,10 +6,10 @@ TF32 and the launcher's threads."""
 import json
 
 import torch
-from diffusers import AutoencoderKL
-
 from conftest import curve, make_params
+from diffusers import AutoencoderKL
 from gpu_imitation import elsewhere, fp16_on_cpu, fresh_precision, inject_overflows
+
 from ldm_vae.shards import shard_paths
 from ldm_vae.train.training import train
 

@@ -1,12 +1,12 @@
 import pytest
 import torch
-
 from conftest import make_params
+
 from ldm_vae.config import LossConfig
-from ldm_vae.train.discriminator import PatchDiscriminator, discriminator_loss
-from ldm_vae.train.losses import VAELoss, adaptive_weight, kl_to_prior
 from ldm_vae.lpips import LPIPS
 from ldm_vae.model import TrainedAutoencoder, build_vae
+from ldm_vae.train.discriminator import PatchDiscriminator, discriminator_loss
+from ldm_vae.train.losses import VAELoss, adaptive_weight, kl_to_prior
 
 
 def test_kl_matches_torch_distributions():
@@ -146,7 +146,9 @@ def test_free_bits_charge_each_channel_at_least_its_floor_and_free_those_below()
     cfg = LossConfig(kl_weight=1.0, free_bits=0.5)
     x = torch.zeros(2, 3, 32, 32)
     loss, logs = VAELoss(cfg)(x, x, mean.detach(), logvar)
-    assert torch.isclose(loss, charged.detach() / (3 * 32 * 32)) and torch.isclose(logs["train/kl"], kl_to_prior(mean, logvar))
+    assert torch.isclose(loss, charged.detach() / (3 * 32 * 32)) and torch.isclose(
+        logs["train/kl"], kl_to_prior(mean, logvar)
+    )
 
 
 def test_scale_equivariance_matches_the_downsampled_decoding_to_the_downsampled_image():

@@ -2,9 +2,9 @@ import json
 import shutil
 
 import torch
+from conftest import curve, make_params
 from diffusers import AutoencoderKL
 
-from conftest import curve, make_params
 from ldm_vae.shards import shard_paths
 from ldm_vae.train.training import lr_lambda, train
 
@@ -140,12 +140,15 @@ def test_a_fresh_run_deletes_only_its_own_step_folders(pipeline_dir, tmp_path):
     assert (ckpt / "step-99999999" / "weights.bin").read_bytes() == b"not ours"
     tags = {json.loads((p / "run.json").read_text())["params_hash"] for p in ckpt.glob("step-0*")}
     assert len(tags) == 1 and old_tag not in tags  # the other run's folders went, this run's are there
-    assert (ckpt / "step-00000006" / "ema.safetensors").is_file() and (ckpt / "step-00000006" / "progress.json").is_file()
+    assert (ckpt / "step-00000006" / "ema.safetensors").is_file() and (
+        ckpt / "step-00000006" / "progress.json"
+    ).is_file()
 
 
 def test_training_fits_a_small_set(tmp_path):
     """Not a toy loop: on four fixed images, a few dozen steps must clearly improve reconstructions."""
     from conftest import photo
+
     from ldm_vae.images import encode_image
     from ldm_vae.shards import ShardWriter
 
@@ -167,6 +170,7 @@ def test_free_bits_keep_channels_that_a_strong_kl_collapses_above_the_floor(tmp_
     """KL weight 10 (LDM's meaning) with the posterior starting at std 1: in 80 steps every channel
     collapses to the prior, and latent health flags all four; with free bits of 0.5 nats none does."""
     from conftest import photo
+
     from ldm_vae.data import load_images
     from ldm_vae.evaluate.health import ChannelStats
     from ldm_vae.export import load_vae
@@ -204,8 +208,8 @@ GAN = {"disc_weight": 0.5, "disc_start": 2, "disc_channels": 8, "disc_layers": 2
 
 
 def test_every_trainable_parameter_is_in_exactly_one_optimizer():
-    from ldm_vae.train.losses import build_discriminator
     from ldm_vae.model import TrainedAutoencoder, build_vae
+    from ldm_vae.train.losses import build_discriminator
     from ldm_vae.train.training import build_optimizers
 
     for learn_logvar in (False, True):
@@ -223,8 +227,8 @@ def test_every_trainable_parameter_is_in_exactly_one_optimizer():
 def test_discriminator_step_sees_detached_reconstructions_and_never_touches_the_autoencoder():
     from accelerate import Accelerator
 
-    from ldm_vae.train.losses import VAELoss, build_discriminator
     from ldm_vae.model import TrainedAutoencoder, build_vae
+    from ldm_vae.train.losses import VAELoss, build_discriminator
     from ldm_vae.train.training import _generator_pass
 
     params = make_params(loss=GAN)
@@ -324,7 +328,6 @@ def test_train_stage_killed_mid_run_resumes_on_rerun(pipeline_dir, tmp_path):
     import time
 
     import yaml
-
     from conftest import ROOT, TINY
 
     raw = {k: dict(v) for k, v in TINY.items()}

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import curve, make_params
 from diffusers import VQModel
 
-from conftest import curve, make_params
 from ldm_vae.model import TrainedAutoencoder, VQTerms, build_vae
 from ldm_vae.shards import shard_paths
 from ldm_vae.train.losses import VAELoss
