@@ -20,10 +20,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from httpserver import ImageServer, Route  # noqa: E402
-
 from ldm_vae.config import DataConfig  # noqa: E402
 from ldm_vae.ingest.download import run_download  # noqa: E402
+
+from helpers.httpserver import ImageServer, Route  # noqa: E402
 
 
 def png(seed: int, size: int = 128) -> bytes:

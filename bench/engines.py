@@ -59,8 +59,9 @@ def files_of(folder: Path) -> dict[str, bytes]:
 
 
 def bench_prepare(work: Path, images: int, unit_images: int, rounds: int, nodes: int) -> dict:
-    from raycluster import RayCluster, ray_env
     from scale import photo_folder
+
+    from helpers.raycluster import RayCluster, ray_env
 
     folder = photo_folder(work / "photos", images)
     env = ray_env()

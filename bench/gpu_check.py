@@ -100,9 +100,9 @@ class Check:
         self.row("data", time.perf_counter() - t, images=n)
 
     def train(self, name: str, raw: dict, fp16_overflows: set[int] | None = None) -> dict:
-        from gpu_imitation import fp16_on_cpu, fresh_precision, inject_overflows
-
         from ldm_vae.train.training import train
+
+        from helpers.gpu_imitation import fp16_on_cpu, fresh_precision, inject_overflows
 
         params = params_from_dict(raw)
         out = self.work / name
@@ -233,7 +233,7 @@ class Check:
         # A head node started as the cluster guide (docs/scale.md) says (`ray start --head`), with one
         # GPU, on 127.0.0.1 (tests/raycluster.py). Not ray.init() of a local cluster: Ray 2.60 leaves
         # an auth token in ~/.ray that later clusters on the machine then refuse.
-        from raycluster import RayCluster, patch_this_process
+        from helpers.raycluster import RayCluster, patch_this_process
 
         root = Path(tempfile.mkdtemp(prefix="raygc", dir="/tmp"))  # Ray's socket paths must stay short
         cluster = RayCluster(root, cpus=(2,), gpus=(1,)).start()

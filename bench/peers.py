@@ -108,7 +108,7 @@ def alternate(rnd: int, sides: list) -> list:
 
 
 def bench_urls(work: Path, folder: Path, images: int, rounds: int) -> None:
-    from httpserver import ImageServer, Route
+    from helpers.httpserver import ImageServer, Route
 
     i2d = str(Path(peer_python(work, "img2dataset")).parent / "img2dataset")
     files = sorted(folder.rglob("*.jpg"))

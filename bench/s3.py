@@ -41,9 +41,9 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> float:
 
 
 def download_rates(folder: Path, work: Path, server, n: int, repeat: int) -> list[dict]:
-    from conftest import make_params
-
     from ldm_vae.ingest.download import run_download
+
+    from helpers.common import make_params
 
     rows = []
     for r in range(repeat):
@@ -103,9 +103,9 @@ def planner_memory(server, sizes: list[int]) -> list[dict]:
     import tracemalloc
     from concurrent.futures import ThreadPoolExecutor
 
-    from conftest import make_params
-
     from ldm_vae.ingest.s3_source import plan_s3
+
+    from helpers.common import make_params
 
     rows, have = [], 0
     server.make_bucket("listing")
@@ -137,8 +137,9 @@ def main() -> None:
                     help="also plan listings of these many keys and report the planner's peak memory")
     ap.add_argument("--no-remote", action="store_true", help="skip the DVC push/pull round trip")
     args = ap.parse_args()
-    from s3server import SeaweedS3
     from scale import photo_folder
+
+    from helpers.s3server import SeaweedS3
 
     folder = photo_folder(args.work / f"photos-{args.images}", args.images)
     server = SeaweedS3(args.work / "seaweedfs")

@@ -72,10 +72,11 @@ def photo_folder(folder: Path, n: int) -> Path:
 
 def make_repo(dst: Path, folder: Path, processes: int, vae_channels: list[int]) -> dict:
     import yaml
-    from conftest import copy_repo
 
     from ldm_vae.config import load_params
     from ldm_vae.model import build_vae
+
+    from helpers.common import copy_repo
 
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)

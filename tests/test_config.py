@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
 
 from ldm_vae.config import ParamError, load_params, params_from_dict
+
+from helpers.common import ROOT
 
 
 def test_shipped_params_are_valid():

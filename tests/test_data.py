@@ -2,11 +2,12 @@ import itertools
 
 import numpy as np
 import torch
-from conftest import image_bytes, photo
 from PIL import Image
 
 from ldm_vae.data import fade_to_colour, load_images, to_tensor, train_stream
 from ldm_vae.shards import ShardWriter, shard_paths
+
+from helpers.common import image_bytes, photo
 
 COLOURS = [(10, 100, 200), (250, 30, 90), (0, 180, 60)]
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import ROOT, imagenet_tree, make_params
 from PIL import Image
 
 from ldm_vae.encode.encoding import run_encode
@@ -17,6 +16,8 @@ from ldm_vae.export import load_vae
 from ldm_vae.ingest.download import run_download
 from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.launch import _free_port
+
+from helpers.common import ROOT, imagenet_tree, make_params
 
 EXAMPLE = str(ROOT / "examples" / "train_diffusion.py")
 

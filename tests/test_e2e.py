@@ -2,28 +2,16 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, TINY, copy_repo
+
+from helpers.common import ROOT, TINY, copy_repo, run, stages_run
 
 pytestmark = pytest.mark.slow
-
-
-def run(cmd, cwd, env):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
-def stages_run(output: str) -> set[str]:
-    """The stages a dvc command ran, less the inputs stage: that one runs on every `dvc repro` (it
-    is how DVC sees a changed local VAE folder, ldm_vae/inputs.py; test_local_inputs_...)."""
-    return set(re.findall(r"Running stage '([a-z]+)'", output)) - {"inputs"}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +125,7 @@ def test_data_stages_redone_on_ray_give_the_same_bytes_and_rerun_nothing(repo, r
     with `engine.kind: ray` on the two-node cluster: the local engine's bytes (dvc.lock
     unchanged), so nothing downstream re-runs, and the next `dvc repro` runs nothing. The engine
     is in no stage's params: switching it re-runs nothing either."""
-    from raycluster import LOOPBACK
+    from helpers.raycluster import LOOPBACK
 
     dst, env = repo
     env = {**env, "PYTHONPATH": f"{LOOPBACK}{os.pathsep}{env['PYTHONPATH']}"}  # Ray on 127.0.0.1 (raycluster.py)
@@ -215,7 +203,7 @@ def test_killed_repro_resumes_training_with_whole_curves(repo):
     import signal
     import time
 
-    from conftest import curve
+    from helpers.common import curve
 
     dst, env = repo
     params = yaml.safe_load((dst / "params.yaml").read_text())

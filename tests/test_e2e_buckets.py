@@ -13,14 +13,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, TINY, copy_repo
-from httpserver import ImageServer, Route
 from PIL import Image
 
 from ldm_vae.ingest.sources import builtin_files
 from ldm_vae.loader import latent_loader
 from ldm_vae.samples import LATENT, PREPARED
 from ldm_vae.shards import iter_samples, shard_paths
+
+from helpers.common import ROOT, TINY, copy_repo
+from helpers.httpserver import ImageServer, Route
 
 ASPECTS = [(2, 1), (1, 2), (4, 3), (3, 4), (1, 1), (3, 1), (16, 9)]  # width : height
 BUCKETS = {"data": {"crop": "bucket", "crops_per_image": 1, "val_crops_per_image": 1, "resolution": 64,

@@ -3,10 +3,11 @@ import random
 
 import numpy as np
 import pytest
-from conftest import image_bytes, photo
 from PIL import Image
 
 from ldm_vae.images import ALPHA_BACKGROUND, ImageRejected, check_image, crop_resize, load_rgb, png_bytes, square_crops
+
+from helpers.common import image_bytes, photo
 
 CAP = 10_000_000
 
@@ -166,7 +167,7 @@ def test_peak_memory_stays_a_small_multiple_of_the_rgb_size(kind, tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers.common import ROOT
 
     h, w = 3000, 4000
     y, x = np.mgrid[0:h, 0:w]

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_params, write_params
 
 from ldm_vae.config import ParamError
 from ldm_vae.inputs import Location, fingerprint, pinned, pretrained_location
+
+from helpers.common import ROOT, make_params, write_params
 
 
 def test_locations_parse_hub_ids_with_subfolders_and_revisions(tmp_path):

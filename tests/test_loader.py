@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_params
 
 from ldm_vae.encode.encoding import run_encode
 from ldm_vae.export import load_vae
 from ldm_vae.loader import latent_dataset, latent_loader
+
+from helpers.common import make_params
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,7 @@ def test_uneven_shards_in_real_ddp_finish(latents, tmp_path):
                 w.write({k: v for k, v in s.items() if k == "__key__" or "." in k})
     assert out_dir.exists()
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("ddp_consumer.py")), str(tmp_path / "shards")],
+        [sys.executable, str(Path(__file__).parent / "helpers" / "ddp_consumer.py"), str(tmp_path / "shards")],
         capture_output=True,
         text=True,
         timeout=240,

@@ -127,7 +127,7 @@ def test_bucketed_shards_in_real_two_process_ddp_finish(tmp_path):
     would wait for ever."""
     write_buckets(tmp_path / "shards", per_shard=7)
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("ddp_consumer.py")), str(tmp_path / "shards")],
+        [sys.executable, str(Path(__file__).parent / "helpers" / "ddp_consumer.py"), str(tmp_path / "shards")],
         capture_output=True,
         text=True,
         timeout=240,

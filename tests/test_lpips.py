@@ -52,7 +52,8 @@ def test_train_stage_with_lpips_but_no_weights_exits_in_seconds(pipeline_dir, tm
     import time
 
     import yaml
-    from conftest import ROOT, TINY
+
+    from helpers.common import ROOT, TINY
 
     raw = {k: dict(v) for k, v in TINY.items()}
     raw["loss"] = {"perceptual_weight": 1.0}
@@ -71,7 +72,7 @@ def test_train_stage_with_lpips_but_no_weights_exits_in_seconds(pipeline_dir, tm
 def test_downloads_are_kept_only_with_the_published_hash(tmp_path, monkeypatch):
     import hashlib
 
-    from httpserver import ImageServer, Route
+    from helpers.httpserver import ImageServer, Route
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(lp.importlib.util, "find_spec", lambda name: None)

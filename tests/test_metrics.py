@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import photo
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from ldm_vae.metrics import psnr, resize_baseline, ssim
+
+from helpers.common import photo
 
 
 def pair(seed):

@@ -1,7 +1,8 @@
 import torch
-from conftest import make_params
 
 from ldm_vae.model import LatentMoments, build_vae
+
+from helpers.common import make_params
 
 
 def test_vae_downsamples_8x_with_configured_channels():

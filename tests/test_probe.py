@@ -4,37 +4,13 @@ cannot halve are refused naming the key."""
 
 import json
 
-import numpy as np
 import pytest
-from conftest import make_params
 
 from ldm_vae.probe import run_probe
-from ldm_vae.samples import npy_bytes
-from ldm_vae.shards import ShardWriter
 
-CHANNELS, SIDE = 4, 8
+from helpers.common import make_params, write_latents
+
 FAST = {"steps": 150, "batch_size": 16, "widths": [16, 32], "val_draws": 2, "lr": 5e-3}
-
-
-def write_latents(root, kind: str, n_train: int = 96, n_val: int = 24, side: int = SIDE):
-    """train/ and val/ latent shards (as encode writes them) and a stats.json: ``smooth`` latents are
-    a random level plus a random ramp per channel, ``noise`` ones white N(0, 1)."""
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(-1.5, 1.5, side)[None, :] + np.zeros((side, 1))  # [h, w]
-    for split, n in (("train", n_train), ("val", n_val)):
-        with ShardWriter(root / split, split, 1000) as w:
-            for i in range(n):
-                if kind == "smooth":
-                    a, b = rng.standard_normal((2, CHANNELS, 1, 1))
-                    z = a + b * (ramp if i % 2 else ramp.T)  # [C, h, w]
-                else:
-                    z = rng.standard_normal((CHANNELS, side, side))
-                w.write({"__key__": f"{split}{i:04d}", "mean.npy": npy_bytes(z.astype(np.float16)),
-                         "std.npy": npy_bytes(np.full(z.shape, 0.01, np.float16))})
-    stats = {"channels": CHANNELS, "latent_shape": [CHANNELS, side, side], "channel_mean": [0.0] * CHANNELS,
-             "channel_std": [1.0] * CHANNELS}
-    (root / "stats.json").write_text(json.dumps(stats))
-    return root
 
 
 def probe(latents, out, **over):

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT, published_vae
+from helpers.common import ROOT, published_vae
 
 
 def _block_after(marker: str, doc: str = "README.md") -> str:
@@ -50,7 +50,7 @@ def test_the_trainers_guide_shows_the_readmes_loader_snippet():
 def test_the_loader_snippet_runs_as_written(tmp_path):
     """On latents as encode lays them out (enough for 4 workers' full batches of 64) and an
     exported VAE, in the folder a `dvc repro` leaves."""
-    from test_probe import write_latents
+    from helpers.common import write_latents
 
     write_latents(tmp_path / "data" / "latents", "smooth", n_train=600, n_val=8)
     published_vae(tmp_path / "data" / "vae", "sd")

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, image_bytes, make_params, photo
 
 from ldm_vae.encode.latents import latent_sample
 from ldm_vae.ingest.download import run_download
@@ -14,6 +13,8 @@ from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.loader import latent_dataset
 from ldm_vae.samples import KINDS, LATENT, PREPARED, RAW
 from ldm_vae.shards import ShardWriter, iter_samples, shard_paths
+
+from helpers.common import ROOT, image_bytes, make_params, photo
 
 
 def _meta(key, **extra):

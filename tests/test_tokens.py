@@ -8,13 +8,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_params
 
 from ldm_vae.encode.encoding import run_encode
 from ldm_vae.export import load_vae
 from ldm_vae.shards import iter_samples, shard_paths
 from ldm_vae.token_batches import token_loader
 from ldm_vae.train.training import train
+
+from helpers.common import ROOT, make_params
 
 K = 64
 
@@ -135,11 +136,11 @@ def test_token_buckets_give_one_shape_a_batch_and_equal_batches_on_two_ranks(tmp
 
 def test_the_token_loader_gives_folder_labels(tokens, tmp_path):
     """data.labels through download, prepare and a VQ encode: token batches carry each image's class."""
-    from conftest import imagenet_tree
-
     from ldm_vae.ingest.download import read_manifest, run_download
     from ldm_vae.ingest.prepare import run_prepare
     from ldm_vae.samples import LATENT
+
+    from helpers.common import imagenet_tree
 
     base, _ = tokens
     params = make_params(data={"source": f"folder:{imagenet_tree(tmp_path / 'train')}", "labels": "folder"})

@@ -5,7 +5,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_params, write_params
 
 from ldm_vae.config import EncodeConfig
 from ldm_vae.data import to_tensor
@@ -14,6 +13,8 @@ from ldm_vae.export import load_vae
 from ldm_vae.images import decode_uint8
 from ldm_vae.samples import image_bytes, npy_load
 from ldm_vae.shards import iter_samples, shard_paths
+
+from helpers.common import ROOT, make_params, write_params
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +128,10 @@ def test_half_precision_on_ray_is_decided_in_each_task_on_nodes_that_declare_gpu
     import tempfile
     from pathlib import Path
 
-    from raycluster import RayCluster, patch_this_process
-
     from ldm_vae.config import EngineConfig
     from ldm_vae.units import UnitFailed
+
+    from helpers.raycluster import RayCluster, patch_this_process
 
     vae, one, stats1 = encoded
     root = Path(tempfile.mkdtemp(prefix="raygpu", dir="/tmp"))  # Ray's socket paths must stay short

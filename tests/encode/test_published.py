@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import KINDS, ROOT, TINY, copy_repo, make_params, published_vae
 from diffusers import AutoencoderKL
 
 from ldm_vae.encode.encoding import run_encode
@@ -17,6 +16,8 @@ from ldm_vae.images import decode_uint8
 from ldm_vae.runner import UnitFailed
 from ldm_vae.samples import LATENT, image_bytes
 from ldm_vae.shards import iter_samples, shard_paths
+
+from helpers.common import KINDS, ROOT, TINY, copy_repo, make_params, published_vae
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 def test_factors_and_force_upcast_decide_the_encode_dtype():
@@ -50,7 +51,7 @@ def test_published_vaes_through_dvc_repro_unchanged_and_switching_reruns_only_wh
     """SD3-like, SD-like, then SDXL-like (force_upcast), used as they are: data/vae is the source
     byte for byte, its factors and keys survive, the latents are vae.encode of the prepared
     images, and a switch re-runs train (a copy), encode and evaluate only."""
-    from test_e2e import stages_run
+    from helpers.common import stages_run
 
     dst, env = copy_repo(tmp_path / "repo")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import make_params
 from PIL import Image
 
 from ldm_vae.encode.encoding import run_encode
@@ -13,6 +12,8 @@ from ldm_vae.evaluate.evaluation import _Kept, run_evaluate
 from ldm_vae.export import load_vae
 from ldm_vae.samples import PREPARED
 from ldm_vae.shards import iter_samples, shard_paths
+
+from helpers.common import make_params
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,8 @@ def test_asking_for_unavailable_lpips_fails_at_once_saying_how(tmp_path):
     import time
 
     import yaml
-    from conftest import ROOT, TINY
+
+    from helpers.common import ROOT, TINY
 
     params = {k: dict(v) for k, v in TINY.items()}
     params["evaluate"]["lpips"] = True
@@ -163,9 +165,9 @@ def test_asking_for_unavailable_lpips_fails_at_once_saying_how(tmp_path):
 def test_reference_vaes_are_scored_side_by_side_on_the_same_images(evaluated, pipeline_dir, tmp_path):
     """A 16-channel SD3-shaped reference beside the trained 4-channel VAE: its PSNR and SSIM per
     image and on average, its own compression ratio, and a column of its own in the grids."""
-    from conftest import published_vae
-
     from ldm_vae.evaluate.evaluation import load_references
+
+    from helpers.common import published_vae
 
     base, ours, stats = evaluated
     params = make_params(evaluate={"references": [str(published_vae(tmp_path / "sd3", "sd3"))]})

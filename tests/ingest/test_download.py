@@ -1,10 +1,10 @@
 import os
 
-from conftest import image_bytes, photo, rejections
-
 from ldm_vae.config import DataConfig
 from ldm_vae.ingest.download import raw_images, read_manifest, run_download
 from ldm_vae.ingest.sources import BUILTIN_PHOTOS, builtin_files, folder_key, iter_builtin
+
+from helpers.common import image_bytes, photo, rejections
 
 
 def test_builtin_photographs_are_found_on_disk():

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, TINY, copy_repo, image_bytes, photo
-from httpserver import ImageServer, Route
-from test_e2e import run, stages_run
+
+from helpers.common import ROOT, TINY, copy_repo, image_bytes, photo, run, stages_run
+from helpers.httpserver import ImageServer, Route
 
 pytestmark = pytest.mark.slow
 

@@ -1,10 +1,11 @@
 import pytest
-from conftest import image_bytes, photo, rejections
 
 from ldm_vae.config import DataConfig
 from ldm_vae.ingest.download import raw_images, read_manifest, run_download
 from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.shards import iter_samples, shard_paths
+
+from helpers.common import image_bytes, photo, rejections
 
 datasets = pytest.importorskip("datasets")
 

@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-from conftest import CLASSES, image_bytes, imagenet_tree, make_params, photo
 
 from ldm_vae.config import ParamError
 from ldm_vae.encode.encoding import run_encode
@@ -17,6 +16,8 @@ from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.loader import latent_loader
 from ldm_vae.samples import LATENT, PREPARED
 from ldm_vae.shards import iter_samples, shard_paths
+
+from helpers.common import CLASSES, image_bytes, imagenet_tree, make_params, photo
 
 
 def image_folder_labels(root) -> dict[str, int]:

@@ -2,13 +2,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_params
 
 from ldm_vae.images import decode_uint8
 from ldm_vae.ingest.download import run_download
 from ldm_vae.ingest.prepare import run_prepare, split_keys
 from ldm_vae.samples import image_bytes
 from ldm_vae.shards import iter_samples, shard_paths
+
+from helpers.common import make_params
 
 
 def test_split_is_deterministic_stable_and_never_empty():

@@ -11,14 +11,15 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, image_bytes, make_params, make_photo_folder, photo, tiny_raw
-from httpserver import ImageServer, Route
-from s3server import READER_KEY, READER_SECRET, free_port
 
 from ldm_vae.ingest.download import raw_images, read_manifest, run_download
 from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.s3 import StoreError
 from ldm_vae.shards import iter_samples, shard_paths
+
+from helpers.common import ROOT, image_bytes, make_params, make_photo_folder, photo, tiny_raw
+from helpers.httpserver import ImageServer, Route
+from helpers.s3server import READER_KEY, READER_SECRET, free_port
 
 
 @pytest.fixture(scope="module")

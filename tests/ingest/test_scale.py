@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import image_bytes, make_photo_folder, photo
 from PIL import Image
 
 from ldm_vae.config import DataConfig
@@ -16,6 +15,8 @@ from ldm_vae.images import adm_center_crop, load_rgb
 from ldm_vae.ingest.download import raw_images, read_manifest, run_download
 from ldm_vae.ingest.prepare import run_prepare
 from ldm_vae.shards import iter_samples, shard_paths
+
+from helpers.common import image_bytes, make_photo_folder, photo
 
 
 def busy_folder(root: Path) -> Path:
@@ -117,9 +118,9 @@ def test_a_folder_a_node_cannot_see_fails_at_the_start(one_process, ray_engine, 
 def test_an_address_where_no_cluster_listens_fails_in_a_second(one_process, tmp_path):
     import time
 
-    from s3server import free_port
-
     from ldm_vae.config import EngineConfig
+
+    from helpers.s3server import free_port
 
     cfg, base, _, _ = one_process
     start = time.time()

@@ -7,12 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, image_bytes, photo, rejections
-from httpserver import ImageServer, Route
 
 from ldm_vae.config import DataConfig
 from ldm_vae.ingest.download import raw_images, read_manifest, run_download
 from ldm_vae.ingest.urls import Fetcher, FetchError, read_url_list, url_key
+
+from helpers.common import ROOT, image_bytes, photo, rejections
+from helpers.httpserver import ImageServer, Route
 
 FAST = dict(connect_timeout=2.0, read_timeout=0.5, retries=2, retry_backoff=0.05)
 

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: conftest
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the helpers package
 
 
 def main() -> None:
@@ -23,10 +23,11 @@ def main() -> None:
         sys.exit(relaunch(2, "no", [__file__, *sys.argv[1:]]))
 
     import torch
-    from conftest import make_params
 
     from ldm_vae.shards import shard_paths
     from ldm_vae.train.training import train
+
+    from helpers.common import make_params
 
     rank = int(os.environ["RANK"])
     record = {"batch": [], "weights": [], "wrapper": None, "ddp_forwards": 0}

@@ -4,9 +4,9 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, curve, make_params
-
 from ldm_vae.train.training import lr_lambda
+
+from helpers.common import ROOT, curve, make_params
 
 
 def test_two_process_training_syncs_weights_splits_data_and_writes_once(pipeline_dir, tmp_path):
@@ -38,7 +38,7 @@ def test_two_process_training_syncs_weights_splits_data_and_writes_once(pipeline
 
 def test_train_stage_launches_its_own_processes(pipeline_dir, tmp_path):
     """`train.num_processes: 2` in params.yaml: the stage command itself starts 2 DDP processes."""
-    from conftest import write_params
+    from helpers.common import write_params
 
     write_params(tmp_path / "params.yaml", train={"num_processes": 2, "max_steps": 4, "batch_size": 2})
     proc = subprocess.run([sys.executable, "stages/train.py", "--params", str(tmp_path / "params.yaml"),

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers.common import ROOT
 
 
 def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):

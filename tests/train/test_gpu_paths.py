@@ -6,12 +6,13 @@ TF32 and the launcher's threads."""
 import json
 
 import torch
-from conftest import curve, make_params
 from diffusers import AutoencoderKL
-from gpu_imitation import elsewhere, fp16_on_cpu, fresh_precision, inject_overflows
 
 from ldm_vae.shards import shard_paths
 from ldm_vae.train.training import train
+
+from helpers.common import curve, make_params
+from helpers.gpu_imitation import elsewhere, fp16_on_cpu, fresh_precision, inject_overflows
 
 GAN = {"disc_weight": 0.5, "disc_start": 2, "disc_channels": 8, "disc_layers": 2}
 

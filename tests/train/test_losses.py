@@ -1,12 +1,13 @@
 import pytest
 import torch
-from conftest import make_params
 
 from ldm_vae.config import LossConfig
 from ldm_vae.lpips import LPIPS
 from ldm_vae.model import TrainedAutoencoder, build_vae
 from ldm_vae.train.discriminator import PatchDiscriminator, discriminator_loss
 from ldm_vae.train.losses import VAELoss, adaptive_weight, kl_to_prior
+
+from helpers.common import make_params
 
 
 def test_kl_matches_torch_distributions():

@@ -2,11 +2,12 @@ import json
 import shutil
 
 import torch
-from conftest import curve, make_params
 from diffusers import AutoencoderKL
 
 from ldm_vae.shards import shard_paths
 from ldm_vae.train.training import lr_lambda, train
+
+from helpers.common import curve, make_params
 
 
 def test_train_exports_a_diffusers_vae_with_measured_scale(pipeline_dir):
@@ -147,10 +148,10 @@ def test_a_fresh_run_deletes_only_its_own_step_folders(pipeline_dir, tmp_path):
 
 def test_training_fits_a_small_set(tmp_path):
     """Not a toy loop: on four fixed images, a few dozen steps must clearly improve reconstructions."""
-    from conftest import photo
-
     from ldm_vae.images import encode_image
     from ldm_vae.shards import ShardWriter
+
+    from helpers.common import photo
 
     with ShardWriter(tmp_path / "data", "train", per_shard=100) as w:
         for i in range(40):
@@ -169,13 +170,13 @@ def test_training_fits_a_small_set(tmp_path):
 def test_free_bits_keep_channels_that_a_strong_kl_collapses_above_the_floor(tmp_path):
     """KL weight 10 (LDM's meaning) with the posterior starting at std 1: in 80 steps every channel
     collapses to the prior, and latent health flags all four; with free bits of 0.5 nats none does."""
-    from conftest import photo
-
     from ldm_vae.data import load_images
     from ldm_vae.evaluate.health import ChannelStats
     from ldm_vae.export import load_vae
     from ldm_vae.images import encode_image
     from ldm_vae.shards import ShardWriter
+
+    from helpers.common import photo
 
     with ShardWriter(tmp_path / "data", "train", per_shard=100) as w:
         for i in range(40):
@@ -328,7 +329,8 @@ def test_train_stage_killed_mid_run_resumes_on_rerun(pipeline_dir, tmp_path):
     import time
 
     import yaml
-    from conftest import ROOT, TINY
+
+    from helpers.common import ROOT, TINY
 
     raw = {k: dict(v) for k, v in TINY.items()}
     raw["train"].update({"max_steps": 200, "checkpoint_every": 10, "log_every": 5, "val_every": 50,

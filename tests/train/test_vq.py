@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import curve, make_params
 from diffusers import VQModel
 
 from ldm_vae.model import TrainedAutoencoder, VQTerms, build_vae
 from ldm_vae.shards import shard_paths
 from ldm_vae.train.losses import VAELoss
 from ldm_vae.vq import Quantizer, build_quantizer, histogram_stats, nearest, token_dtype
+
+from helpers.common import curve, make_params
 
 
 def vq_params(**model):

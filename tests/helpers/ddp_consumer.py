@@ -1,5 +1,5 @@
 """Two gloo processes read latent shards with latent_loader and all-reduce once per batch, as a
-DDP trainer's backward does: ``python tests/ddp_consumer.py SHARD_DIR``. Each rank writes
+DDP trainer's backward does: ``python tests/helpers/ddp_consumer.py SHARD_DIR``. Each rank writes
 {"rank", "batches", "seen"} to SHARD_DIR/../rank<r>.json. With unequal batch counts the all-reduce
 of the longer rank would
 wait for ever (the timeout below turns that into a failure)."""
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: ldm_vae
 
 
 def run(rank: int, shards: str, port: int) -> None:

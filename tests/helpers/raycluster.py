@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from s3server import free_port
+from helpers.s3server import free_port
 
 HERE = Path(__file__).resolve().parent
 LOOPBACK = str(HERE / "ray_loopback")
