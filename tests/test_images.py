@@ -160,6 +160,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 / (img.
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["grey16", "rgba", "rgb_jpeg", "cmyk", "palette", "rgb_tiff"])
 def test_peak_memory_stays_a_small_multiple_of_the_rgb_size(kind, tmp_path):
     """Measured in a fresh process (peak RSS): a 12-megapixel image of each kind costs at most

@@ -64,6 +64,7 @@ def _stage(args, env, cwd):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_a_hub_id_is_recorded_by_commit_and_loaded_at_it(tmp_path):
     """Offline, from the hub cache: the inputs stage records the commit main points at; when main
     moves, the record changes (DVC re-runs train); train loads the recorded commit, not main."""

@@ -122,6 +122,7 @@ def test_resampled_buckets_are_endless_and_one_shape_a_batch(buckets):
         assert len({keys[k] for k in b["key"]}) == 1 and len(b["key"]) == 3
 
 
+@pytest.mark.slow
 def test_bucketed_shards_in_real_two_process_ddp_finish(tmp_path):
     """Two gloo processes all-reduce once a batch over bucketed shards: a rank with more batches
     would wait for ever."""

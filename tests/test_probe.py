@@ -17,6 +17,7 @@ def probe(latents, out, **over):
     return run_probe(latents, out, make_params(probe={**FAST, **over}).probe)
 
 
+@pytest.mark.slow
 def test_structure_scores_below_the_no_structure_line_and_noise_on_it(tmp_path):
     smooth = probe(write_latents(tmp_path / "smooth", "smooth"), tmp_path / "out_s")
     noise = probe(write_latents(tmp_path / "noise", "noise"), tmp_path / "out_n")
@@ -46,6 +47,7 @@ def test_latents_the_unet_cannot_halve_are_refused_naming_the_key(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_fewer_latents_than_a_batch_train_on_partial_batches_and_say_so(tmp_path, capsys):
     m = probe(write_latents(tmp_path / "few", "noise", n_train=8, n_val=2), tmp_path / "out")  # batch_size 16
     assert m["probe_partial_batches"] is True and m["probe_steps"] == FAST["steps"]

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from helpers.common import ROOT, published_vae
 
 
@@ -47,6 +49,7 @@ def test_the_trainers_guide_shows_the_readmes_loader_snippet():
     assert _block_after("Its core, the loader part") == _block_after("Its core, the loader part", "docs/trainer.md")
 
 
+@pytest.mark.slow
 def test_the_loader_snippet_runs_as_written(tmp_path):
     """On latents as encode lays them out (enough for 4 workers' full batches of 64) and an
     exported VAE, in the folder a `dvc repro` leaves."""

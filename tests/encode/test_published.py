@@ -47,6 +47,7 @@ def _run(cmd, cwd, env):
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_published_vaes_through_dvc_repro_unchanged_and_switching_reruns_only_what_depends(tmp_path):
     """SD3-like, SD-like, then SDXL-like (force_upcast), used as they are: data/vae is the source
     byte for byte, its factors and keys survive, the latents are vae.encode of the prepared

@@ -135,6 +135,7 @@ def test_latent_health_flags_a_channel_forced_to_the_prior(pipeline_dir, tmp_pat
     assert metrics["latent_c00_kl"] > 1.0 and (tmp_path / "eval" / "latent_health.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_asking_for_unavailable_lpips_fails_at_once_saying_how(tmp_path):
     import subprocess
     import sys

@@ -43,6 +43,7 @@ def cfg_for(target, **kw):
                       crops_per_image=1, val_crops_per_image=1, val_fraction=0.2, resolution=32, **kw)
 
 
+@pytest.mark.slow
 def test_local_parquet_with_captions_and_labels_down_to_the_shards(tmp_path):
     make_dataset().to_parquet(str(tmp_path / "set.parquet"))
     cfg = cfg_for(tmp_path / "set.parquet")
@@ -66,6 +67,7 @@ def test_local_parquet_with_captions_and_labels_down_to_the_shards(tmp_path):
         assert s["txt"].decode() == f"photo number {i}" and int(s["cls"]) == i % 3
 
 
+@pytest.mark.slow
 def test_save_to_disk_folder_split_and_max_images(tmp_path):
     datasets.DatasetDict({"train": make_dataset(), "test": make_dataset().select(range(2))}).save_to_disk(
         str(tmp_path / "dd"))

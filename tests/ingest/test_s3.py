@@ -233,6 +233,7 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
              b"<Message>Please reduce your request rate.</Message></Error>")
 
 
+@pytest.mark.slow
 def test_slow_down_and_cut_bodies_are_retried(monkeypatch, tmp_path):
     """An S3 endpoint (this test's HTTP server speaking S3's XML) that answers 503 SlowDown to the
     listing and to an object, cuts another object's body mid-way, and has lost a third: the first

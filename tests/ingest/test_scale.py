@@ -46,6 +46,7 @@ def one_process(tmp_path_factory):
     return cfg, base, summary, counts
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_give_identical_outputs(one_process, tmp_path):
     cfg, base, summary, counts = one_process
     assert summary == {"kept": 14, "rejected": 3, "reasons": {"duplicate": 2, "not_an_image": 1}}
@@ -115,6 +116,7 @@ def test_a_folder_a_node_cannot_see_fails_at_the_start(one_process, ray_engine, 
     assert not list((tmp_path / "prepared").rglob("*.tar"))
 
 
+@pytest.mark.slow
 def test_an_address_where_no_cluster_listens_fails_in_a_second(one_process, tmp_path):
     import time
 
@@ -204,6 +206,7 @@ def reference_center_crop_arr(pil_image, image_size):
 
 @pytest.mark.parametrize("size,res", [((500, 375), 256), ((375, 500), 256), ((1201, 803), 256), ((2600, 1950), 256),
                                       ((200, 150), 256), ((333, 517), 64), ((255, 255), 128), ((64, 640), 32)])
+@pytest.mark.slow
 def test_adm_crop_matches_the_reference_pixel_for_pixel(size, res):
     img = photo(*size, seed=size[0])
     ours, box = adm_center_crop(img, res)
@@ -244,6 +247,7 @@ def test_adm_crop_with_many_crops_is_refused_naming_the_keys():
         DataConfig(crop="centre").check()
 
 
+@pytest.mark.slow
 def test_streamed_hf_set_is_split_by_its_own_shards(tmp_path):
     datasets = pytest.importorskip("datasets")
     folder = tmp_path / "parquet"
@@ -272,6 +276,7 @@ def test_streamed_hf_set_is_split_by_its_own_shards(tmp_path):
         "train-00002-00000000"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "ray"])
 def test_a_corrupt_raw_shard_names_its_unit_and_loses_no_other_unit(one_process, tmp_path, where, request):
     """On a cluster too, a bad input fails its unit once (Ray does not retry the work's own error),

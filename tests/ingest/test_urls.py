@@ -34,6 +34,7 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_url_list_every_failure_has_its_reason(tmp_path, server):
     good = {f"good{i}": image_bytes(photo(64, 48, seed=i)) for i in range(3)}
     for k, body in good.items():
@@ -86,6 +87,7 @@ def test_url_list_every_failure_has_its_reason(tmp_path, server):
     assert [p.name for p in (out / "shards").iterdir()] == ["raw-u00000-00000.tar"]  # one unit, one shard
 
 
+@pytest.mark.slow
 def test_text_list_keys_hash_the_url_and_a_rerun_fetches_nothing_kept(tmp_path, server):
     for i in range(4):
         server.routes[f"/{i}.png"] = Route(image_bytes(photo(seed=i)))
@@ -133,6 +135,7 @@ run_download(DataConfig(source={source!r}, download_workers=1, num_workers="1", 
 """
 
 
+@pytest.mark.slow
 def test_killed_download_keeps_finished_units_and_a_rerun_completes(tmp_path, server):
     bodies = {i: image_bytes(photo(seed=i)) for i in range(12)}
     for i, body in bodies.items():
@@ -167,6 +170,7 @@ def test_killed_download_keeps_finished_units_and_a_rerun_completes(tmp_path, se
 
 # --- hostile servers: every failure is that URL's rejection, nothing hangs ------------------------
 
+@pytest.mark.slow
 def test_hostile_responses_are_rejections_and_the_stage_goes_on(tmp_path, server):
     """Bad Content-Length headers, a drip feed, redirects and a 429 with Retry-After: each URL
     gets a reason (or its image), and the stage finishes within the deadline."""
@@ -211,6 +215,7 @@ def _rejected(raw: Path) -> list[dict]:
     return [json.loads(line) for line in (raw / "rejected.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_drip_feed_stops_at_the_deadline(server):
     server.routes["/drip.png"] = Route(b"x" * 10_000, drip=0.02)
     cfg = DataConfig(**{**FAST, "read_timeout": 5.0, "fetch_deadline": 1.0})

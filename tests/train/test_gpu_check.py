@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers.common import ROOT
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run(

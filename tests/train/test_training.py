@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 
@@ -146,6 +147,7 @@ def test_a_fresh_run_deletes_only_its_own_step_folders(pipeline_dir, tmp_path):
     ).is_file()
 
 
+@pytest.mark.slow
 def test_training_fits_a_small_set(tmp_path):
     """Not a toy loop: on four fixed images, a few dozen steps must clearly improve reconstructions."""
     from ldm_vae.images import encode_image
@@ -167,6 +169,7 @@ def test_training_fits_a_small_set(tmp_path):
     assert torch.isfinite(torch.tensor([v for _, v in curve(tmp_path / "logs", "train/loss")])).all()
 
 
+@pytest.mark.slow
 def test_free_bits_keep_channels_that_a_strong_kl_collapses_above_the_floor(tmp_path):
     """KL weight 10 (LDM's meaning) with the posterior starting at std 1: in 80 steps every channel
     collapses to the prior, and latent health flags all four; with free bits of 0.5 nats none does."""
