@@ -61,11 +61,14 @@ def bucket_repo(tmp_path_factory):
     rows = []
     for path in sorted(folder.iterdir()):
         server.routes[f"/{path.name}"] = Route(path.read_bytes(), content_type=f"image/{path.suffix[1:]}")
-        rows.append({"url": f"{server.url}/{path.name}", "caption": caption(path.name)})
+        # A key column: without one a URL's key hashes the URL, whose port changes run to run,
+        # and with it the train/val split.
+        rows.append({"key": path.stem, "url": f"{server.url}/{path.name}", "caption": caption(path.name)})
     server.routes["/broken.jpg"] = Route(b"not an image", content_type="image/jpeg")
-    rows += [{"url": f"{server.url}/gone.jpg", "caption": "a 404"}, {"url": f"{server.url}/broken.jpg", "caption": "x"}]
+    rows += [{"key": "gone", "url": f"{server.url}/gone.jpg", "caption": "a 404"},
+             {"key": "broken", "url": f"{server.url}/broken.jpg", "caption": "x"}]
     with open(dst / "captions.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["url", "caption"])
+        w = csv.DictWriter(f, fieldnames=["key", "url", "caption"])
         w.writeheader()
         w.writerows(rows)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -105,7 +108,8 @@ def test_no_sample_lost_and_every_latent_is_its_bucket_over_8(bucket_repo):
             h, w = meta["target_size"]
             assert LATENT.get(s, "mean").shape == LATENT.get(s, "std").shape == (4, h // 8, w // 8)
             latents.append(s["__key__"])
-            buckets[f"{w}x{h}"] += split == "train"
+            if split == "train":
+                buckets[f"{w}x{h}"] += 1
     assert sorted(prepared) == sorted(latents) == sorted(raw_keys)  # every image once, in its bucket
     stats = json.loads((repo / "data/latents/stats.json").read_text())
     assert stats["splits"]["train"]["buckets"] == dict(buckets) and len(buckets) == 3
